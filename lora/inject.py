@@ -1,0 +1,142 @@
+"""Put LoRA into a model by regex, choose what trains, merge and unmerge.
+
+Every function here works on any nn.Module: the model ports in models/ need no LoRA awareness.
+Injection swaps a matched nn.Linear for a LinearWithLoRA that keeps the same `weight`/`bias`
+Parameters, so the model's state_dict keys are unchanged apart from the added lora_A/lora_B.
+"""
+
+import difflib
+import re
+
+import torch
+from torch import nn
+
+from lora.config import LoRAConfig
+from lora.layer import LinearWithLoRA
+
+_LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Swap every nn.Linear whose dotted path fullmatches a target for a LinearWithLoRA.
+
+    All checks run before anything is swapped, so a failing call leaves the model untouched.
+    Raises ValueError when a pattern matches no module (listing the closest Linear paths),
+    when a match is not an nn.Linear (naming it and its type), or when a match is already
+    a LoRA layer or part of one. Returns the injected module paths in model order.
+    """
+    modules = dict(model.named_modules())
+    lora_owned = {
+        f"{path}.{child}" for path, m in modules.items() if isinstance(m, LinearWithLoRA) for child in ("lora_A", "lora_B", "lora_dropout")
+    }
+    for pattern in config.patterns:
+        if not any(re.fullmatch(pattern, path) for path in modules if path):
+            raise ValueError(no_match_message(pattern, model))
+
+    to_wrap = []
+    for path, module in modules.items():
+        if not path or not config.matches(path):
+            continue
+        if isinstance(module, LinearWithLoRA):
+            raise ValueError(f"{path} already has LoRA: inject_lora was called twice on it. Load or train the existing adapter instead.")
+        if path in lora_owned:
+            raise ValueError(f"target matches {path}, which is part of a LoRA layer; anchor the pattern so it selects the Linear itself (e.g. end it with '_proj').")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"target matches {path}, a {type(module).__name__}, but LoRA here wraps only nn.Linear. "
+                f"Anchor the pattern so it stops at Linear layers (e.g. '...\\.(query|key|value)' instead of '...(query|key|value)')."
+            )
+        to_wrap.append(path)
+
+    for path in to_wrap:
+        wrap_linear(model, path, config)
+    return to_wrap
+
+
+def wrap_linear(model: nn.Module, path: str, config: LoRAConfig) -> LinearWithLoRA:
+    """Replace the nn.Linear at `path` by a LinearWithLoRA around it, and return the new layer."""
+    parent_path, _, child_name = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    layer = LinearWithLoRA(getattr(parent, child_name), config.r, config.alpha, config.dropout, config.rslora)
+    layer.module_path = path
+    setattr(parent, child_name, layer)
+    return layer
+
+
+def no_match_message(pattern: str, model: nn.Module, n_closest: int = 8) -> str:
+    """Why `pattern` selected nothing, and the Linear paths it was probably meant to select."""
+    linear_paths = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LinearWithLoRA) and ".lora_" not in p]
+    linear_paths += [p for p, m in model.named_modules() if isinstance(m, LinearWithLoRA)]
+    # Collapse layer indices so 32 copies of one projection count as one candidate.
+    shapes = {}
+    for path in linear_paths:
+        shapes.setdefault(_LAYER_INDEX.sub("N", path), path)
+    closest = difflib.get_close_matches(pattern, list(shapes), n=n_closest, cutoff=0.0)
+    lines = [f"target pattern {pattern!r} matches no module (patterns must re.fullmatch the whole dotted path)."]
+    searched = [p for p in linear_paths if re.search(pattern, p)]
+    if searched:
+        lines.append(f"It occurs inside {len(searched)} Linear path(s), e.g. {searched[0]!r}: prefix it with '.*' to match the whole path.")
+    if closest:
+        lines.append("Closest Linear modules (N = any layer index):")
+        lines += [f"  {shape}" for shape in closest]
+    else:
+        lines.append("The model has no nn.Linear modules at all.")
+    return "\n".join(lines)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
+    """Every LinearWithLoRA in the model, by dotted path."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
+
+
+def mark_only_lora_trainable(model: nn.Module, also=()) -> int:
+    """Freeze everything but lora_A/lora_B, plus the parameters under the names in `also`.
+
+    `also` holds module paths or parameter names (e.g. ``("audio_proj", "logit_scale")``); each
+    must name something, or the call raises. Returns the number of trainable parameters.
+    """
+    if not lora_layers(model):
+        raise ValueError("the model has no LoRA layers: call inject_lora (or load_adapter) first")
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in also:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            close = difflib.get_close_matches(prefix, sorted({n.rsplit(".", 1)[0] for n in names} | set(names)), n=5)
+            raise ValueError(f"also={prefix!r} names no parameter or module of the model; close names: {close}")
+    trainable = 0
+    for name, param in model.named_parameters():
+        is_lora = name.endswith((".lora_A.weight", ".lora_B.weight"))
+        is_also = any(name == p or name.startswith(p + ".") for p in also)
+        param.requires_grad_(is_lora or is_also)
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter alone: ``{"<module path>.lora_A.weight": tensor, ...}`` (detached, same storage)."""
+    state = {}
+    for path, layer in lora_layers(model).items():
+        state[f"{path}.lora_A.weight"] = layer.lora_A.weight.detach()
+        state[f"{path}.lora_B.weight"] = layer.lora_B.weight.detach()
+    return state
+
+
+def merge_lora(model: nn.Module) -> list[str]:
+    """Merge every LoRA layer into its base weight; all layers are checked finite before any changes."""
+    layers = lora_layers(model)
+    for path, layer in layers.items():
+        if layer.merged:
+            raise RuntimeError(f"LoRA layer {path} is already merged")
+        delta = layer.delta_weight()
+        if not torch.isfinite(layer.weight.float() + delta).all():
+            raise ValueError(f"refusing to merge: LoRA layer {path} would get non-finite weights; nothing was merged")
+    for layer in layers.values():
+        layer.merge()
+    return list(layers)
+
+
+def unmerge_lora(model: nn.Module) -> list[str]:
+    """Undo merge_lora: subtract every merged layer's update from its base weight."""
+    layers = lora_layers(model)
+    for layer in layers.values():
+        layer.unmerge()
+    return list(layers)

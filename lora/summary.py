@@ -1,0 +1,44 @@
+"""Where the trainable parameters sit: the first thing to check when memory or learning surprises you."""
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lora.inject import lora_layers
+
+
+@dataclass
+class TrainableSummary:
+    trainable: int  # parameters with requires_grad
+    total: int  # all parameters (shared ones counted once)
+    lora_layers: int  # LinearWithLoRA modules in the model
+    by_child: dict[str, tuple[int, int]] = field(default_factory=dict)  # top-level child -> (trainable, total)
+
+    @property
+    def share(self) -> float:
+        """Trainable fraction of all parameters."""
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.share:.4f}%), {self.lora_layers} LoRA layers"]
+        width = max((len(name) for name in self.by_child), default=0)
+        for name, (trainable, total) in self.by_child.items():
+            lines.append(f"  {name:<{width}}  {trainable:>12,} / {total:>14,} trainable")
+        return "\n".join(lines)
+
+
+def trainable_summary(model: nn.Module) -> TrainableSummary:
+    """Count trainable and total parameters, in all and per top-level child module.
+
+    A parameter registered on the model itself (e.g. a `logit_scale`) is its own row.
+    """
+    by_child: dict[str, tuple[int, int]] = {}
+    trainable = total = 0
+    for name, param in model.named_parameters():  # named_parameters yields a shared tensor once
+        child = name.split(".", 1)[0]
+        t, n = by_child.get(child, (0, 0))
+        grad = param.numel() if param.requires_grad else 0
+        by_child[child] = (t + grad, n + param.numel())
+        trainable += grad
+        total += param.numel()
+    return TrainableSummary(trainable, total, len(lora_layers(model)), by_child)

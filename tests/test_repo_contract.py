@@ -1,0 +1,54 @@
+"""Promises the repository makes about itself: CI runs the README's test command, and the
+runtime code never imports the test-only references."""
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIME = ["lora", "models", "data", "train.py", "eval.py"]
+FORBIDDEN = {"transformers", "peft", "torchaudio"}
+
+
+def readme_test_command() -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Run the tests", 1)[1]
+    block = re.search(r"```(?:bash|sh)?\n(.*?)```", section, re.S).group(1)
+    return block.strip().splitlines()[0].strip()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    commands = [line.strip() for line in script.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert commands[-1] == readme_test_command()
+
+
+def test_ci_installs_torch_first_and_never_torchaudio():
+    script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    installs = [line for line in script.splitlines() if "pip install" in line and not line.strip().startswith("#")]
+    assert "torch==2.13.0" in installs[0]
+    assert not any("torchaudio" in line for line in installs)
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        requirements = [line.split("#")[0] for line in (ROOT / name).read_text(encoding="utf-8").splitlines()]
+        assert not any("torchaudio" in line for line in requirements), name
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_runtime_code_never_imports_test_only_references():
+    files = []
+    for entry in RUNTIME:
+        path = ROOT / entry
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.exists() else []
+    assert any(f.parent.name == "lora" for f in files), "the scan must see the lora package"
+    offenders = {str(f.relative_to(ROOT)): sorted(imported_modules(f) & FORBIDDEN) for f in files}
+    assert {f: names for f, names in offenders.items() if names} == {}
