@@ -178,12 +178,18 @@ def audio_to_features(audio, n_mels=128, pad_to_30s=False):
 
     pad_to_30s=True reproduces `WhisperFeatureExtractor(feature_size=n_mels)(...,
     return_attention_mask=True)` exactly: T = 3000. pad_to_30s=False pads the batch only to its
-    longest clip, T = max ceil(n / HOP_LENGTH), and the features are still exactly the
-    reference's first T frames, valid and padded alike. Why that holds:
+    longest clip plus two frames, T = min(3000, max ceil(n / HOP_LENGTH) + 2), and the features
+    are still exactly the reference's first T frames, valid and padded alike.
+
+    Why two extra frames: the encoder's two k=3 convolutions (the second with stride 2) let the
+    last valid output of a clip with V valid frames read input frames V and V + 1, which in the
+    reference are log-mel frames of its zero padding (not zeros). Without them the longest clip
+    of a batch would differ from the reference everywhere, since attention spreads that frame.
+    The frame mask still marks only the V valid frames. Why the values are exact:
     - The reference appends zeros up to 30 s. A centred frame j sees samples
-      [160 j - 200, 160 j + 200), so every frame that touches real samples has j <= T + 1, and
+      [160 j - 200, 160 j + 200), so every frame that touches real samples has j <= V + 1, and
       every later frame is pure silence, whose log-power is the clamp floor -10; the maximum
-      over the 30 s clip is therefore the maximum over frames 0 .. T + 1.
+      over the 30 s clip is therefore the maximum over frames 0 .. V + 1 <= T.
     - So we append zeros up to L = HOP_LENGTH * (T + 2) samples: after dropping the last STFT
       frame that yields frames 0 .. T + 1, computed on the same samples as the reference's
       (the reflect padding at our end mirrors only appended zeros), hence the same maximum
@@ -197,7 +203,7 @@ def audio_to_features(audio, n_mels=128, pad_to_30s=False):
 
     lengths = torch.tensor([len(c) for c in clips])  # (B,) samples
     valid_frames = (lengths + HOP_LENGTH - 1) // HOP_LENGTH  # (B,) ceil, as the reference's mask
-    n_frames = N_FRAMES if pad_to_30s else int(valid_frames.max())
+    n_frames = N_FRAMES if pad_to_30s else min(N_FRAMES, int(valid_frames.max()) + 2)
     n_padded = min(N_SAMPLES, HOP_LENGTH * (n_frames + 2))
 
     waveforms = torch.zeros(len(clips), n_padded)  # (B, L) zeros are silence, as the reference pads
