@@ -26,7 +26,7 @@ UNK, CLS, SEP, PAD, MASK = "[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"
 MAX_LENGTH = 512  # BERT's max_position_embeddings; pass the model's own value
 
 
-def load_tokenizer(model_dir: Path, max_length: int = MAX_LENGTH) -> Tokenizer:
+def load_tokenizer_dir(model_dir: Path, max_length: int = MAX_LENGTH) -> Tokenizer:
     """The tokenizer of a checkpoint directory: its tokenizer.json, else its vocab.txt."""
     model_dir = Path(model_dir)
     return load_tokenizer_files(model_dir / "tokenizer.json", model_dir / "vocab.txt", max_length)

@@ -11,7 +11,7 @@ from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
 from models.bert import BertConfig, BertModel, bert_prefix, has_pooler, mean_pool
-from models.tokenizer import load_tokenizer, load_tokenizer_files, tokenize
+from models.tokenizer import load_tokenizer_dir, load_tokenizer_files, tokenize
 
 TINY = dict(
     model_type="bert", vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -242,7 +242,7 @@ def trained(tmp_path_factory):
 
 def test_tokenizer_json_gives_the_files_ids_padded_to_the_longest(trained):
     json_dir, vocab_dir = trained
-    tok = load_tokenizer(json_dir, max_length=40)
+    tok = load_tokenizer_dir(json_dir, max_length=40)
     input_ids, attention_mask = tokenize(tok, TEXTS)
     reference = Tokenizer.from_file(str(json_dir / "tokenizer.json"))
     reference.no_padding()
@@ -268,7 +268,7 @@ def test_vocab_txt_fallback_equals_transformers(trained, tmp_path, do_lower_case
     # vocabulary; from_pretrained on a directory holding only vocab.txt reads it.
     reference = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))
     expected = reference(TEXTS, padding=True, truncation=True, max_length=12)
-    input_ids, attention_mask = tokenize(load_tokenizer(tmp_path, max_length=12), TEXTS)
+    input_ids, attention_mask = tokenize(load_tokenizer_dir(tmp_path, max_length=12), TEXTS)
     assert input_ids.tolist() == expected["input_ids"]
     assert attention_mask.tolist() == expected["attention_mask"]
     # "A Dog BARKS": only lowercasing finds "bark" in this lowercase vocabulary
@@ -289,14 +289,14 @@ def test_truncation_keeps_cls_and_sep(trained):
 
 def test_missing_tokenizer_files_name_the_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json or vocab.txt") as error:
-        load_tokenizer(tmp_path / "empty-model")
+        load_tokenizer_dir(tmp_path / "empty-model")
     assert str(tmp_path / "empty-model") in str(error.value)
 
 
 def test_tokenize_refuses_a_bare_string_and_an_unpadded_tokenizer(trained):
     json_dir, _ = trained
     with pytest.raises(ValueError, match="list of texts"):
-        tokenize(load_tokenizer(json_dir), "a dog")
+        tokenize(load_tokenizer_dir(json_dir), "a dog")
     unpadded = Tokenizer.from_file(str(json_dir / "tokenizer.json"))
     unpadded.no_padding()
     with pytest.raises(ValueError, match="does not pad"):

@@ -1,0 +1,90 @@
+"""Build a tower from a checkpoint directory or hub id: config -> meta module -> strict load.
+
+    load_audio_encoder("Qwen/Qwen2-Audio-7B-Instruct")   # only the shards holding audio_tower.*
+    load_audio_encoder("openai/whisper-small")           # model.encoder.* onto the same module
+    load_text_encoder("sentence-transformers/all-MiniLM-L6-v2")
+    load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")
+
+Each loader reads config.json, picks the key prefix the checkpoint uses, builds the module on the
+meta device (no memory), and adopts the checkpoint's tensors with a strict, shape-checked load
+(models/checkpoint.py). Nothing else in the checkpoint is read: a 7B Qwen2-Audio's language model
+is never downloaded, let alone materialised.
+"""
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from models.bert import BertConfig, BertModel, bert_prefix, has_pooler
+from models.checkpoint import Checkpoint, load_into, resolve_dtype
+from models.qwen2_audio_encoder import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
+from models.tokenizer import load_tokenizer_files
+
+# Where each kind of checkpoint keeps the audio encoder, most common layout first.
+AUDIO_PREFIXES = {
+    "qwen2_audio": ("audio_tower.", "model.audio_tower."),  # hub layout; transformers 5 in memory
+    "whisper": ("model.encoder.", "encoder."),  # WhisperForConditionalGeneration; WhisperModel
+    "qwen2_audio_encoder": ("", "audio_tower."),  # a standalone encoder save
+}
+# Written by transformers before 4.31 (an arange buffer, not a weight); safe to drop.
+LEGACY_BERT_KEYS = ("embeddings.position_ids",)
+
+
+def audio_tower_prefix(checkpoint: Checkpoint) -> str:
+    """The key prefix of the audio encoder in this checkpoint, e.g. 'audio_tower.'."""
+    model_type = checkpoint.config.get("model_type")
+    if model_type not in AUDIO_PREFIXES:
+        raise ValueError(
+            f"{checkpoint.source}: config.json has model_type {model_type!r}; an audio tower loads from "
+            f"{', '.join(sorted(AUDIO_PREFIXES))} checkpoints"
+        )
+    for prefix in AUDIO_PREFIXES[model_type]:
+        if f"{prefix}conv1.weight" in checkpoint.weight_map:
+            return prefix
+    tried = ", ".join(f"'{p}conv1.weight'" for p in AUDIO_PREFIXES[model_type])
+    raise ValueError(
+        f"{checkpoint.source} is a {model_type} checkpoint but holds none of {tried}; "
+        f"its top-level prefixes are: {', '.join(checkpoint.top_level_prefixes())}"
+    )
+
+
+def load_audio_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = torch.float32, revision: str | None = None) -> Qwen2AudioEncoder:
+    """The Qwen2-Audio audio tower (or a Whisper encoder mapped onto it), weights loaded, in eval mode."""
+    checkpoint = Checkpoint.open(path_or_hub_id, revision=revision)
+    config = Qwen2AudioEncoderConfig.from_hf(checkpoint.config)
+    prefix = audio_tower_prefix(checkpoint)
+    state = checkpoint.load_prefix(prefix, resolve_dtype(dtype))
+    with torch.device("meta"):
+        encoder = Qwen2AudioEncoder(config)
+    load_into(encoder, state, f"{checkpoint.source} [{prefix or '(no prefix)'}*]")
+    return encoder.eval()
+
+
+def load_text_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = torch.float32, revision: str | None = None) -> BertModel:
+    """A BERT-family text encoder (BERT, MiniLM, ...), with its pooler when the checkpoint has one."""
+    checkpoint = Checkpoint.open(path_or_hub_id, revision=revision)
+    config = BertConfig.from_hf(checkpoint.config)
+    prefix = bert_prefix(checkpoint.weight_map)
+    state = checkpoint.load_prefix(prefix, resolve_dtype(dtype))
+    for key in LEGACY_BERT_KEYS:
+        state.pop(key, None)
+    if prefix == "":  # a bare BertModel save: heads of other architectures would carry a prefix
+        state = {k: v for k, v in state.items() if not k.startswith(("cls.", "classifier."))}
+    with torch.device("meta"):
+        encoder = BertModel(config, with_pooler=has_pooler(checkpoint.weight_map, prefix))
+    load_into(encoder, state, f"{checkpoint.source} [{prefix or '(no prefix)'}*]")
+    return encoder.eval()
+
+
+def load_tokenizer(path_or_hub_id: str | Path, revision: str | None = None) -> Tokenizer:
+    """The checkpoint's tokenizer (tokenizer.json, else vocab.txt), truncating at its max positions
+    and padding each batch to its longest text. No weights are read."""
+    checkpoint = Checkpoint.open(path_or_hub_id, revision=revision, weights=False)
+    checkpoint.file("tokenizer_config.json", required=False)  # casing for vocab.txt; lands beside it
+    tokenizer_json = checkpoint.file("tokenizer.json", required=False)
+    vocab_txt = None if tokenizer_json else checkpoint.file("vocab.txt", required=False)
+    if tokenizer_json is None and vocab_txt is None:
+        raise FileNotFoundError(f"{checkpoint.source} has neither tokenizer.json nor vocab.txt: it ships no tokenizer we can read")
+    max_length = int(checkpoint.config.get("max_position_embeddings", 512))
+    return load_tokenizer_files(tokenizer_json, vocab_txt, max_length=max_length)

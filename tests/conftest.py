@@ -1,0 +1,13 @@
+"""Suite-wide guard: no test may ever reach the Hugging Face hub."""
+
+import pytest
+from huggingface_hub import constants
+
+
+@pytest.fixture(autouse=True)
+def never_reach_the_hub(monkeypatch, tmp_path):
+    """Offline mode and an empty cache for every test. huggingface_hub reads HF_HUB_OFFLINE and
+    HF_HUB_CACHE at import time, so its constants are patched as well as the environment."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
