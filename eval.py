@@ -15,7 +15,25 @@ so a collapsed model (every similarity equal) scores chance, not perfection.
 All numbers are percentages.
 """
 
+import argparse
+import contextlib
+import functools
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.audio_text import AudioTextDataset, captions_flat, collate_audio_text, precheck
+from data.manifest import read_manifest
+from lora import load_adapter
+from lora.atomic import atomic_write, atomic_write_text
+from models import load_tokenizer
+from models.audio_text import build_audio_text_model, load_heads
+from models.tokenizer import tokenize
 
 RECALL_AT = (1, 5, 10)
 MAP_AT = 10
@@ -74,3 +92,96 @@ def format_metrics(metrics: dict, title: str = "") -> str:
         row = metrics[direction]
         lines.append(f"  {direction:<14}" + "".join(f"{row[n]:>9.2f}" for n in names))
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def encode_clips(model, tokenizer, clips, batch_size=32, pad_to_30s=False, device="cpu", workers=0, autocast_dtype=None, progress=True):
+    """Embed every clip and every caption: (audio (N_audio, E), text (N_text, E), text_audio_index (N_text,)).
+
+    Every caption of every clip is a query (captions_flat); a bad file is an error here, since a
+    dropped clip would shift the caption-to-clip index.
+    """
+    was_training = model.training
+    model.eval()
+    n_mels = model.audio_tower.config.num_mel_bins
+    loader = DataLoader(
+        AudioTextDataset(clips, on_bad_audio="fail"), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=functools.partial(collate_audio_text, n_mels=n_mels, pad_to_30s=pad_to_30s),
+    )
+    device_type = torch.device(device).type
+    amp = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    audio, text = [], []
+    with amp:
+        for batch in tqdm(loader, desc="embed audio", unit="batch", disable=None if progress else True, leave=False):
+            audio.append(model.encode_audio(batch["features"].to(device), batch["frame_mask"].to(device)).float().cpu())
+        texts, text_audio_index = captions_flat(clips)
+        for start in tqdm(range(0, len(texts), batch_size), desc="embed text", unit="batch", disable=None if progress else True, leave=False):
+            input_ids, attention_mask = tokenize(tokenizer, texts[start : start + batch_size])
+            text.append(model.encode_text(input_ids.to(device), attention_mask.to(device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(audio).numpy(), torch.cat(text).numpy(), np.asarray(text_audio_index)
+
+
+def evaluate(model, tokenizer, clips, **kwargs) -> dict:
+    """retrieval_metrics of the model on these clips (all captions)."""
+    audio, text, text_audio_index = encode_clips(model, tokenizer, clips, **kwargs)
+    return retrieval_metrics(text @ audio.T, text_audio_index)
+
+
+def load_run(checkpoint_dir, with_adapter: bool = True):
+    """Rebuild a trained model from an output directory of train.py: (model, tokenizer, run_config)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config_path = checkpoint_dir / "run_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} does not exist: --checkpoint must be an output directory of train.py")
+    run = json.loads(config_path.read_text(encoding="utf-8"))
+    if run.get("task") != "audio-text":
+        raise ValueError(f"{config_path}: task {run.get('task')!r}; this evaluation is for the audio-text task")
+    model = build_audio_text_model(run["audio_model"], run["text_model"], run["embed_dim"], seed=run["seed"])
+    load_heads(model, checkpoint_dir / "heads.safetensors")
+    if with_adapter:
+        load_adapter(model, checkpoint_dir)
+    return model.eval(), load_tokenizer(run["text_model"]), run
+
+
+def save_npz(path, **arrays):
+    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
+        np.savez(f, **arrays)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Retrieval recall of a train.py output directory on a manifest.")
+    parser.add_argument("--checkpoint", required=True, help="an output directory of train.py")
+    parser.add_argument("--data", help="manifest (JSONL or Clotho/AudioCaps CSV); default: the run's eval_data")
+    parser.add_argument("--json", help="write the metrics here as JSON")
+    parser.add_argument("--no-adapter", action="store_true", help="LoRA off (heads kept): what does the adapter add?")
+    parser.add_argument("--save-embeddings", help="write audio, text and text_audio_index arrays to this .npz")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding audio")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    model, tokenizer, run = load_run(args.checkpoint, with_adapter=not args.no_adapter)
+    data = args.data or run.get("eval_data")
+    if not data:
+        parser.error("--data is required: this run recorded no eval_data")
+    clips, problems = precheck(read_manifest(data))
+    if problems:
+        for clip, reason in problems[:10]:
+            print(f"{clip.where}: {reason}: {clip.audio}", file=sys.stderr)
+        sys.exit(f"{len(problems)} clip(s) of {data} cannot be read; fix the manifest (evaluation needs every clip)")
+    model.to(args.device)
+    audio, text, text_audio_index = encode_clips(
+        model, tokenizer, clips, batch_size=args.batch_size, pad_to_30s=run.get("pad_to_30s", False), device=args.device, workers=args.workers
+    )
+    metrics = retrieval_metrics(text @ audio.T, text_audio_index)
+    print(format_metrics(metrics, f"{Path(data).name}, {'no adapter' if args.no_adapter else 'with adapter'}"))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(metrics, indent=2) + "\n")
+    if args.save_embeddings:
+        atomic_write(args.save_embeddings, functools.partial(save_npz, audio=audio, text=text, text_audio_index=text_audio_index))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

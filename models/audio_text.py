@@ -22,9 +22,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora.atomic import atomic_write
 from models.bert import mean_pool
+from models.loading import load_audio_encoder, load_text_encoder
 
 INIT_TEMPERATURE = 0.07  # CLIP's initial softmax temperature
 MAX_LOGIT_SCALE = math.log(100)  # CLIP/CLAP cap the scale at 100 so the logits cannot explode
@@ -84,3 +87,42 @@ class AudioTextModel(nn.Module):
         targets = contrastive_targets(input_ids, attention_mask)  # (B, B)
         loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T)) / 2
         return ContrastiveOutput(loss, logits, audio, text)
+
+
+def build_audio_text_model(audio_model: str, text_model: str, embed_dim: int = 256, seed: int = 0) -> AudioTextModel:
+    """Both towers from their checkpoints (directory or hub id) plus freshly initialised heads.
+
+    The heads' init is seeded, so a resumed or re-evaluated run rebuilds the same model before
+    its saved tensors are loaded. Towers stay fp32 here; train.py's --precision uses autocast.
+    """
+    audio_tower, text_tower = load_audio_encoder(audio_model), load_text_encoder(text_model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AudioTextModel(audio_tower, text_tower, embed_dim)
+
+
+def save_heads(model: nn.Module, path) -> list[str]:
+    """Every trainable tensor that is not LoRA (projections, logit_scale, --train-also modules),
+    atomically to a safetensors file; returns their names."""
+    tensors = {
+        name: param.detach().cpu().contiguous()
+        for name, param in model.named_parameters()
+        if param.requires_grad and ".lora_A." not in name and ".lora_B." not in name
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    return sorted(tensors)
+
+
+def load_heads(model: nn.Module, path) -> list[str]:
+    """Load a save_heads file into the model; every tensor must name a parameter of the same shape."""
+    tensors = load_file(str(path))
+    params = dict(model.named_parameters())
+    for name, tensor in tensors.items():
+        if name not in params:
+            raise ValueError(f"{path}: tensor {name!r} names no parameter of {type(model).__name__}")
+        if params[name].shape != tensor.shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model's is {tuple(params[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    return sorted(tensors)

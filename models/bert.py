@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 ACTIVATIONS = {
@@ -159,6 +160,7 @@ class BertModel(nn.Module):
         # Off the encoding path; it exists so a checkpoint holding pooler.dense loads strictly.
         # HF's BertForMaskedLM is built without it, hence the switch.
         self.pooler = nn.ModuleDict(dict(dense=nn.Linear(cfg.hidden_size, cfg.hidden_size))) if with_pooler else None
+        self.gradient_checkpointing = False  # train.py --grad-checkpointing
 
     def forward(
         self,
@@ -176,7 +178,10 @@ class BertModel(nn.Module):
             # query sees a pad key. Pad queries still get (meaningless) rows; pooling drops them.
             attend = attention_mask.bool()[:, None, None, :]
         for layer in self.encoder.layer:
-            x = layer(x, attend)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, attend, use_reentrant=False)  # recompute in backward: less memory
+            else:
+                x = layer(x, attend)
         return x
 
     def pooler_output(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 FP16_CLAMP = torch.finfo(torch.float16).max - 1000  # the reference's guard against fp16 inf
 
@@ -162,6 +163,7 @@ class Qwen2AudioEncoder(nn.Module):
         )
         self.avg_pooler = nn.AvgPool1d(2, stride=2)  # no weights: absent from the checkpoint
         self.layer_norm = nn.LayerNorm(d_model)
+        self.gradient_checkpointing = False  # train.py --grad-checkpointing
 
     @staticmethod
     def output_lengths(frame_mask: torch.Tensor) -> torch.Tensor:
@@ -201,7 +203,11 @@ class Qwen2AudioEncoder(nn.Module):
             key_mask = (positions[None, :] < valid[:, None])[:, None, None, :]
 
         for layer in self.layers:
-            x = layer(x, key_mask)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only each block's input; recompute its insides in backward (less memory, ~1/3 more compute)
+                x = checkpoint(layer, x, key_mask, use_reentrant=False)
+            else:
+                x = layer(x, key_mask)
 
         # (B, T', D) -> (B, D, T') -> (B, D, T' // 2) -> (B, T' // 2, D)
         x = self.avg_pooler(x.permute(0, 2, 1)).permute(0, 2, 1)

@@ -1,0 +1,134 @@
+"""Preview what a set of target patterns selects, before anything is injected or trained.
+
+`preview_targets(model, patterns)` answers the questions people otherwise learn the hard way:
+which Linear layers match (compactly: `audio_tower.layers.{0..31}.self_attn.{q,k,v}_proj`), how
+many trainable parameters that makes and the memory they and their AdamW states take, which
+alternatives of a pattern match nothing (`o_proj` where the encoder says `out_proj`), which
+Linear layers sit beside the matched ones unmatched, and which matches are not Linear at all.
+"""
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lora.layer import LinearWithLoRA
+
+_NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)")
+_GROUP = re.compile(r"\(([^()]*\|[^()]*)\)")  # an innermost (a|b|c) group
+BYTES_PER_TRAINED_FP32 = 16  # weight 4 + gradient 4 + AdamW's two moments 8
+
+
+def compact_paths(paths: list[str]) -> list[str]:
+    """Fold layer indices and sibling names: 64 paths -> ['audio_tower.layers.{0..31}.self_attn.{k,q}_proj']."""
+    by_shape: dict[str, list[str]] = defaultdict(list)
+    for path in paths:
+        numbers = _NUMBER.findall(path)
+        by_shape[_NUMBER.sub("#", path)].append(numbers)
+    folded: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for shape, number_lists in by_shape.items():
+        columns = list(zip(*number_lists))
+        text = shape
+        for column in columns:
+            values = sorted({int(n) for n in column})
+            span = f"{values[0]}" if len(values) == 1 else (f"{{{values[0]}..{values[-1]}}}" if values == list(range(values[0], values[-1] + 1)) else "{" + ",".join(map(str, values)) + "}")
+            text = text.replace("#", span, 1)
+        parent, _, leaf = text.rpartition(".")
+        folded[(parent, leaf.split("_", 1)[1] if "_" in leaf else "")].add(leaf)
+    lines = []
+    for (parent, suffix), leaves in folded.items():
+        if len(leaves) > 1 and suffix:
+            heads = sorted(leaf[: -len(suffix) - 1] for leaf in leaves)
+            leaf_text = "{" + ",".join(heads) + "}_" + suffix
+        else:
+            leaf_text = ",".join(sorted(leaves)) if len(leaves) == 1 else "{" + ",".join(sorted(leaves)) + "}"
+        lines.append(f"{parent}.{leaf_text}" if parent else leaf_text)
+    return lines
+
+
+def dead_alternatives(pattern: str, paths: list[str]) -> list[str]:
+    """Alternatives inside (a|b|c) groups of `pattern` that, substituted alone, match no path,
+    spelled with the word around the group: 'o' in '.*(q|k|v|o)_proj' comes back as 'o_proj'."""
+    dead = []
+    for group in _GROUP.finditer(pattern):
+        for alternative in group.group(1).split("|"):
+            single = pattern[: group.start()] + "(" + alternative + ")" + pattern[group.end():]
+            try:
+                if not any(re.fullmatch(single, p) for p in paths):
+                    before = re.search(r"\w*$", pattern[: group.start()]).group(0)
+                    after = re.match(r"\w*", pattern[group.end():]).group(0)
+                    dead.append(before + alternative + after)
+            except re.error:
+                continue
+    return dead
+
+
+@dataclass
+class TargetPreview:
+    matched: list[str] = field(default_factory=list)  # Linear paths that would get LoRA
+    not_linear: dict[str, str] = field(default_factory=dict)  # matched path -> type name
+    unmatched_patterns: list[str] = field(default_factory=list)
+    dead: dict[str, list[str]] = field(default_factory=dict)  # pattern -> alternatives matching nothing
+    siblings: list[str] = field(default_factory=list)  # unmatched Linear layers beside matched ones
+    lora_params: int = 0
+    total_params: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.matched) and not self.not_linear and not self.unmatched_patterns
+
+
+def preview_targets(model: nn.Module, patterns: list[str], r: int) -> TargetPreview:
+    """What inject_lora(model, LoRAConfig(patterns, r=r)) would do, and what looks unintended."""
+    modules = {p: m for p, m in model.named_modules() if p and ".lora_" not in p}
+    linear = {p: m for p, m in modules.items() if isinstance(m, (nn.Linear, LinearWithLoRA))}
+    preview = TargetPreview(total_params=sum(p.numel() for p in model.parameters()))
+    for path, module in modules.items():
+        if any(re.fullmatch(pattern, path) for pattern in patterns):
+            if path in linear:
+                preview.matched.append(path)
+                preview.lora_params += r * (module.in_features + module.out_features)
+            else:
+                preview.not_linear[path] = type(module).__name__
+    preview.unmatched_patterns = [p for p in patterns if not any(re.fullmatch(p, path) for path in modules)]
+    for pattern in patterns:
+        dead = dead_alternatives(pattern, list(modules))
+        if dead:
+            preview.dead[pattern] = dead
+    parents = {p.rpartition(".")[0] for p in preview.matched}
+    preview.siblings = [p for p in linear if p.rpartition(".")[0] in parents and p not in preview.matched]
+    return preview
+
+
+def anchored(pattern: str) -> str:
+    """'qformer.*(query|key|value)' -> 'qformer.*\\.(query|key|value)': a group must start a path component,
+    so `intermediate_query` (ending in 'query') no longer matches."""
+    return re.sub(r"\.\*\(", r".*\\.(", pattern)
+
+
+def format_preview(preview: TargetPreview, patterns: list[str], extra_trainable: int = 0) -> str:
+    lines = [f"targets: {', '.join(repr(p) for p in patterns)}"]
+    lines.append(f"matched {len(preview.matched)} Linear layers:")
+    lines += [f"  {line}" for line in compact_paths(preview.matched)] or ["  (none)"]
+    trained = preview.lora_params + extra_trainable
+    lines.append(
+        f"LoRA parameters: {preview.lora_params:,} ({100 * preview.lora_params / max(1, preview.total_params):.4f}% of {preview.total_params:,})"
+        + (f"; with the heads {trained:,} trainable" if extra_trainable else "")
+    )
+    lines.append(f"memory for them in fp32 with AdamW (weights, gradients, 2 moments): {trained * BYTES_PER_TRAINED_FP32 / 2**20:.1f} MiB")
+    for pattern, alternatives in preview.dead.items():
+        for name in alternatives:
+            lines.append(f"note: {name!r} (an alternative of {pattern!r}) exists nowhere in this model")
+    if preview.siblings:
+        lines.append("note: Linear layers beside the matched ones, left out by the targets (did you mean one of these?):")
+        lines += [f"  {line}" for line in compact_paths(preview.siblings)]
+    for path, type_name in list(preview.not_linear.items())[:10]:
+        lines.append(f"error: {path} matches but is a {type_name}, not a Linear")
+    for pattern in patterns:
+        if any(re.fullmatch(pattern, path) for path in preview.not_linear):
+            hint = f"try {anchored(pattern)!r}" if anchored(pattern) != pattern else "end it at a dot-separated Linear name"
+            lines.append(f"  {pattern!r} selects more than Linear layers: anchor it so a name must follow a dot; {hint}")
+    for pattern in preview.unmatched_patterns:
+        lines.append(f"error: {pattern!r} matches no module")
+    return "\n".join(lines)
