@@ -12,8 +12,9 @@ the two usual ways, on a generated Qwen2-Audio-shaped checkpoint (the real 7B to
 
 Each run is a fresh subprocess (a clean peak RSS). "load" times the call; "ready" adds reading
 every tower weight once, because safetensors' default mmap backend returns tensors whose pages
-are only read from disk (and only counted in RSS) when first touched. Peak RSS is ru_maxrss at
-the end, and counts those file-backed pages too. "cold" evicts the checkpoint's files from the
+are only read from disk (and only counted in RSS) when first touched. Peak RSS is the child's
+VmHWM at the end, and counts those file-backed pages too. torch's one-off lazy import on a
+process's first nn.Embedding (~1 s) is paid before the clock starts, as `import transformers` does. "cold" evicts the checkpoint's files from the
 OS page cache first (posix_fadvise DONTNEED: no root needed, only these files); "warm" reads
 them all into it first. Methods and cache states alternate; medians of --repeats runs.
 
@@ -30,7 +31,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -166,6 +166,13 @@ def count_opened_shards(opened: set) -> None:
             module.safe_open = lambda filename, *a, _real=real, **kw: opened.add(Path(filename).name) or _real(filename, *a, **kw)
 
 
+def memory_status(field: str) -> int:
+    """Bytes of VmRSS (now) or VmHWM (peak) of this process. Not ru_maxrss: Linux carries that
+    across fork and exec, so a child would report at least its parent's RSS at the fork."""
+    line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
 def child(method: str, directory: Path) -> None:
     loaders = {"ours-bf16": lambda: load_audio_encoder(directory, dtype=torch.bfloat16),
                "ours-fp32": lambda: load_audio_encoder(directory, dtype=torch.float32),
@@ -176,7 +183,9 @@ def child(method: str, directory: Path) -> None:
         import transformers.modeling_utils  # noqa: F401  (imported before timing, and so that it can be wrapped)
     opened = set()
     count_opened_shards(opened)
-    base_rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    with torch.device("meta"):
+        torch.nn.Embedding(1, 1)  # torch imports torch._dynamo (~1 s) on a process's first Embedding
+    base_rss = memory_status("VmRSS")
     start = time.perf_counter()
     tower = loaders[method]()
     loaded = time.perf_counter()
@@ -184,7 +193,7 @@ def child(method: str, directory: Path) -> None:
         for tensor in [*tower.parameters(), *tower.buffers()]:
             tensor.sum()  # reads every page of it
     ready = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = memory_status("VmHWM")
     n_params = sum(p.numel() for p in tower.parameters())
     print(json.dumps(dict(load=loaded - start, ready=ready - start, peak=peak, base=base_rss, shards=len(opened), params=n_params)))
 

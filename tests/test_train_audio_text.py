@@ -1,0 +1,176 @@
+"""train.py and eval.py end to end on a tiny demo subset: learning, what changes, resume, PEFT."""
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import eval as evaluation
+import train
+from data.demo_models import ensure_demo_models
+from data.demo_sounds import ensure_demo_set
+from lora import lora_layers
+from models.audio_text import build_audio_text_model, load_heads
+
+USER_TARGETS = "audio_tower.*self_attn.(q|k|v|o)_proj"  # the user's own string, as typed
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    sounds = ensure_demo_set(root / "sounds", n_train=48, n_eval=16, seed=0, verbose=False)
+    towers = ensure_demo_models(root / "towers", sounds["captions"], seed=0, verbose=False)
+    return {**towers, "train": sounds["train"], "eval": sounds["eval"]}
+
+
+def args_for(demo, out, *extra):
+    return train.parse_args([
+        "--targets", USER_TARGETS, "--audio-model", demo["audio_model"], "--text-model", demo["text_model"],
+        "--train-data", demo["train"], "--eval-data", demo["eval"], "--output-dir", str(out),
+        "--batch-size", "8", "--workers", "0", "--lr", "3e-3", "--warmup-steps", "3", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    model, history = train.train(args_for(tiny_demo, out, "--max-steps", "36", "--eval-every", "0", "--save-every", "0"))
+    return out, model, history
+
+
+def test_short_run_lowers_loss_raises_recall_and_writes_every_output(trained, tiny_demo):
+    out, _, history = trained
+    expected = {"adapter_model.safetensors", "adapter_config.json", "heads.safetensors", "run_config.json",
+                "metrics.jsonl", "training_curves.png", train.STATE_FILE}
+    assert expected <= {p.name for p in out.iterdir()}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 36 and np.mean(losses[-6:]) < np.mean(losses[:6])
+
+    def recall(metrics):
+        return sum(metrics[d][k] for d in ("text_to_audio", "audio_to_text") for k in ("R@1", "R@5", "R@10"))
+
+    assert recall(history["after"]) > recall(history["before"])
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = json.loads((out / "run_config.json").read_text())
+    assert run["train_data"] == tiny_demo["train"] and run["eval_data"] == tiny_demo["eval"]
+    assert run["targets"] == [USER_TARGETS]
+
+
+def test_user_targets_select_q_k_v_of_every_audio_layer(trained):
+    _, model, _ = trained
+    injected = sorted(lora_layers(model))
+    n_layers = len(model.audio_tower.layers)
+    assert injected == sorted(f"audio_tower.layers.{i}.self_attn.{p}_proj" for i in range(n_layers) for p in "qkv")
+
+
+def test_only_lora_and_heads_changed(trained, tiny_demo):
+    _, model, _ = trained
+    fresh = build_audio_text_model(tiny_demo["audio_model"], tiny_demo["text_model"], 256, seed=0)
+    trained_state = model.state_dict()
+    for name, before in fresh.state_dict().items():
+        after = trained_state[name]
+        if name.split(".")[0] in train.HEADS:
+            assert not torch.equal(before, after), f"head {name} did not train"
+        else:
+            assert torch.equal(before, after), f"frozen {name} changed"
+    lora_b = [t for n, t in trained_state.items() if n.endswith("lora_B.weight")]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)
+
+
+def test_eval_reproduces_the_final_recall_and_writes_json_and_embeddings(trained, tmp_path):
+    out, _, history = trained
+    metrics = evaluation.main(["--checkpoint", str(out), "--json", str(tmp_path / "m.json"), "--save-embeddings", str(tmp_path / "e.npz")])
+    for direction in ("text_to_audio", "audio_to_text"):
+        for name, value in history["after"][direction].items():
+            assert metrics[direction][name] == pytest.approx(value, abs=1e-9)
+    assert json.loads((tmp_path / "m.json").read_text())["n_audio"] == 16
+    arrays = np.load(tmp_path / "e.npz")
+    assert arrays["audio"].shape[0] == 16 and arrays["text"].shape[0] == arrays["text_audio_index"].shape[0]
+    recomputed = evaluation.retrieval_metrics(arrays["text"] @ arrays["audio"].T, arrays["text_audio_index"])
+    assert recomputed == metrics
+    without = evaluation.main(["--checkpoint", str(out), "--no-adapter"])
+    assert without != metrics
+
+
+def test_saved_adapter_loads_with_peft_onto_the_same_dual_encoder(trained, tiny_demo):
+    from peft import PeftModel
+
+    out, _, _ = trained
+    ours, tokenizer, _ = evaluation.load_run(out)
+    base = build_audio_text_model(tiny_demo["audio_model"], tiny_demo["text_model"], 256, seed=0)
+    load_heads(base, out / "heads.safetensors")
+    reference = PeftModel.from_pretrained(base, out).eval()
+    clips = train.read_manifest(tiny_demo["eval"])[:4]
+    ours_audio, ours_text, _ = evaluation.encode_clips(ours, tokenizer, clips, progress=False)
+    ref_audio, ref_text, _ = evaluation.encode_clips(reference.base_model.model, tokenizer, clips, progress=False)
+    np.testing.assert_allclose(ours_audio, ref_audio, atol=1e-6)
+    np.testing.assert_allclose(ours_text, ref_text, atol=1e-6)
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tiny_demo, tmp_path, monkeypatch):
+    # 48 clips / batch 8 = 6 batches an epoch: the checkpoint at step 9 falls mid-epoch 1
+    steps = ["--max-steps", "15", "--save-every", "9", "--eval-every", "0", "--dropout", "0.3"]
+    train.train(args_for(tiny_demo, tmp_path / "whole", *steps))
+
+    real_save = train.save_outputs
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt  # as if the machine went away right after the checkpoint
+
+    monkeypatch.setattr(train, "save_outputs", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(args_for(tiny_demo, tmp_path / "resumed", *steps))
+    monkeypatch.setattr(train, "save_outputs", real_save)
+    train.train(args_for(tiny_demo, tmp_path / "resumed", *steps, "--resume"))
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    assert [s for s, _ in resumed] == list(range(1, 16))
+    assert resumed == whole
+    a = torch.load(tmp_path / "whole" / train.STATE_FILE, weights_only=False)["trainable"]
+    b = torch.load(tmp_path / "resumed" / train.STATE_FILE, weights_only=False)["trainable"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_needs_resume_and_bad_targets_stop_before_training(trained, tiny_demo, tmp_path, capsys):
+    out, _, _ = trained
+    with pytest.raises(SystemExit, match="--resume"):
+        train.train(args_for(tiny_demo, out, "--max-steps", "2"))
+    args = args_for(tiny_demo, tmp_path / "x", "--max-steps", "2")
+    args.targets = [r"audio_tower.*self_attn\.o_proj"]
+    with pytest.raises(SystemExit, match="out_proj"):
+        train.train(args)
+    assert not (tmp_path / "x").exists()
+
+
+def test_list_targets_explains_o_proj_and_exits(tiny_demo, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.train(args_for(tiny_demo, tmp_path / "y", "--list-targets"))
+    printed = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "audio_tower.layers.{0..1}.self_attn.{k,q,v}_proj" in printed
+    assert "'o_proj'" in printed and "exists nowhere" in printed and "self_attn.out_proj" in printed
+    assert not (tmp_path / "y").exists()
+
+
+def test_skip_policy_counts_a_missing_file(tiny_demo, tmp_path, capsys):
+    manifest = tmp_path / "train.jsonl"
+    lines = open(tiny_demo["train"]).read().splitlines()[:16]
+    base = str(Path(tiny_demo["train"]).parent)
+    rows = [json.loads(line) | {"audio": f"{base}/{json.loads(line)['audio']}"} for line in lines]
+    rows.append({"audio": str(tmp_path / "gone.wav"), "text": "a missing clip"})
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = args_for(tiny_demo, tmp_path / "run", "--max-steps", "2", "--eval-every", "0")
+    args.train_data, args.eval_data = str(manifest), None
+    with pytest.raises(SystemExit, match="--on-bad-audio skip"):
+        train.train(copy.copy(args))
+    args.on_bad_audio = "skip"
+    train.train(args)
+    assert "skipped inputs: 1" in capsys.readouterr().out
