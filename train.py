@@ -37,6 +37,7 @@ from data.manifest import read_manifest
 from eval import evaluate, format_metrics
 from lora import LoRAConfig, inject_lora, mark_only_lora_trainable, save_adapter, trainable_summary
 from lora.atomic import atomic_write, atomic_write_text
+from lora.diagnose import diagnose, first_nonfinite_module
 from lora.targets import format_preview, preview_targets
 from models import load_tokenizer
 from models.audio_text import build_audio_text_model, save_heads
@@ -193,8 +194,6 @@ def train(args):
         mark_only_lora_trainable(model, also=HEADS + args.train_also)
     except ValueError as error:
         sys.exit(f"--targets: {error}")
-    if args.diagnose:
-        sys.exit("--diagnose arrives with issue #5 (gradient-flow diagnosis); --list-targets works now")
     tokenizer = load_tokenizer(src["text_model"])
     model.to(args.device)
     model.audio_tower.gradient_checkpointing = model.text_tower.gradient_checkpointing = args.grad_checkpointing
@@ -219,6 +218,19 @@ def train(args):
     device_type = torch.device(args.device).type
     scaler = torch.amp.GradScaler(device_type, enabled=args.precision == "fp16")  # fp16 gradients underflow without it
     autocast = (lambda: torch.autocast(device_type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+
+    def batch_loss(m, batch):
+        """One forward on a collated batch: the captions are tokenized here, by the text tower's tokenizer."""
+        input_ids, attention_mask = tokenize(tokenizer, batch["captions"])
+        with autocast():
+            return m(batch["features"].to(args.device), batch["frame_mask"].to(args.device),
+                     input_ids.to(args.device), attention_mask.to(args.device)).loss
+
+    if args.diagnose:  # one real batch through the real forward, then exit
+        set_train_mode(model)
+        report = diagnose(model, functools.partial(batch_loss, batch=next(b for b in loader if b["features"] is not None)))
+        print(report)
+        sys.exit(0 if report.ok else 1)
     eval_kwargs = dict(batch_size=args.batch_size, pad_to_30s=args.pad_to_30s, device=args.device, workers=args.workers, autocast_dtype=amp_dtype)
     run = dict(task="audio-text", **{k: v for k, v in src.items() if k != "demo"}, demo=src["demo"], targets=targets, rank=args.rank,
                alpha=args.alpha, dropout=args.dropout, rslora=args.rslora, embed_dim=args.embed_dim, train_also=args.train_also,
@@ -286,27 +298,32 @@ def train(args):
             if batch["features"] is None:
                 continue  # every clip of this batch was unreadable
             tick = time.perf_counter()
-            input_ids, attention_mask = tokenize(tokenizer, batch["captions"])
-            with autocast():
-                loss = model(batch["features"].to(args.device), batch["frame_mask"].to(args.device),
-                             input_ids.to(args.device), attention_mask.to(args.device)).loss
+            loss = batch_loss(model, batch)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            # Under fp16 an inf gradient with a finite loss is the scaler's business: it skips and lowers the scale.
+            if not torch.isfinite(loss) or (not torch.isfinite(grad_norm) and args.precision != "fp16"):
                 # skip the update entirely: optimizer and scheduler state stay as they were
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()
                 bad_in_a_row += 1
-                tqdm.write(f"step {step}: non-finite loss/gradient ({loss.item():.4g}, grad norm {grad_norm.item():.4g}); step skipped "
-                           f"({bad_in_a_row} in a row); batch: {', '.join(batch['paths'][:4])}")
+                culprit = first_nonfinite_module(model, functools.partial(batch_loss, batch=batch))
+                where = ", ".join(f"{p} (line {n})" for p, n in zip(batch["paths"], batch["lines"]))
+                tqdm.write(f"step {step + 1}: non-finite loss {loss.item():.4g} / grad norm {grad_norm.item():.4g}; first non-finite "
+                           f"output: {culprit}; step skipped ({bad_in_a_row} in a row); batch: {where}")
+                log({"step": step, "nonfinite": {"loss": str(loss.item()), "first_module": culprit, "paths": batch["paths"]}})
                 if bad_in_a_row >= args.max_bad_steps:
-                    sys.exit(f"aborting: {bad_in_a_row} non-finite steps in a row; the last good checkpoint is in {out}")
+                    sys.exit(f"aborting: {bad_in_a_row} non-finite steps in a row (first non-finite output: {culprit}); "
+                             f"the last good checkpoint is kept in {out}")
                 continue
             bad_in_a_row = 0
+            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if scaler.get_scale() < scale:
+                continue  # fp16: the scaler found inf gradients and skipped this update; so does the schedule
             scheduler.step()
             step += 1
             clips_per_s = len(batch["captions"]) / (time.perf_counter() - tick)

@@ -174,3 +174,83 @@ def test_skip_policy_counts_a_missing_file(tiny_demo, tmp_path, capsys):
     args.on_bad_audio = "skip"
     train.train(args)
     assert "skipped inputs: 1" in capsys.readouterr().out
+
+
+def losses_of(run):
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_grad_checkpointing_gives_the_same_losses(tiny_demo, tmp_path):
+    steps = ["--max-steps", "3", "--eval-every", "0", "--save-every", "0"]
+    train.train(args_for(tiny_demo, tmp_path / "plain", *steps))
+    model, _ = train.train(args_for(tiny_demo, tmp_path / "ckpt", *steps, "--grad-checkpointing"))
+    assert model.audio_tower.gradient_checkpointing
+    np.testing.assert_allclose(losses_of(tmp_path / "ckpt"), losses_of(tmp_path / "plain"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_autocast_keeps_lora_fp32_and_trains(tiny_demo, tmp_path, precision):
+    model, _ = train.train(args_for(tiny_demo, tmp_path / precision, "--max-steps", "3", "--eval-every", "0", "--precision", precision))
+    assert {layer.lora_A.weight.dtype for layer in lora_layers(model).values()} == {torch.float32}
+    losses = losses_of(tmp_path / precision)
+    assert len(losses) == 3 and np.isfinite(losses).all()
+    assert json.loads((tmp_path / precision / "run_config.json").read_text())["precision"] == precision
+
+
+def poison_audio_proj(monkeypatch, bad_steps):
+    """audio_proj returns NaN in the training forwards of the given (1-based) steps, and in their re-runs."""
+    real_build = train.build_audio_text_model
+    state = {"calls": 0, "rerun": False}
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            if not module.training:
+                return None  # evaluation forwards stay clean
+            if not torch.is_grad_enabled():  # the guard's diagnostic re-run of a bad step
+                return output * float("nan") if state.pop("rerun", False) else None
+            state["calls"] += 1
+            if state["calls"] in bad_steps:
+                state["rerun"] = True
+                return output * float("nan")
+            return None
+
+        model.audio_proj.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(train, "build_audio_text_model", build)
+    return state
+
+
+def test_nonfinite_step_is_skipped_named_and_training_goes_on(tiny_demo, tmp_path, monkeypatch, capsys):
+    poison_audio_proj(monkeypatch, bad_steps={3})
+    out = tmp_path / "nan"
+    train.train(args_for(tiny_demo, out, "--max-steps", "5", "--eval-every", "0"))
+    printed = capsys.readouterr()
+    assert "first non-finite output: audio_proj (Linear)" in printed.out + printed.err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    bad = [r for r in records if "nonfinite" in r]
+    assert len(bad) == 1 and bad[0]["step"] == 2 and bad[0]["nonfinite"]["first_module"] == "audio_proj (Linear)"
+    assert len(bad[0]["nonfinite"]["paths"]) == 8
+    good = [r for r in records if "loss" in r]
+    assert [r["step"] for r in good] == [1, 2, 3, 4, 5] and all(np.isfinite(r["loss"]) for r in good)
+    # the skipped batch did not advance the schedule: step 3's lr is the one step 3 would have had anyway
+    lrs = [r["lr"] for r in good]
+    assert lrs[2] == pytest.approx(3e-3 * train.lr_factor(3, 3, 5))
+
+
+def test_too_many_nonfinite_steps_abort_and_keep_the_last_good_checkpoint(tiny_demo, tmp_path, monkeypatch):
+    poison_audio_proj(monkeypatch, bad_steps=set(range(3, 100)))
+    out = tmp_path / "abort"
+    with pytest.raises(SystemExit, match="3 non-finite steps in a row .*audio_proj.*last good checkpoint is kept"):
+        train.train(args_for(tiny_demo, out, "--max-steps", "20", "--eval-every", "0", "--save-every", "2", "--max-bad-steps", "3"))
+    state = torch.load(out / train.STATE_FILE, weights_only=False)
+    assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["trainable"].values())
+
+
+def test_diagnose_flag_exits_zero_on_a_healthy_model(tiny_demo, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.train(args_for(tiny_demo, tmp_path / "d", "--diagnose"))
+    assert exit_info.value.code == 0
+    assert "LoRA gradient-flow diagnosis: healthy" in capsys.readouterr().out
