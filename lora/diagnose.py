@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lora.inject import lora_layers
+from lora.targets import compact_paths
 
 
 @dataclass
@@ -54,8 +55,10 @@ class DiagnosisReport:
 
 
 def _listed(names, limit: int = 6) -> str:
+    """Module paths folded (`layers.{0..31}.self_attn.{k,q,v}_proj`), then cut at `limit` entries."""
     names = list(names)
-    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+    folded = compact_paths(names)
+    return ", ".join(folded[:limit]) + (f", ... ({len(names)} in all)" if len(folded) > limit else "")
 
 
 def _by_child(paths) -> str:
@@ -122,17 +125,22 @@ def diagnose(model: nn.Module, step_fn) -> DiagnosisReport:
         reach += "\nthe loss does not require grad: a no_grad block or a .detach() cuts it off from every trainable parameter"
     report.add("the forward reaches every LoRA layer and the loss requires grad", not never and not lora_out_no_grad and loss.requires_grad, reach)
 
-    bad = []
+    bad = defaultdict(list)  # what is wrong -> parameter names
     for name, grad in grads.items():
         if grad is None:
-            bad.append(f"{name} (no gradient)")
+            bad["no gradient"].append(name)
         elif not torch.isfinite(grad).all():
-            bad.append(f"{name} (non-finite gradient)")
+            bad["non-finite gradient"].append(name)
         elif name.endswith("lora_B.weight") and grad.abs().sum() == 0:
-            bad.append(f"{name} (zero gradient)")
+            bad["zero gradient"].append(name)
     # lora_A's gradient is B^T @ (...): exactly zero while B is still at its zero init; that is expected
+    detail = "\n".join(
+        f"{what} ({len(names)} parameters): {_listed(sorted({n.rsplit('.', 2)[0] for n in names}))}"
+        f" ({', '.join(sorted({n.rsplit('.', 2)[1] for n in names}))})"
+        for what, names in bad.items()
+    )
     report.add("every LoRA parameter gets a finite, non-zero gradient", not bad,
-               "all do (lora_A stays at zero gradient only while lora_B is still zero)" if not bad else f"{len(bad)} without: {_listed(bad)}")
+               detail or "all do (lora_A stays at zero gradient only while lora_B is still zero)")
 
     placement = placement_findings(model, layers, ran, calls)
     report.add("LoRA sits where the forward runs", not placement, "\n".join(placement) or "every injected layer is on this task's forward path")

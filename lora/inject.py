@@ -72,7 +72,7 @@ def no_match_message(pattern: str, model: nn.Module, n_closest: int = 8) -> str:
     for path in linear_paths:
         shapes.setdefault(_LAYER_INDEX.sub("N", path), path)
     closest = difflib.get_close_matches(pattern, list(shapes), n=n_closest, cutoff=0.0)
-    lines = [f"target pattern {pattern!r} matches no module (patterns must re.fullmatch the whole dotted path)."]
+    lines = [f"target pattern '{pattern}' matches no module (patterns must re.fullmatch the whole dotted path)."]
     searched = [p for p in linear_paths if re.search(pattern, p)]
     if searched:
         lines.append(f"It occurs inside {len(searched)} Linear path(s), e.g. {searched[0]!r}: prefix it with '.*' to match the whole path.")

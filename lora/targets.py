@@ -108,18 +108,19 @@ def anchored(pattern: str) -> str:
 
 
 def format_preview(preview: TargetPreview, patterns: list[str], extra_trainable: int = 0) -> str:
-    lines = [f"targets: {', '.join(repr(p) for p in patterns)}"]
+    quoted = ", ".join(f"'{p}'" for p in patterns)  # not repr: a user's backslashes must not double
+    lines = [f"targets: {quoted}"]
     lines.append(f"matched {len(preview.matched)} Linear layers:")
     lines += [f"  {line}" for line in compact_paths(preview.matched)] or ["  (none)"]
     trained = preview.lora_params + extra_trainable
     lines.append(
-        f"LoRA parameters: {preview.lora_params:,} ({100 * preview.lora_params / max(1, preview.total_params):.4f}% of {preview.total_params:,})"
+        f"LoRA parameters: {preview.lora_params:,} ({100 * preview.lora_params / max(1, preview.total_params):.4f}% of the model's {preview.total_params:,})"
         + (f"; with the heads {trained:,} trainable" if extra_trainable else "")
     )
     lines.append(f"memory for them in fp32 with AdamW (weights, gradients, 2 moments): {trained * BYTES_PER_TRAINED_FP32 / 2**20:.1f} MiB")
     for pattern, alternatives in preview.dead.items():
         for name in alternatives:
-            lines.append(f"note: {name!r} (an alternative of {pattern!r}) exists nowhere in this model")
+            lines.append(f"note: '{name}' (an alternative of '{pattern}') exists nowhere in this model")
     if preview.siblings:
         lines.append("note: Linear layers beside the matched ones, left out by the targets (did you mean one of these?):")
         lines += [f"  {line}" for line in compact_paths(preview.siblings)]
@@ -127,8 +128,8 @@ def format_preview(preview: TargetPreview, patterns: list[str], extra_trainable:
         lines.append(f"error: {path} matches but is a {type_name}, not a Linear")
     for pattern in patterns:
         if any(re.fullmatch(pattern, path) for path in preview.not_linear):
-            hint = f"try {anchored(pattern)!r}" if anchored(pattern) != pattern else "end it at a dot-separated Linear name"
-            lines.append(f"  {pattern!r} selects more than Linear layers: anchor it so a name must follow a dot; {hint}")
+            hint = f"try '{anchored(pattern)}'" if anchored(pattern) != pattern else "end it at a dot-separated Linear name"
+            lines.append(f"  '{pattern}' selects more than Linear layers: anchor it so a name must follow a dot; {hint}")
     for pattern in preview.unmatched_patterns:
-        lines.append(f"error: {pattern!r} matches no module")
+        lines.append(f"error: '{pattern}' matches no module")
     return "\n".join(lines)

@@ -72,7 +72,7 @@ def test_forward_through_an_uninjected_copy():
     report = diagnose(build("copy"), step)
     assert failed(report) == [5, 6, 7]
     text = str(report)
-    assert "never called: tower.layers.0.self_attn.q_proj" in text
+    assert "never called: tower.layers.{0..1}.self_attn.{q,v}_proj" in text
     assert "second, un-injected copy" in text and "tower_copy" in text
 
 
@@ -88,6 +88,7 @@ def test_frozen_lora():
     report = diagnose(model, step)
     assert 3 in failed(report) and 6 in failed(report)
     assert "frozen: tower.layers.1.self_attn.v_proj.lora_B.weight" in str(report)
+    assert "no gradient (1 parameters): tower.layers.1.self_attn.v_proj (lora_B)" in str(report)
 
 
 def test_eval_mode():
@@ -95,7 +96,7 @@ def test_eval_mode():
     model.eval()
     report = diagnose(model, step)
     assert failed(report) == [4]
-    assert "in eval mode: tower.layers.0.self_attn.q_proj" in str(report)
+    assert "in eval mode: tower.layers.{0..1}.self_attn.{q,v}_proj" in str(report)
     assert not model.training, "diagnose must restore eval mode"
 
 

@@ -23,7 +23,7 @@ def test_no_match_lists_the_closest_linear_modules():
     with pytest.raises(ValueError) as err:
         inject_lora(model, LoRAConfig([r".*self_attn\.q_proj", r"audio_tower.*self_attn\.o_proj"]))
     message = str(err.value)
-    assert message.startswith("target pattern 'audio_tower.*self_attn\\\\.o_proj' matches no module")
+    assert message.startswith(r"target pattern 'audio_tower.*self_attn\.o_proj' matches no module")
     closest = message.split("Closest Linear modules (N = any layer index):\n")[1].split("\n")
     assert closest[0].strip() == "layers.N.self_attn.out_proj"
     assert not lora_layers(model), "a failing call must leave the model untouched"

@@ -28,7 +28,7 @@ def test_pattern_hitting_a_non_linear_module_names_it_and_suggests_the_anchored_
     assert preview.not_linear == {f"layers.{i}.intermediate_query": "QueryFeedForward" for i in range(2)}
     text = format_preview(preview, [".*(query|key|value)"])
     assert "layers.0.intermediate_query matches but is a QueryFeedForward" in text
-    assert "try '.*\\\\.(query|key|value)'" in text
+    assert r"try '.*\.(query|key|value)'" in text
     assert anchored("qformer.*(query|key|value)") == r"qformer.*\.(query|key|value)"
 
 
