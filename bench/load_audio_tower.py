@@ -23,7 +23,7 @@ Layout: keys in the order language model, projector, tower, packed greedily into
 named as HF names them, so the tower straddles the last two shards and shares one with the
 language model, as a 7B Qwen2-Audio spreads its tower over a couple of its shards.
 
-    python bench/load_audio_tower.py                 # LM 12 x 4096: 6.3 GB in 4 shards, ~6 min on 2 cores
+    python bench/load_audio_tower.py                 # LM 12 x 4096: 6.3 GB in 4 shards, ~5 min on 2 cores
     python bench/load_audio_tower.py --lm-layers 4 --repeats 1 --cache warm --skip-reference --dir /tmp/ckpt --keep
 """
 
