@@ -51,6 +51,20 @@ class Skipped(NamedTuple):
     reason: str
 
 
+def split_skipped(items: list, collate_name: str) -> tuple[list[dict], list[Skipped]]:
+    """A batch's dataset items, and the Skipped markers of the items left out."""
+    kept, skipped = [], []
+    for item in items:
+        if isinstance(item, Skipped):
+            skipped.append(item)
+        elif isinstance(item, dict):
+            kept.append(item)
+        else:  # a bare None would hide which file was lost
+            raise TypeError(f"{collate_name} got a {type(item).__name__}; expected a dataset item "
+                            "(a dict) or a Skipped(path, line, reason)")
+    return kept, skipped
+
+
 class AudioTextDataset(Dataset):
     """One item a clip: {"index", "audio" (1-D float32 at 16 kHz, at most 30 s), "caption",
     "path", "line"}, or a Skipped marker for bad audio when on_bad_audio="skip"."""
@@ -122,15 +136,7 @@ def collate_audio_text(items: list, n_mels: int, pad_to_30s: bool = False) -> di
 
     Use `functools.partial(collate_audio_text, n_mels=...)` as a DataLoader's collate_fn.
     """
-    kept, skipped = [], []
-    for item in items:
-        if isinstance(item, Skipped):
-            skipped.append(item)
-        elif isinstance(item, dict):
-            kept.append(item)
-        else:  # a bare None would hide which clip was lost
-            raise TypeError(f"collate_audio_text got a {type(item).__name__}; expected an "
-                            "AudioTextDataset item (a dict) or a Skipped(path, line, reason)")
+    kept, skipped = split_skipped(items, "collate_audio_text")
     if not kept:
         return {"features": None, "frame_mask": None, "captions": [], "paths": [], "lines": [],
                 "index": torch.zeros(0, dtype=torch.long), "skipped": skipped}

@@ -61,28 +61,31 @@ def read_manifest(path, audio_dir=None) -> list[Clip]:
         raise ManifestError(f"{path}: unknown manifest suffix {path.suffix!r}; use .jsonl (or .json) "
                             "with one JSON object a line, or a Clotho / AudioCaps .csv")
     base = Path(audio_dir) if audio_dir is not None else path.parent
-    text = _read_utf8(path)
+    text = read_utf8(path)
     rows = _jsonl_rows(path, text, base) if suffix in JSON_SUFFIXES else _csv_rows(path, text, base)
     if not rows:
         raise ManifestError(f"{path}: the manifest holds no clips; add at least one row")
     return _group(rows, str(path))
 
 
+def file_problem(path: Path, what: str) -> str | None:
+    """Why `path` cannot be a data file (missing, not a file, empty), or None. Cheap: no decoding,
+    so an undecodable file is found only when a dataset decodes it."""
+    if not path.exists():
+        return f"{what} file not found"
+    if not path.is_file():
+        return f"{what} path is not a regular file"
+    if path.stat().st_size == 0:
+        return f"{what} file is empty (0 bytes)"
+    return None
+
+
 def check_files(clips: list[Clip]) -> list[tuple[Clip, str]]:
-    """(clip, problem) for each clip whose audio file is missing or empty. Cheap (no decoding):
-    an undecodable file is found only when the dataset decodes it."""
-    problems = []
-    for clip in clips:
-        if not clip.audio.exists():
-            problems.append((clip, "audio file not found"))
-        elif not clip.audio.is_file():
-            problems.append((clip, "audio path is not a regular file"))
-        elif clip.audio.stat().st_size == 0:
-            problems.append((clip, "audio file is empty (0 bytes)"))
-    return problems
+    """(clip, problem) for each clip whose audio file is missing or empty."""
+    return [(clip, problem) for clip in clips if (problem := file_problem(clip.audio, "audio"))]
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")  # -sig: spreadsheets often prepend a byte-order mark
@@ -92,7 +95,7 @@ def _read_utf8(path: Path) -> str:
                             "re-save the manifest as UTF-8") from e
 
 
-def _resolve(base: Path, audio: str) -> Path:
+def resolve_path(base: Path, audio: str) -> Path:
     # abspath, not resolve(): keep symlinked dataset folders as the user wrote them in messages
     return Path(os.path.abspath(base / audio))
 
@@ -141,7 +144,7 @@ def _jsonl_rows(path: Path, text: str, base: Path) -> list[tuple[int, Path, list
                                     f"got {captions!r:.60}")
             for k, caption in enumerate(captions):
                 _check_caption(caption, where, f'"captions"[{k}]')
-        rows.append((line_no, _resolve(base, audio), list(captions)))
+        rows.append((line_no, resolve_path(base, audio), list(captions)))
     return rows
 
 
@@ -183,7 +186,7 @@ def _csv_rows(path: Path, text: str, base: Path) -> list[tuple[int, Path, list[s
                 raise ManifestError(f'{where}: column "file_name" is empty')
             captions = [_check_caption(cells[column[name]], where, f'column "{name}"')
                         for name in caption_columns]
-            rows.append((line_no, _resolve(base, audio), captions))
+            rows.append((line_no, resolve_path(base, audio), captions))
         else:
             fields = {name: cells[column[name]] for name in AUDIOCAPS_HEADER}
             for name in ("youtube_id", "start_time"):
@@ -193,7 +196,7 @@ def _csv_rows(path: Path, text: str, base: Path) -> list[tuple[int, Path, list[s
             # the clip's first row names its file: later rows carry other audiocap_ids
             clip_key = (fields["youtube_id"], fields["start_time"])
             if clip_key not in audiocaps_files:
-                audiocaps_files[clip_key] = _resolve(base, _audiocaps_file(fields, names_in_dir))
+                audiocaps_files[clip_key] = resolve_path(base, _audiocaps_file(fields, names_in_dir))
             rows.append((line_no, audiocaps_files[clip_key], [caption]))
     return rows
 

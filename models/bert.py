@@ -99,23 +99,28 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-    """`attention.self`: multi-head scaled dot-product attention, without its output projection."""
+    """`attention.self`: multi-head scaled dot-product attention, without its output projection.
 
-    def __init__(self, cfg: BertConfig):
+    Keys and values come from `x` itself, or from a `context` of width `d_context` when the
+    module is a cross-attention (the Q-Former's queries attending to image features)."""
+
+    def __init__(self, cfg: BertConfig, d_context: int | None = None):
         super().__init__()
         self.n_head = cfg.num_attention_heads
         # all three projections have a bias (Whisper's key projection does not)
         self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(d_context or cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(d_context or cfg.hidden_size, cfg.hidden_size)
         self.dropout = cfg.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
         B, L, H = x.shape
-        # (B, L, H) -> (B, L, nh, H/nh) -> (B, nh, L, H/nh)
+        S = context.shape[1]
+        # (B, L, H) -> (B, L, nh, H/nh) -> (B, nh, L, H/nh); key and value likewise with S positions
         q = self.query(x).view(B, L, self.n_head, H // self.n_head).transpose(1, 2)
-        k = self.key(x).view(B, L, self.n_head, H // self.n_head).transpose(1, 2)
-        v = self.value(x).view(B, L, self.n_head, H // self.n_head).transpose(1, 2)
+        k = self.key(context).view(B, S, self.n_head, H // self.n_head).transpose(1, 2)
+        v = self.value(context).view(B, S, self.n_head, H // self.n_head).transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout)  # (B, nh, L, H/nh)
         return y.transpose(1, 2).reshape(B, L, H)  # (B, nh, L, H/nh) -> (B, L, H)

@@ -62,7 +62,12 @@ def preprocess_images(
         raise ValueError("preprocess_images needs at least one image")
     batch = []
     for image in images:
-        image = load_image(image) if isinstance(image, (str, Path)) else to_rgb(image)
+        if isinstance(image, (str, Path)):
+            image = load_image(image)
+        elif isinstance(image, Image.Image):
+            image = to_rgb(image)
+        else:
+            raise TypeError(f"preprocess_images takes paths or PIL images, got a {type(image).__name__}")
         # PIL sizes are (width, height); BICUBIC is BlipImageProcessor's resample=3
         image = image.resize((size, size), resample=Image.BICUBIC)
         batch.append(torch.from_numpy(np.array(image)))  # (size, size, 3) uint8

@@ -31,11 +31,10 @@ Quirks of the reference, copied on purpose:
   composite model as [ones(Q); instruction mask]; ours takes the instruction's (B, L) mask and
   prepends the ones itself.
 
-Reuse of models/bert.py: the post-LN sublayer ends (`attention.output`, `crossattention.output`,
-`output`, `output_query`) are exactly BERT's, so they are `BertAddNorm`, and the activations are
-BERT's. The attention is our own: `BertSelfAttention` computes key and value from its own input at
-hidden_size, while the cross-attention reads image features of another width; one class that takes
-its key/value source as an argument (as HF's does) serves both, without bending bert.py.
+Reuse of models/bert.py: the Q-Former is BERT with queries, so its pieces are BERT's:
+`BertSelfAttention` for the self-attention and, given `d_context` and a `context`, for the
+cross-attention to image features of another width; `BertAddNorm` for the post-LN sublayer ends
+(`attention.output`, `crossattention.output`, `output`, `output_query`); BERT's activations.
 
 LoRA targets: module paths read `qformer.encoder.layer.{i}.attention.attention.query` (self) and
 `qformer.encoder.layer.{i}.crossattention.attention.key` (cross), so `qformer.*\.(query|key|value)`
@@ -51,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.bert import ACTIVATIONS, BertAddNorm
+from models.bert import ACTIVATIONS, BertAddNorm, BertSelfAttention
 
 
 @dataclass(frozen=True)
@@ -121,40 +120,16 @@ class QFormerEmbeddings(nn.Module):
         return F.dropout(self.layernorm(x), self.dropout, self.training)
 
 
-class QFormerAttention(nn.Module):
-    """`attention.attention` (self: key/value from x) and `crossattention.attention` (key/value from
-    the image): multi-head scaled dot-product attention, without its output projection."""
-
-    def __init__(self, cfg: QFormerConfig, d_context: int):
-        super().__init__()
-        self.n_head = cfg.num_attention_heads
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(d_context, cfg.hidden_size)  # d_context: hidden_size, or encoder_hidden_size
-        self.value = nn.Linear(d_context, cfg.hidden_size)
-        self.dropout = cfg.attention_probs_dropout_prob
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
-        B, T, D = x.shape
-        S = context.shape[1]
-        # (B, T, D) -> (B, T, nh, D/nh) -> (B, nh, T, D/nh); key and value likewise with S positions
-        q = self.query(x).view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
-        k = self.key(context).view(B, S, self.n_head, D // self.n_head).transpose(1, 2)
-        v = self.value(context).view(B, S, self.n_head, D // self.n_head).transpose(1, 2)
-        dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout)  # (B, nh, T, D/nh)
-        return y.transpose(1, 2).reshape(B, T, D)  # (B, nh, T, D/nh) -> (B, T, D)
-
-
 class QFormerLayer(nn.Module):
     def __init__(self, cfg: QFormerConfig, has_cross_attention: bool):
         super().__init__()
         # BertAddNorm reads hidden_size, layer_norm_eps and hidden_dropout_prob, which QFormerConfig
         # names as BertConfig does. The ModuleDicts reproduce the checkpoint's nesting.
-        self.attention = nn.ModuleDict(dict(attention=QFormerAttention(cfg, cfg.hidden_size),
+        self.attention = nn.ModuleDict(dict(attention=BertSelfAttention(cfg),
                                             output=BertAddNorm(cfg.hidden_size, cfg)))
         self.crossattention = None
         if has_cross_attention:
-            self.crossattention = nn.ModuleDict(dict(attention=QFormerAttention(cfg, cfg.encoder_hidden_size),
+            self.crossattention = nn.ModuleDict(dict(attention=BertSelfAttention(cfg, d_context=cfg.encoder_hidden_size),
                                                      output=BertAddNorm(cfg.hidden_size, cfg)))
         self.intermediate = nn.ModuleDict(dict(dense=nn.Linear(cfg.hidden_size, cfg.intermediate_size)))
         self.output = BertAddNorm(cfg.intermediate_size, cfg)
@@ -164,10 +139,10 @@ class QFormerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, attend: torch.Tensor, image_embeds: torch.Tensor,
                 image_attend: torch.Tensor | None, n_queries: int) -> torch.Tensor:
-        x = self.attention.output(self.attention.attention(x, x, attend), x)  # (B, Q + L, D)
+        x = self.attention.output(self.attention.attention(x, attend), x)  # (B, Q + L, D)
         queries, text = x[:, :n_queries], x[:, n_queries:]  # (B, Q, D), (B, L, D)
         if self.crossattention is not None:
-            attended = self.crossattention.attention(queries, image_embeds, image_attend)
+            attended = self.crossattention.attention(queries, image_attend, context=image_embeds)
             queries = self.crossattention.output(attended, queries)
         queries = self.output_query(self.act(self.intermediate_query.dense(queries)), queries)
         text = self.output(self.act(self.intermediate.dense(text)), text)

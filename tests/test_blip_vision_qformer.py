@@ -137,6 +137,20 @@ def test_vision_backward_equals_the_reference(reference, config_dict):
     reference.zero_grad()
 
 
+def test_the_key_bias_third_does_not_change_the_output(reference, config_dict):
+    """The docstring's claim: the k part of qkv.bias (zero in checkpoints) only shifts every score
+    of a query by the same q . b_k, which softmax ignores, while the q and v parts matter."""
+    ours = build_vision(reference, config_dict)
+    D = VISION["hidden_size"]
+    with torch.no_grad():
+        before = ours(pixels())
+        bias = ours.encoder.layers[0].self_attn.qkv.bias
+        bias[D:2 * D] = 0.0
+        assert torch.allclose(ours(pixels()), before, atol=1e-5)
+        bias[2 * D:] = 0.0
+        assert not torch.allclose(ours(pixels()), before, atol=1e-3)
+
+
 def test_vision_refuses_another_image_size(reference, config_dict):
     ours = build_vision(reference, config_dict)
     with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\).*preprocess_images"):
@@ -295,7 +309,10 @@ def sample_images(seed: int = 5) -> list[Image.Image]:
 def test_preprocess_images_equals_blip_image_processor(size):
     images = sample_images()
     assert [image.mode for image in images] == ["RGB", "RGBA", "L", "P"]
-    processor = transformers.BlipImageProcessorPil(size={"height": size, "width": size})
+    # transformers 5's BlipImageProcessor resizes with torchvision when it is installed; its PIL
+    # backend is BlipImageProcessorPil. In transformers 4 BlipImageProcessor is the PIL one.
+    processor_class = getattr(transformers, "BlipImageProcessorPil", transformers.BlipImageProcessor)
+    processor = processor_class(size={"height": size, "width": size})
     ref = processor(images=images, return_tensors="pt").pixel_values
     assert tuple(processor.image_mean) == OPENAI_CLIP_MEAN and tuple(processor.image_std) == OPENAI_CLIP_STD
     out = preprocess_images(images, size)
@@ -309,8 +326,10 @@ def test_load_image_converts_and_names_bad_files(tmp_path):
     loaded = load_image(tmp_path / "a.png")
     assert loaded.mode == "RGB" and loaded.size == rgba.size
     torch.testing.assert_close(preprocess_images([tmp_path / "a.png"], 32), preprocess_images([rgba], 32))
-    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+    with pytest.raises(FileNotFoundError, match="no image file at .*missing.jpg"):
         load_image(tmp_path / "missing.jpg")
     (tmp_path / "broken.png").write_bytes(b"not an image at all")
     with pytest.raises(ValueError, match="broken.png"):
         preprocess_images([str(tmp_path / "broken.png")], 32)
+    with pytest.raises(TypeError, match="paths or PIL images"):
+        preprocess_images([torch.zeros(3, 8, 8)], 32)

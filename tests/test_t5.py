@@ -18,7 +18,7 @@ TINY = dict(
     relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0,
     eos_token_id=1, pad_token_id=0,
 )
-LENGTHS = [11, 7, 3]  # encoder inputs; rows 2 and 3 are padded (right), longer than max_distance / 2
+LENGTHS = [23, 7, 3]  # encoder inputs; rows 2 and 3 padded; offsets up to 22 > max_distance reach the last bucket
 KINDS = [("relu", True), ("relu", False), ("gated-gelu", True), ("gated-gelu", False)]  # T5 v1.0-like ... flan-like
 
 
@@ -182,6 +182,21 @@ def test_generation_stops_when_every_row_has_finished(tmp_path):
     assert tokens.shape[1] <= 3 < 11 and tokens.tolist() == expected.tolist()
 
 
+def test_generation_projects_each_key_once(tmp_path):
+    """The KV cache: each step projects keys for its one new position only, and the encoder output
+    is projected for cross-attention once per generate call, not once per step."""
+    ours, _ = pair(tmp_path)
+    input_ids, attention_mask = encoder_batch()
+    block = ours.decoder.block[1]  # not the first block: caching must not depend on owning the position table
+    shapes = {"self": [], "cross": []}
+    block.layer[0].SelfAttention.k.register_forward_hook(lambda m, args, out: shapes["self"].append(tuple(args[0].shape)))
+    block.layer[1].EncDecAttention.k.register_forward_hook(lambda m, args, out: shapes["cross"].append(tuple(args[0].shape)))
+    tokens = ours.generate(input_ids, attention_mask, max_new_tokens=5)
+    D = TINY["d_model"]
+    assert shapes["self"] == [(3, 1, D)] * (tokens.shape[1] - 1) and tokens.shape[1] == 6
+    assert shapes["cross"] == [(3, max(LENGTHS), D)]
+
+
 # ---- loading what save_pretrained writes ------------------------------------------------------------
 
 
@@ -260,6 +275,26 @@ def test_fp16_load_keeps_wo_in_fp32_like_transformers(tmp_path):
     torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
 
 
+def test_fp16_overflow_is_clamped_like_transformers(tmp_path):
+    """fp16 residuals that overflow become +-(fp16 max - 1000) after the sublayer, not inf then NaN."""
+    reference = reference_model("gated-gelu", tied=False)
+    with torch.no_grad():  # embeddings near fp16's max (65504): adding the first attention output overflows
+        reference.shared.weight.copy_(60000 * reference.shared.weight.sign())
+        for stack in (reference.encoder, reference.decoder):
+            stack.block[0].layer[0].SelfAttention.o.weight.mul_(1e4)
+    reference.save_pretrained(tmp_path)
+    half_reference = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    ours = load_t5(Checkpoint.open(tmp_path), dtype="fp16")
+    input_ids, attention_mask = encoder_batch()
+    with torch.no_grad():
+        first_sublayer = ours.encoder.block[0].layer[0](ours.shared(input_ids), None)
+        out = ours(input_ids, attention_mask, labels=labels_batch()).logits
+        ref = half_reference(input_ids=input_ids, attention_mask=attention_mask, labels=labels_batch()).logits
+    assert torch.isinf(first_sublayer).any(), "the weights must overflow, or this test shows nothing"
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+
+
 # ---- config --------------------------------------------------------------------------------------
 
 
@@ -285,6 +320,11 @@ def test_config_from_hf():
         ours = T5Config.from_hf(hf.to_dict())
         assert (ours.dense_act_fn, ours.is_gated_act, ours.scale_decoder_outputs) == (
             hf.dense_act_fn, hf.is_gated_act, hf.scale_decoder_outputs)
+    # a saved dense_act_fn / is_gated_act wins over feed_forward_proj, in transformers as here
+    conflicting = {"model_type": "t5", "feed_forward_proj": "gated-gelu", "dense_act_fn": "relu", "is_gated_act": False}
+    hf = transformers.T5Config.from_dict(conflicting)
+    ours = T5Config.from_hf(conflicting)
+    assert (ours.dense_act_fn, ours.is_gated_act) == (hf.dense_act_fn, hf.is_gated_act) == ("relu", False)
     assert T5Config.from_hf({"model_type": "t5", "eos_token_id": [1, 2]}).eos_token_id == (1, 2)
 
 
