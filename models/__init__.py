@@ -7,6 +7,10 @@
 """
 
 from models.audio import audio_to_features, load_audio, log_mel_spectrogram
-from models.loading import load_audio_encoder, load_text_encoder, load_tokenizer
+from models.instructblip import load_instructblip
+from models.loading import load_audio_encoder, load_instructblip_tokenizers, load_text_encoder, load_tokenizer
 
-__all__ = ["audio_to_features", "load_audio", "load_audio_encoder", "load_text_encoder", "load_tokenizer", "log_mel_spectrogram"]
+__all__ = [
+    "audio_to_features", "load_audio", "load_audio_encoder", "load_instructblip", "load_instructblip_tokenizers",
+    "load_text_encoder", "load_tokenizer", "log_mel_spectrogram",
+]

@@ -19,9 +19,11 @@ Quirks of the reference, copied on purpose:
   the scores of every layer of that stack. Buckets are bidirectional in the encoder and causal
   in the decoder; cross-attention gets no position bias.
 - The MLP is ReLU in T5 v1.0 and gated GELU in v1.1/flan (`gelu_new`, the tanh approximation):
-  wo(gelu(wi_0 x) * wi_1 x). Its input is cast to `wo`'s dtype, because transformers keeps `wo` in
-  fp32 when loading fp16 (flan-t5-xxl overflows otherwise); `load_t5` does the same.
+  wo(gelu(wi_0 x) * wi_1 x). Its input is cast to `wo`'s dtype: loading in fp16, transformers keeps
+  `wo` in fp32 (`_keep_in_fp32_modules`, against fp16 overflow in T5 v1.1/flan), and `load_t5` too.
 - In fp16 the residual stream is clamped after every sublayer (the reference's guard against inf).
+  With `wo` in fp32 the residual becomes fp32 at the first MLP (fp16 + fp32 promotes), so in
+  practice only the first block's attention is clamped; each norm casts back to fp16.
 - T5 v1.0 ties lm_head to the input embedding `shared` and multiplies the decoder output by
   d_model**-0.5 first; v1.1/flan has its own lm_head and no scaling (`scale_decoder_outputs`).
 
@@ -377,16 +379,22 @@ class T5ForConditionalGeneration(nn.Module):
         return tokens
 
 
-def load_t5(checkpoint: Checkpoint, prefix: str = "", config: dict | None = None,
+def load_t5(checkpoint: Checkpoint | str, prefix: str = "", config: dict | None = None,
             dtype: str | torch.dtype | None = None) -> T5ForConditionalGeneration:
-    """T5ForConditionalGeneration from `checkpoint`'s keys under `prefix`, in eval mode. config: the T5 config
-    dict (default: the checkpoint's config.json; InstructBLIP: `text_config` with prefix 'language_model.')."""
+    """T5ForConditionalGeneration from the keys under `prefix` of a checkpoint (or its directory or hub id), in
+    eval mode. config: the T5 config dict (default: config.json; InstructBLIP: its `text_config`, with prefix
+    'language_model.'). dtype: cast floating tensors (default: keep the file's)."""
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = Checkpoint.open(checkpoint)
     state = checkpoint.load_prefix(prefix)
     source = f"{checkpoint.source} [{prefix or '(no prefix)'}*]"
     for key in ALIASES_OF_SHARED:
         alias = state.pop(key, None)
-        if alias is not None and not torch.equal(alias, state["shared.weight"]):
-            raise ValueError(f"{source}: {key} differs from shared.weight; this port shares one input table")
+        if alias is None:
+            continue
+        shared = state.setdefault("shared.weight", alias)  # a deduplicating saver may have kept only the alias
+        if not torch.equal(alias, shared):
+            raise ValueError(f"{source}: {key} differs from shared.weight; this port has one input table for both")
     for key in UNUSED_KEYS:
         state.pop(key, None)
     dtype = resolve_dtype(dtype) if dtype is not None else None

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 
 UNK, CLS, SEP, PAD, MASK = "[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"
+T5_PAD, T5_EOS = "<pad>", "</s>"
 MAX_LENGTH = 512  # BERT's max_position_embeddings; pass the model's own value
 
 
@@ -55,6 +56,23 @@ def load_tokenizer_files(
         raise ValueError(f"{source} has no {PAD} token, so a batch of texts cannot be padded")
     tok.enable_truncation(max_length)
     tok.enable_padding(pad_id=pad_id, pad_token=PAD)  # no length: pad to the batch's longest
+    return tok
+
+
+def load_t5_tokenizer(tokenizer_json: Path, max_length: int = MAX_LENGTH) -> Tokenizer:
+    """A T5 tokenizer.json (SentencePiece Unigram, as flan-t5 ships it): pad token `<pad>`, and
+    every text must end in `</s>`: a decoder trained on answers without it never learns to stop."""
+    tokenizer_json = Path(tokenizer_json)
+    if not tokenizer_json.is_file():
+        raise FileNotFoundError(f"no T5 tokenizer at {tokenizer_json}; InstructBLIP checkpoints ship it as tokenizer.json")
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    pad_id, eos_id = tok.token_to_id(T5_PAD), tok.token_to_id(T5_EOS)
+    if pad_id is None or eos_id is None:
+        raise ValueError(f"{tokenizer_json} lacks {T5_PAD} or {T5_EOS}: not a T5 tokenizer")
+    if tok.encode("a").ids[-1:] != [eos_id]:
+        raise ValueError(f"{tokenizer_json} does not append {T5_EOS} (its post-processor should be the template '$A {T5_EOS}')")
+    tok.enable_truncation(max_length)
+    tok.enable_padding(pad_id=pad_id, pad_token=T5_PAD)
     return tok
 
 
