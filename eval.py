@@ -1,8 +1,12 @@
-"""Retrieval evaluation of an audio-text checkpoint: recall and mAP@10 in both directions.
+"""Evaluate a train.py output directory: retrieval (audio-text) or answers (instructblip).
 
     python eval.py --checkpoint runs/demo --data eval.jsonl [--json OUT.json] [--no-adapter]
                    [--save-embeddings OUT.npz]
 
+instructblip: token loss and perplexity of the reference answers, and exact-match accuracy of the
+greedy answers (lowercased, trimmed, trailing punctuation dropped), with sample generations.
+
+Audio-text retrieval:
 Conventions (LAION-CLAP's `evaluate_clotho_audiocaps`, also used by WavCaps), for clips with
 several captions each:
 - text -> audio: every caption is a query; its one relevant item is its clip.
@@ -19,6 +23,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -28,10 +33,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.audio_text import AudioTextDataset, captions_flat, collate_audio_text, precheck
+from data.instructblip import VQADataset, check_images, collate_vqa, read_vqa_manifest
 from data.manifest import read_manifest
 from lora import load_adapter
 from lora.atomic import atomic_write, atomic_write_text
-from models import load_tokenizer
+from models import load_instructblip, load_instructblip_tokenizers, load_tokenizer
 from models.audio_text import build_audio_text_model, load_heads
 from models.tokenizer import tokenize
 
@@ -128,20 +134,78 @@ def evaluate(model, tokenizer, clips, **kwargs) -> dict:
     return retrieval_metrics(text @ audio.T, text_audio_index)
 
 
-def load_run(checkpoint_dir, with_adapter: bool = True):
-    """Rebuild a trained model from an output directory of train.py: (model, tokenizer, run_config)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    config_path = checkpoint_dir / "run_config.json"
+def read_run_config(checkpoint_dir) -> dict:
+    config_path = Path(checkpoint_dir) / "run_config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} does not exist: --checkpoint must be an output directory of train.py")
-    run = json.loads(config_path.read_text(encoding="utf-8"))
-    if run.get("task") != "audio-text":
-        raise ValueError(f"{config_path}: task {run.get('task')!r}; this evaluation is for the audio-text task")
-    model = build_audio_text_model(run["audio_model"], run["text_model"], run["embed_dim"], seed=run["seed"])
+    return json.loads(config_path.read_text(encoding="utf-8"))
+
+
+def load_run(checkpoint_dir, with_adapter: bool = True):
+    """Rebuild a trained model from an output directory of train.py: (model, tokenizers, run_config).
+
+    audio-text: tokenizers is the text tower's tokenizer; instructblip: (Q-Former, T5) tokenizers.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    run = read_run_config(checkpoint_dir)
+    if run.get("task") == "audio-text":
+        model = build_audio_text_model(run["audio_model"], run["text_model"], run["embed_dim"], seed=run["seed"])
+        tokenizers = load_tokenizer(run["text_model"])
+    elif run.get("task") == "instructblip":
+        model = load_instructblip(run["model"], language_model_dtype=run.get("language_model_dtype", "fp32"))
+        tokenizers = load_instructblip_tokenizers(run["model"])
+    else:
+        raise ValueError(f"{checkpoint_dir / 'run_config.json'}: unknown task {run.get('task')!r}")
     load_heads(model, checkpoint_dir / "heads.safetensors")
     if with_adapter:
         load_adapter(model, checkpoint_dir)
-    return model.eval(), load_tokenizer(run["text_model"]), run
+    return model.eval(), tokenizers, run
+
+
+def normalize_answer(text: str) -> str:
+    """What exact match compares: lowercase, single spaces, no trailing punctuation."""
+    return " ".join(text.lower().split()).rstrip(".!?,;: ")
+
+
+@torch.no_grad()
+def evaluate_vqa(model, tokenizers, examples, batch_size=16, device="cpu", workers=0, autocast_dtype=None,
+                 max_new_tokens=10, n_samples=5, progress=True) -> dict:
+    """Token loss, perplexity and exact-match accuracy (percent) of greedy answers on VQA examples."""
+    qformer_tokenizer, t5_tokenizer = tokenizers
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(
+        VQADataset(examples, on_bad_image="fail"), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=functools.partial(collate_vqa, image_size=model.config.vision.image_size,
+                                     qformer_tokenizer=qformer_tokenizer, t5_tokenizer=t5_tokenizer),
+    )
+    device_type = torch.device(device).type
+    amp = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    loss_sum, n_tokens, correct, samples = 0.0, 0, 0, []
+    with amp:
+        for batch in tqdm(loader, desc="answer", unit="batch", disable=None if progress else True, leave=False):
+            inputs = {k: batch[k].to(device) for k in ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask")}
+            labels = batch["labels"].to(device)
+            real = int((labels != -100).sum())
+            loss_sum += float(model(**inputs, labels=labels).loss) * real  # token-weighted, as one big batch
+            n_tokens += real
+            generated = model.generate(**inputs, max_new_tokens=max_new_tokens)[:, 1:]  # drop the decoder start token
+            for prompt, answer, ids in zip(batch["prompts"], batch["answers"], generated.tolist()):
+                text = t5_tokenizer.decode(ids, skip_special_tokens=True)
+                correct += normalize_answer(text) == normalize_answer(answer)
+                if len(samples) < n_samples:
+                    samples.append({"prompt": prompt, "answer": answer, "generated": text})
+    model.train(was_training)
+    loss = loss_sum / max(1, n_tokens)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "exact_match": 100.0 * correct / len(examples),
+            "n_examples": len(examples), "samples": samples}
+
+
+def format_vqa(metrics: dict, title: str = "") -> str:
+    lines = [f"{title or 'answers'} ({metrics['n_examples']} examples): exact match {metrics['exact_match']:.2f}%, "
+             f"answer loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}"]
+    lines += [f"  Q: {s['prompt']}  A: {s['answer']}  generated: {s['generated']!r}" for s in metrics["samples"]]
+    return "\n".join(lines)
 
 
 def save_npz(path, **arrays):
@@ -150,36 +214,49 @@ def save_npz(path, **arrays):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Retrieval recall of a train.py output directory on a manifest.")
+    parser = argparse.ArgumentParser(description="Evaluate a train.py output directory on a manifest.")
     parser.add_argument("--checkpoint", required=True, help="an output directory of train.py")
-    parser.add_argument("--data", help="manifest (JSONL or Clotho/AudioCaps CSV); default: the run's eval_data")
+    parser.add_argument("--data", help="manifest (audio-text: JSONL or Clotho/AudioCaps CSV; instructblip: JSONL); default: the run's eval_data")
     parser.add_argument("--json", help="write the metrics here as JSON")
     parser.add_argument("--no-adapter", action="store_true", help="LoRA off (heads kept): what does the adapter add?")
-    parser.add_argument("--save-embeddings", help="write audio, text and text_audio_index arrays to this .npz")
+    parser.add_argument("--save-embeddings", help="audio-text: write audio, text and text_audio_index arrays to this .npz")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding audio")
+    parser.add_argument("--max-new-tokens", type=int, default=10, help="instructblip: longest generated answer")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding audio or images")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    model, tokenizer, run = load_run(args.checkpoint, with_adapter=not args.no_adapter)
+    model, tokenizers, run = load_run(args.checkpoint, with_adapter=not args.no_adapter)
     data = args.data or run.get("eval_data")
     if not data:
         parser.error("--data is required: this run recorded no eval_data")
-    clips, problems = precheck(read_manifest(data))
-    if problems:
-        for clip, reason in problems[:10]:
-            print(f"{clip.where}: {reason}: {clip.audio}", file=sys.stderr)
-        sys.exit(f"{len(problems)} clip(s) of {data} cannot be read; fix the manifest (evaluation needs every clip)")
     model.to(args.device)
-    audio, text, text_audio_index = encode_clips(
-        model, tokenizer, clips, batch_size=args.batch_size, pad_to_30s=run.get("pad_to_30s", False), device=args.device, workers=args.workers
-    )
-    metrics = retrieval_metrics(text @ audio.T, text_audio_index)
-    print(format_metrics(metrics, f"{Path(data).name}, {'no adapter' if args.no_adapter else 'with adapter'}"))
+    label = f"{Path(data).name}, {'no adapter' if args.no_adapter else 'with adapter'}"
+    if run["task"] == "instructblip":
+        examples = read_vqa_manifest(data)
+        problems = check_images(examples)
+        if problems:
+            for example, reason in problems[:10]:
+                print(f"{example.where}: {reason}: {example.image}", file=sys.stderr)
+            sys.exit(f"{len(problems)} example(s) of {data} cannot be read; fix the manifest (evaluation needs every image)")
+        metrics = evaluate_vqa(model, tokenizers, examples, batch_size=args.batch_size, device=args.device,
+                               workers=args.workers, max_new_tokens=args.max_new_tokens)
+        print(format_vqa(metrics, label))
+    else:
+        clips, problems = precheck(read_manifest(data))
+        if problems:
+            for clip, reason in problems[:10]:
+                print(f"{clip.where}: {reason}: {clip.audio}", file=sys.stderr)
+            sys.exit(f"{len(problems)} clip(s) of {data} cannot be read; fix the manifest (evaluation needs every clip)")
+        audio, text, text_audio_index = encode_clips(
+            model, tokenizers, clips, batch_size=args.batch_size, pad_to_30s=run.get("pad_to_30s", False), device=args.device, workers=args.workers
+        )
+        metrics = retrieval_metrics(text @ audio.T, text_audio_index)
+        print(format_metrics(metrics, label))
+        if args.save_embeddings:
+            atomic_write(args.save_embeddings, functools.partial(save_npz, audio=audio, text=text, text_audio_index=text_audio_index))
     if args.json:
         atomic_write_text(args.json, json.dumps(metrics, indent=2) + "\n")
-    if args.save_embeddings:
-        atomic_write(args.save_embeddings, functools.partial(save_npz, audio=audio, text=text, text_audio_index=text_audio_index))
     return metrics
 
 

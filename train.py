@@ -1,19 +1,21 @@
-"""Fine-tune an audio-text dual encoder with LoRA on its audio tower: one explicit training loop.
+"""Fine-tune with LoRA: one explicit training loop for both tasks.
 
-    python train.py --targets 'audio_tower.*self_attn.(q|k|v|o)_proj'        # the offline demo
+    python train.py --targets 'audio_tower.*self_attn.(q|k|v|o)_proj'        # the offline audio-text demo
     python train.py --targets 'audio_tower.*self_attn\\.(q|k|v|out)_proj' \\
         --audio-model Qwen/Qwen2-Audio-7B-Instruct --text-model sentence-transformers/all-MiniLM-L6-v2 \\
         --train-data clotho_development.csv --eval-data clotho_evaluation.csv --output-dir runs/clotho
+    python train.py --task instructblip --targets 'qformer.*\\.(query|key|value)'  # the offline VQA demo
 
-The path of one step, all of it in this file and models/audio_text.py:
+The path of one step (the task's setup below; the models in models/audio_text.py, models/instructblip.py):
 
-    wav files --(DataLoader workers: decode, resample, log-mel, pad to the longest clip)--> features, frame_mask
-    captions  --(tokenizer)--> input_ids, attention_mask
-    model(features, frame_mask, input_ids, attention_mask) -> symmetric InfoNCE loss
+    audio-text:   wav --(DataLoader workers: decode, resample, log-mel, pad to the longest clip)--> features,
+                  frame_mask; captions --(tokenizer)--> ids; model(...) -> symmetric InfoNCE loss
+    instructblip: image --(workers: RGB, bicubic resize, CLIP normalise)--> pixel_values; prompt --> Q-Former
+                  and T5 ids; answer --> labels; model(...) -> T5 cross-entropy on the answer
     loss.backward() -> clip gradients -> AdamW on LoRA + heads -> warmup/cosine lr
 
-With no model or data flags it runs the offline demo: a synthetic sound-event set and two small
-random-init towers saved as real checkpoints (data/demo_sounds.py, data/demo_models.py).
+With no model or data flags it runs the task's offline demo: synthetic data and small random-init
+models saved as real checkpoints (data/demo_sounds.py, data/demo_shapes.py, data/demo_models.py).
 """
 
 import argparse
@@ -25,48 +27,58 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.audio_text import AudioTextDataset, ResumableBatchSampler, collate_audio_text, precheck
+from data.instructblip import VQADataset, check_images, collate_vqa, read_vqa_manifest
 from data.manifest import read_manifest
-from eval import evaluate, format_metrics
+from eval import evaluate, evaluate_vqa, format_metrics, format_vqa
 from lora import LoRAConfig, inject_lora, mark_only_lora_trainable, save_adapter, trainable_summary
 from lora.atomic import atomic_write, atomic_write_text
 from lora.diagnose import diagnose, first_nonfinite_module
+from lora.summary import lora_placement
 from lora.targets import format_preview, preview_targets
-from models import load_tokenizer
+from models import load_instructblip, load_instructblip_tokenizers, load_tokenizer
 from models.audio_text import build_audio_text_model, save_heads
 from models.tokenizer import tokenize
 
-HEADS = ["audio_proj", "text_proj", "logit_scale"]  # trained from scratch beside LoRA
-DEFAULT_TARGETS = [r"audio_tower.*self_attn\.(q|k|v|out)_proj"]
+HEADS = ["audio_proj", "text_proj", "logit_scale"]  # audio-text: trained from scratch beside LoRA
+DEFAULT_TARGETS = {"audio-text": [r"audio_tower.*self_attn\.(q|k|v|out)_proj"], "instructblip": [r"qformer.*\.(query|key|value)"]}
 STATE_FILE = "training_state.pt"
-DEMO = dict(max_steps=600, eval_every=150, save_every=300, warmup_steps=50)  # ~3 CPU minutes
+DEMO = {  # steps that fit a few CPU minutes
+    "audio-text": dict(max_steps=600, eval_every=150, save_every=300, warmup_steps=50),
+    "instructblip": dict(max_steps=1500, eval_every=300, save_every=750, warmup_steps=50, batch_size=16, lr=3e-3,
+                         train_also=["language_projection"]),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["audio-text", "instructblip"], default="audio-text")
-    p.add_argument("--targets", action="append", help="regex fullmatched against module paths; repeat to OR (default: audio attention q/k/v/out)")
+    p.add_argument("--targets", action="append", help="regex fullmatched against module paths; repeat to OR "
+                   "(default: the audio attention's q/k/v/out, or the Q-Former's query/key/value)")
     p.add_argument("--audio-model", help="Qwen2-Audio or Whisper checkpoint: directory or hub id (default: the demo preset)")
     p.add_argument("--text-model", help="BERT-family checkpoint with its tokenizer (default: the demo preset)")
     p.add_argument("--model", help="InstructBLIP checkpoint (--task instructblip)")
-    p.add_argument("--train-data", help="manifest: JSONL, Clotho CSV or AudioCaps CSV (default: the demo set)")
+    p.add_argument("--language-model-dtype", choices=["fp32", "bf16"], default="fp32", help="instructblip: the frozen T5's dtype (fp16 overflows flan-t5)")
+    p.add_argument("--train-data", help="manifest: JSONL, Clotho CSV or AudioCaps CSV; instructblip: JSONL (default: the demo set)")
     p.add_argument("--eval-data", help="manifest evaluated every --eval-every steps and at the end")
-    p.add_argument("--output-dir", help="default: runs/demo for the demo, else runs/audio-text")
+    p.add_argument("--output-dir", help="default: runs/demo (runs/demo-instructblip), else runs/<task>")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--train-also", action="append", default=[], help="extra module/parameter to train fully (repeatable)")
     p.add_argument("--embed-dim", type=int, default=256, help="width of the shared embedding space")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, help="default: 32 (the instructblip demo: 16)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3; the instructblip demo: 3e-3)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs, else the demo's 600)")
@@ -80,8 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help=f"continue from {STATE_FILE} in --output-dir")
     p.add_argument("--list-targets", action="store_true", help="print matched modules and trainable counts, then exit")
     p.add_argument("--diagnose", action="store_true", help="run the gradient-flow diagnosis on one batch, then exit")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="DataLoader workers decoding audio")
-    p.add_argument("--on-bad-audio", choices=["fail", "skip"], default="fail", help="a missing/undecodable file: stop, or skip and count it")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="DataLoader workers decoding audio or images")
+    p.add_argument("--on-bad-audio", "--on-bad-image", dest="on_bad_input", choices=["fail", "skip"], default="fail",
+                   help="a missing/undecodable file: stop, or skip and count it")
     p.add_argument("--pad-to-30s", action="store_true", help="pad every clip to 30 s as the reference does (slower)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="abort after this many non-finite steps in a row")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -89,33 +102,119 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def resolve_sources(args) -> dict:
-    """Models and manifests of this run; the demo's are generated (once) when none are given."""
+@dataclass
+class TaskSetup:
+    """What the loop needs from a task; everything else in train() is shared by both tasks."""
+
+    model: nn.Module
+    run: dict  # run_config.json: what eval.py needs to rebuild the model
+    heads: list[str]  # modules trained fully beside LoRA
+    dataset: object  # a Dataset with set_epoch(epoch)
+    collate: object  # the DataLoader's collate_fn
+    batch_loss: object  # (model, batch, autocast) -> scalar loss
+    evaluate: object  # (model, **kwargs) -> metrics dict, or None without eval data
+    format: object  # (metrics, title) -> str
+    headline: object  # metrics -> one line for the summary
+    skipped_up_front: int = 0  # unreadable training files left out before training
+
+
+def check_inputs(problems, manifest: str, policy: str, role: str, what: str) -> int:
+    """Report (item, reason) problems found before training: fatal, or counted when skipping."""
+    for item, reason in problems[:10]:
+        print(f"  {item.where}: {reason}", file=sys.stderr)
+    if problems and (policy == "fail" or role == "eval"):
+        sys.exit(f"{len(problems)} {role} {what}(s) cannot be read (listed above); fix {manifest}"
+                 + (f" or pass {'--on-bad-audio' if what == 'clip' else '--on-bad-image'} skip" if role == "train" else ""))
+    if problems:
+        print(f"skipping {len(problems)} unreadable train {what}(s) of {manifest}", file=sys.stderr)
+    return len(problems)
+
+
+def resolved(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
+
+
+def setup_audio_text(args) -> TaskSetup:
+    """The dual encoder (models/audio_text.py) on audio-caption manifests; recall on eval data."""
     demo = not any([args.audio_model, args.text_model, args.train_data])
     if not demo and not all([args.audio_model, args.text_model, args.train_data]):
         sys.exit("give --audio-model, --text-model and --train-data together, or none of them for the offline demo")
-    if not demo:
-        return dict(demo=False, audio_model=args.audio_model, text_model=args.text_model, train_data=str(Path(args.train_data).resolve()),
-                    eval_data=str(Path(args.eval_data).resolve()) if args.eval_data else None)
-    from data.demo_models import ensure_demo_models
-    from data.demo_sounds import ensure_demo_set
+    src = dict(audio_model=args.audio_model, text_model=args.text_model, train_data=resolved(args.train_data), eval_data=resolved(args.eval_data))
+    if demo:
+        from data.demo_models import ensure_demo_models
+        from data.demo_sounds import ensure_demo_set
 
-    sounds = ensure_demo_set(Path(args.cache_dir) / "demo" / "sounds", seed=args.seed)
-    towers = ensure_demo_models(Path(args.cache_dir) / "demo" / "towers", sounds["captions"], seed=args.seed)
-    print("offline demo: synthetic sound events and small RANDOM-INIT towers (a pipeline check, not a pretrained model)")
-    return dict(demo=True, **towers, train_data=sounds["train"], eval_data=args.eval_data and str(Path(args.eval_data).resolve()) or sounds["eval"])
+        sounds = ensure_demo_set(Path(args.cache_dir) / "demo" / "sounds", seed=args.seed)
+        src.update(ensure_demo_models(Path(args.cache_dir) / "demo" / "towers", sounds["captions"], seed=args.seed))
+        src.update(train_data=sounds["train"], eval_data=src["eval_data"] or sounds["eval"])
+        print("offline demo: synthetic sound events and small RANDOM-INIT towers (a pipeline check, not a pretrained model)")
+    model = build_audio_text_model(src["audio_model"], src["text_model"], args.embed_dim, seed=args.seed)
+    tokenizer = load_tokenizer(src["text_model"])
+    clips, problems = precheck(read_manifest(src["train_data"]))
+    skipped = check_inputs([(c, f"{r}: {c.audio}") for c, r in problems], src["train_data"], args.on_bad_input, "train", "clip")
+    eval_clips = None
+    if src["eval_data"]:
+        eval_clips, problems = precheck(read_manifest(src["eval_data"]))
+        check_inputs([(c, f"{r}: {c.audio}") for c, r in problems], src["eval_data"], "fail", "eval", "clip")
+
+    def batch_loss(m, batch, autocast):
+        input_ids, attention_mask = tokenize(tokenizer, batch["captions"])  # the text tower's own tokenizer
+        with autocast():
+            return m(batch["features"].to(args.device), batch["frame_mask"].to(args.device),
+                     input_ids.to(args.device), attention_mask.to(args.device)).loss
+
+    def headline(m):
+        return ", ".join(f"{d} R@1 {m[d]['R@1']:.2f} R@10 {m[d]['R@10']:.2f}" for d in ("text_to_audio", "audio_to_text"))
+
+    return TaskSetup(
+        model=model, heads=HEADS, batch_loss=batch_loss, format=format_metrics, headline=headline, skipped_up_front=skipped,
+        run=dict(task="audio-text", demo=demo, **src, embed_dim=args.embed_dim, pad_to_30s=args.pad_to_30s),
+        dataset=AudioTextDataset(clips, seed=args.seed, on_bad_audio=args.on_bad_input),
+        collate=functools.partial(collate_audio_text, n_mels=model.audio_tower.config.num_mel_bins, pad_to_30s=args.pad_to_30s),
+        evaluate=(lambda m, **kw: evaluate(m, tokenizer, eval_clips, pad_to_30s=args.pad_to_30s, **kw)) if eval_clips else None,
+    )
 
 
-def load_clips(manifest: str, on_bad_audio: str, role: str):
-    clips, problems = precheck(read_manifest(manifest))
-    for clip, reason in problems[:10]:
-        print(f"  {clip.where}: {reason}: {clip.audio}", file=sys.stderr)
-    if problems and (on_bad_audio == "fail" or role == "eval"):
-        sys.exit(f"{len(problems)} {role} clip(s) cannot be read (listed above); fix {manifest}"
-                 + (" or pass --on-bad-audio skip" if role == "train" else ""))
-    if problems:
-        print(f"skipping {len(problems)} unreadable train clip(s) of {manifest}", file=sys.stderr)
-    return clips, len(problems)
+def setup_instructblip(args) -> TaskSetup:
+    """InstructBLIP (models/instructblip.py) on image-prompt-answer manifests; exact match on eval data."""
+    if args.precision == "fp16":
+        sys.exit("--precision fp16 is refused for instructblip: flan-t5 activations overflow fp16; use bf16 or fp32")
+    demo = not any([args.model, args.train_data])
+    if not demo and not all([args.model, args.train_data]):
+        sys.exit("give --model and --train-data together, or neither for the offline demo")
+    src = dict(model=args.model, train_data=resolved(args.train_data), eval_data=resolved(args.eval_data))
+    if demo:
+        from data.demo_models import ensure_demo_instructblip
+        from data.demo_shapes import ensure_shapes_set
+
+        shapes = ensure_shapes_set(Path(args.cache_dir) / "demo" / "shapes", seed=args.seed)
+        src.update(model=ensure_demo_instructblip(Path(args.cache_dir) / "demo" / "instructblip", shapes["texts"], seed=args.seed),
+                   train_data=shapes["train"], eval_data=src["eval_data"] or shapes["eval"])
+        print("offline demo: synthetic coloured shapes and a small RANDOM-INIT InstructBLIP (a pipeline check, not a pretrained model)")
+    model = load_instructblip(src["model"], language_model_dtype=args.language_model_dtype)
+    tokenizers = load_instructblip_tokenizers(src["model"])
+    examples = read_vqa_manifest(src["train_data"])
+    problems = check_images(examples)
+    skipped = check_inputs([(e, f"{r}: {e.image}") for e, r in problems], src["train_data"], args.on_bad_input, "train", "example")
+    examples = [e for e in examples if e not in {p for p, _ in problems}]
+    eval_examples = None
+    if src["eval_data"]:
+        eval_examples = read_vqa_manifest(src["eval_data"])
+        check_inputs([(e, f"{r}: {e.image}") for e, r in check_images(eval_examples)], src["eval_data"], "fail", "eval", "example")
+    keys = ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask", "labels")
+
+    def batch_loss(m, batch, autocast):
+        with autocast():
+            return m(**{k: batch[k].to(args.device) for k in keys}).loss
+
+    return TaskSetup(
+        model=model, heads=[], batch_loss=batch_loss, format=format_vqa, skipped_up_front=skipped,
+        headline=lambda m: f"exact match {m['exact_match']:.2f}%, answer loss {m['loss']:.4f}",
+        run=dict(task="instructblip", demo=demo, **src, language_model_dtype=args.language_model_dtype),
+        dataset=VQADataset(examples, on_bad_image=args.on_bad_input),
+        collate=functools.partial(collate_vqa, image_size=model.config.vision.image_size, qformer_tokenizer=tokenizers[0], t5_tokenizer=tokenizers[1]),
+        evaluate=(lambda m, **kw: evaluate_vqa(m, tokenizers, eval_examples, **kw)) if eval_examples else None,
+    )
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -135,7 +234,7 @@ def set_train_mode(model):
 
 
 def plot_curves(metrics_path: Path, png_path: Path):
-    """Loss and recall against steps, from metrics.jsonl, as a PNG (written atomically)."""
+    """Training loss and the evaluations against steps, from metrics.jsonl, as a PNG (atomic)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -144,14 +243,19 @@ def plot_curves(metrics_path: Path, png_path: Path):
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if r.get("eval")]
-    fig, (ax_loss, ax_recall) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8)
-    ax_loss.set(xlabel="step", ylabel="contrastive loss", title="training loss")
-    for direction in ("text_to_audio", "audio_to_text"):
-        for k in ("R@1", "R@10"):
-            ax_recall.plot([r["step"] for r in evals], [r["eval"][direction][k] for r in evals], marker="o", label=f"{direction} {k}")
-    ax_recall.set(xlabel="step", ylabel="recall (%)", title="retrieval on the eval set")
-    ax_recall.legend(fontsize=8)
+    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
+    if evals and "text_to_audio" in evals[0]["eval"]:
+        curves = {f"{d} {k}": (lambda e, d=d, k=k: e[d][k]) for d in ("text_to_audio", "audio_to_text") for k in ("R@1", "R@10")}
+        ax_eval.set(ylabel="recall (%)", title="retrieval on the eval set")
+    else:
+        curves = {"exact match": lambda e: e["exact_match"]}
+        ax_eval.set(ylabel="exact match (%)", title="answers on the eval set")
+    for label, value in curves.items():
+        ax_eval.plot([r["step"] for r in evals], [value(r["eval"]) for r in evals], marker="o", label=label)
+    ax_eval.set(xlabel="step")
+    ax_eval.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
@@ -159,7 +263,7 @@ def plot_curves(metrics_path: Path, png_path: Path):
 
 def save_outputs(out: Path, model, lora_config, run: dict, state: dict):
     """Adapter (PEFT format), heads, run config, then the resumable state last: each file atomic."""
-    save_adapter(model, out, lora_config, base_model_name_or_path=run["audio_model"])
+    save_adapter(model, out, lora_config, base_model_name_or_path=run.get("model") or run.get("audio_model"))
     save_heads(model, out / "heads.safetensors")
     atomic_write_text(out / "run_config.json", json.dumps(run, indent=2) + "\n")
     atomic_write(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
@@ -171,45 +275,45 @@ def main(argv=None):
 
 def train(args):
     """The whole run; returns (model, history) so tests can inspect what training changed."""
-    if args.task == "instructblip":
-        sys.exit("--task instructblip is not built yet (issue #6: InstructBLIP with LoRA on the Q-Former)")
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-    src = resolve_sources(args)
-    targets = args.targets or DEFAULT_TARGETS
-    out = Path(args.output_dir or ("runs/demo" if src["demo"] else "runs/audio-text")).resolve()
+    demo_defaults = DEMO[args.task] if not any([args.audio_model, args.text_model, args.model, args.train_data]) else {}
+    args.batch_size = args.batch_size or demo_defaults.get("batch_size", 32)
+    args.lr = args.lr or demo_defaults.get("lr", 1e-3)
+    args.train_also = args.train_also or demo_defaults.get("train_also", [])
+    targets = args.targets or DEFAULT_TARGETS[args.task]
+    default_out = ("runs/demo" if args.task == "audio-text" else "runs/demo-instructblip") if demo_defaults else f"runs/{args.task}"
+    out = Path(args.output_dir or default_out).resolve()
     if (out / STATE_FILE).exists() and not (args.resume or args.list_targets or args.diagnose):
         sys.exit(f"{out} already holds a run: pass --resume to continue it, or another --output-dir")
     if args.resume and not (out / STATE_FILE).exists():
         sys.exit(f"--resume: no {STATE_FILE} in {out}")
 
-    model = build_audio_text_model(src["audio_model"], src["text_model"], args.embed_dim, seed=args.seed)
+    task = (setup_audio_text if args.task == "audio-text" else setup_instructblip)(args)
+    model, also = task.model, task.heads + args.train_also
     if args.list_targets:  # before injection, so a bad pattern is explained rather than refused
         preview = preview_targets(model, targets, args.rank)
-        heads = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in HEADS + args.train_also)
+        heads = sum(p.numel() for n, p in model.named_parameters() if any(n == h or n.startswith(h + ".") for h in also))
         print(format_preview(preview, targets, extra_trainable=heads))
         sys.exit(0 if preview.ok else 1)
     lora_config = LoRAConfig(targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora)
     try:
         injected = inject_lora(model, lora_config)
-        mark_only_lora_trainable(model, also=HEADS + args.train_also)
+        mark_only_lora_trainable(model, also=also)
     except ValueError as error:
         sys.exit(f"--targets: {error}")
-    tokenizer = load_tokenizer(src["text_model"])
     model.to(args.device)
-    model.audio_tower.gradient_checkpointing = model.text_tower.gradient_checkpointing = args.grad_checkpointing
+    for module in model.modules():  # every ported tower has the switch
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = args.grad_checkpointing
 
-    train_clips, prechecked_out = load_clips(src["train_data"], args.on_bad_audio, "train")
-    eval_clips = load_clips(src["eval_data"], "fail", "eval")[0] if src["eval_data"] else None
-    dataset = AudioTextDataset(train_clips, seed=args.seed, on_bad_audio=args.on_bad_audio)
+    dataset = task.dataset
     sampler = ResumableBatchSampler(len(dataset), args.batch_size, seed=args.seed)
     loader_generator = torch.Generator()  # worker seeds come from here, never from the global RNG
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, generator=loader_generator,
-                        collate_fn=functools.partial(collate_audio_text, n_mels=model.audio_tower.config.num_mel_bins, pad_to_30s=args.pad_to_30s))
-    demo = DEMO if src["demo"] else {}
-    max_steps = args.max_steps or (math.ceil(args.epochs * sampler.batches_per_epoch) if args.epochs else demo.get("max_steps", 1000))
-    warmup = args.warmup_steps if args.warmup_steps is not None else demo.get("warmup_steps", min(100, max_steps // 10))
-    eval_every = args.eval_every if args.eval_every is not None else demo.get("eval_every", 500)
-    save_every = args.save_every if args.save_every is not None else demo.get("save_every", 500)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, generator=loader_generator, collate_fn=task.collate)
+    max_steps = args.max_steps or (math.ceil(args.epochs * sampler.batches_per_epoch) if args.epochs else demo_defaults.get("max_steps", 1000))
+    warmup = args.warmup_steps if args.warmup_steps is not None else demo_defaults.get("warmup_steps", min(100, max_steps // 10))
+    eval_every = args.eval_every if args.eval_every is not None else demo_defaults.get("eval_every", 500)
+    save_every = args.save_every if args.save_every is not None else demo_defaults.get("save_every", 500)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
@@ -220,21 +324,16 @@ def train(args):
     autocast = (lambda: torch.autocast(device_type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
     def batch_loss(m, batch):
-        """One forward on a collated batch: the captions are tokenized here, by the text tower's tokenizer."""
-        input_ids, attention_mask = tokenize(tokenizer, batch["captions"])
-        with autocast():
-            return m(batch["features"].to(args.device), batch["frame_mask"].to(args.device),
-                     input_ids.to(args.device), attention_mask.to(args.device)).loss
+        return task.batch_loss(m, batch, autocast)
 
     if args.diagnose:  # one real batch through the real forward, then exit
         set_train_mode(model)
-        report = diagnose(model, functools.partial(batch_loss, batch=next(b for b in loader if b["features"] is not None)))
+        report = diagnose(model, functools.partial(batch_loss, batch=next(b for b in loader if b["index"].numel())))
         print(report)
         sys.exit(0 if report.ok else 1)
-    eval_kwargs = dict(batch_size=args.batch_size, pad_to_30s=args.pad_to_30s, device=args.device, workers=args.workers, autocast_dtype=amp_dtype)
-    run = dict(task="audio-text", **{k: v for k, v in src.items() if k != "demo"}, demo=src["demo"], targets=targets, rank=args.rank,
-               alpha=args.alpha, dropout=args.dropout, rslora=args.rslora, embed_dim=args.embed_dim, train_also=args.train_also,
-               pad_to_30s=args.pad_to_30s, precision=args.precision, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+    eval_kwargs = dict(batch_size=args.batch_size, device=args.device, workers=args.workers, autocast_dtype=amp_dtype, progress=False)
+    run = dict(task.run, targets=targets, rank=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora,
+               train_also=args.train_also, precision=args.precision, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                max_steps=max_steps, warmup_steps=warmup)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -257,20 +356,20 @@ def train(args):
         metrics_path.unlink()
 
     print(trainable_summary(model))
-    print(f"LoRA on {len(injected)} layers (r={args.rank}, alpha={args.alpha}); {max_steps} steps of {args.batch_size} clips "
-          f"({sampler.batches_per_epoch} per epoch); output {out}")
+    print(lora_placement(model))
+    print(f"{max_steps} steps of {args.batch_size} examples ({sampler.batches_per_epoch} per epoch); output {out}")
 
     def log(record: dict):
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def run_eval(label: str):
-        if not eval_clips:
+        if task.evaluate is None:
             return None
         with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
-            metrics = evaluate(model, tokenizer, eval_clips, progress=False, **eval_kwargs)
+            metrics = task.evaluate(model, **eval_kwargs)
         set_train_mode(model)
-        print(format_metrics(metrics, f"{label}, step {step}"))
+        tqdm.write(task.format(metrics, f"{label}, step {step}"))
         log({"step": step, "eval": metrics})
         return metrics
 
@@ -282,7 +381,7 @@ def train(args):
         save_outputs(out, model, lora_config, run, state)
 
     if not args.resume:
-        history["before"] = run_eval("recall before training")
+        history["before"] = run_eval("before training")
     set_train_mode(model)
     bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=None)
     started = time.perf_counter() - elapsed
@@ -295,8 +394,8 @@ def train(args):
             skipped += len(batch["skipped"])
             for path, line, reason in batch["skipped"]:
                 tqdm.write(f"skipped {path} (manifest line {line}): {reason}")
-            if batch["features"] is None:
-                continue  # every clip of this batch was unreadable
+            if not batch["index"].numel():
+                continue  # every item of this batch was unreadable
             tick = time.perf_counter()
             loss = batch_loss(model, batch)
             scaler.scale(loss).backward()
@@ -326,15 +425,15 @@ def train(args):
                 continue  # fp16: the scaler found inf gradients and skipped this update; so does the schedule
             scheduler.step()
             step += 1
-            clips_per_s = len(batch["captions"]) / (time.perf_counter() - tick)
+            per_s = batch["index"].numel() / (time.perf_counter() - tick)
             log({"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                 "logit_scale": model.logit_scale.exp().item(), "clips_per_s": clips_per_s})
+                 "examples_per_s": per_s})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", clips_s=f"{clips_per_s:.0f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", per_s=f"{per_s:.0f}")
             if bar.disable and (step % max(1, max_steps // 20) == 0 or step == 1):  # no terminal: a plain line instead
-                print(f"step {step}/{max_steps}  loss {loss.item():.4f}  lr {scheduler.get_last_lr()[0]:.2e}  {clips_per_s:.0f} clips/s", flush=True)
+                print(f"step {step}/{max_steps}  loss {loss.item():.4f}  lr {scheduler.get_last_lr()[0]:.2e}  {per_s:.0f} examples/s", flush=True)
             if eval_every and step % eval_every == 0 and step < max_steps:
-                run_eval("recall")
+                run_eval("eval")
             if save_every and step % save_every == 0 and step < max_steps:
                 elapsed = time.perf_counter() - started
                 checkpoint()
@@ -344,19 +443,18 @@ def train(args):
             epoch, batches_done = epoch + 1, 0
     bar.close()
     elapsed = time.perf_counter() - started
-    history["after"] = run_eval("recall after training")
+    history["after"] = run_eval("after training")
     checkpoint()
     plot_curves(metrics_path, out / "training_curves.png")
     summary = trainable_summary(model)
     print(f"\ndone: {step} steps in {elapsed / 60:.1f} min; trainable {summary.trainable:,} parameters ({100 * summary.share:.3f}%)")
-    print(f"skipped inputs: {skipped + prechecked_out}")
+    print(f"skipped inputs: {skipped + task.skipped_up_front}")
     if history.get("before") and history.get("after"):
-        for direction in ("text_to_audio", "audio_to_text"):
-            b, a = history["before"][direction], history["after"][direction]
-            print(f"{direction}: R@1 {b['R@1']:.2f} -> {a['R@1']:.2f}, R@10 {b['R@10']:.2f} -> {a['R@10']:.2f}")
+        print(f"before: {task.headline(history['before'])}")
+        print(f"after:  {task.headline(history['after'])}")
     print(f"outputs in {out}: adapter_model.safetensors, adapter_config.json, heads.safetensors, run_config.json, "
           f"metrics.jsonl, training_curves.png, {STATE_FILE}")
-    print(f"evaluate again with: python eval.py --checkpoint {out}" + (f" --data {src['eval_data']}" if src["eval_data"] else ""))
+    print(f"evaluate again with: python eval.py --checkpoint {out}" + (f" --data {run['eval_data']}" if run["eval_data"] else ""))
     return model, history
 
 

@@ -119,6 +119,10 @@ class VQADataset(Dataset):
         self.examples = list(examples)
         self.on_bad_image = on_bad_image
 
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing varies by epoch here (one fixed answer per example); the training loop calls it
+        on every dataset, as AudioTextDataset draws its caption from the epoch."""
+
     def __len__(self) -> int:
         return len(self.examples)
 

@@ -42,3 +42,16 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
         trainable += grad
         total += param.numel()
     return TrainableSummary(trainable, total, len(lora_layers(model)), by_child)
+
+
+def lora_placement(model: nn.Module) -> str:
+    """One line that verifies where LoRA sits, e.g. 'LoRA: 2,359,296 parameters, 0.06% of the model,
+    in 96 layers, all inside qformer' — a pattern that spread into a language model shows here."""
+    layers = lora_layers(model)
+    n_lora = sum(layer.lora_A.weight.numel() + layer.lora_B.weight.numel() for layer in layers.values())
+    total = sum(p.numel() for p in model.parameters())
+    children: dict[str, int] = {}
+    for path in layers:
+        children[path.split(".", 1)[0]] = children.get(path.split(".", 1)[0], 0) + 1
+    where = f"all inside {next(iter(children))}" if len(children) == 1 else "inside " + ", ".join(f"{c} ({n} layers)" for c, n in children.items())
+    return f"LoRA: {n_lora:,} parameters, {100 * n_lora / max(1, total):.2f}% of the model, in {len(layers)} layers, {where}"

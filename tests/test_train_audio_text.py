@@ -171,7 +171,7 @@ def test_skip_policy_counts_a_missing_file(tiny_demo, tmp_path, capsys):
     args.train_data, args.eval_data = str(manifest), None
     with pytest.raises(SystemExit, match="--on-bad-audio skip"):
         train.train(copy.copy(args))
-    args.on_bad_audio = "skip"
+    args.on_bad_input = "skip"
     train.train(args)
     assert "skipped inputs: 1" in capsys.readouterr().out
 
