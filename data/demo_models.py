@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
-from tokenizers.trainers import WordPieceTrainer
 from torch import nn
 
 from lora.atomic import atomic_write, atomic_write_text
@@ -30,7 +29,7 @@ from models.instructblip import InstructBlip, InstructBlipConfig
 from models.t5 import T5Config, T5ForConditionalGeneration
 from models.qwen2_audio_encoder import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
 
-VERSION = 2  # bump when a preset below changes, so cached models are rebuilt
+VERSION = 3  # bump when a preset below changes, so cached models are rebuilt
 AUDIO_PRESET = dict(  # a Qwen2-Audio tower shrunk 10x in width and 16x in depth; 128 mel bins kept
     num_mel_bins=128, d_model=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=512, max_source_positions=1500
 )
@@ -68,7 +67,7 @@ def init_like_transformers(module: nn.Module, seed: int):
             elif name.endswith("layer_norm.weight"):  # T5LayerNorm has no bias and no nn.LayerNorm type
                 param.fill_(1.0)
         for name, m in module.named_modules():
-            if isinstance(m, (nn.Linear, nn.Conv1d)) or (isinstance(m, nn.Embedding) and name != "embed_positions"):
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or (isinstance(m, nn.Embedding) and name != "embed_positions"):
                 m.weight.normal_(0.0, INIT_STD, generator=generator)
                 if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
@@ -109,22 +108,24 @@ def write_audio_tower(directory: Path, seed: int):
     save_checkpoint(directory, config, {f"audio_tower.{k}": v for k, v in encoder.state_dict().items()})
 
 
-def train_wordpiece(texts: list[str], special_tokens: list[str], unk: str, template: str) -> Tokenizer:
-    """An uncased WordPiece over the demo's closed vocabulary (~70 words), with the given special
-    tokens (the first is the pad token, id 0) and post-processor template."""
-    tok = Tokenizer(WordPiece(unk_token=unk, continuing_subword_prefix="##"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.train_from_iterator(texts, WordPieceTrainer(vocab_size=1000, special_tokens=special_tokens, min_frequency=1, show_progress=False))
+def build_wordpiece(texts: list[str], special_tokens: list[str], unk: str, template: str) -> Tokenizer:
+    """An uncased WordPiece over the demo's closed vocabulary (~70 words): the special tokens (the
+    first is the pad token, id 0), then every word in sorted order. Built, not trained: the
+    `tokenizers` trainers break frequency ties in a per-process hash order, so two runs would give
+    two vocabularies and the demo could not be reproduced."""
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = sorted({word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))})
+    vocab = {token: i for i, token in enumerate(special_tokens + [w for w in words if w not in special_tokens])}
+    tok = Tokenizer(WordPiece(vocab, unk_token=unk, continuing_subword_prefix="##"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece(prefix="##")
     names = [t for t in ("[CLS]", "[SEP]", "</s>") if t in template]
-    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, tok.token_to_id(t)) for t in names])
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in names])
     return tok
 
 
 def write_text_tower(directory: Path, captions: list[str], seed: int):
     """A BertModel checkpoint (no prefix, with pooler, as sentence-transformers ship) + its tokenizer."""
-    tok = train_wordpiece(captions, SPECIAL_TOKENS, "[UNK]", "[CLS] $A [SEP]")
+    tok = build_wordpiece(captions, SPECIAL_TOKENS, "[UNK]", "[CLS] $A [SEP]")
     config = {"model_type": "bert", "vocab_size": tok.get_vocab_size(), **TEXT_PRESET}
     model = BertModel(BertConfig.from_hf(config))
     init_like_transformers(model, seed + 1)
@@ -137,8 +138,8 @@ def write_text_tower(directory: Path, captions: list[str], seed: int):
 
 def write_instructblip(directory: Path, texts: list[str], seed: int):
     """A tiny InstructBLIP (ViT, Q-Former, flan-T5-style T5) in the hub layout, with both tokenizers."""
-    qformer_tok = train_wordpiece(texts, SPECIAL_TOKENS, "[UNK]", "[CLS] $A [SEP]")
-    t5_tok = train_wordpiece(texts, T5_SPECIAL_TOKENS, "<unk>", "$A </s>")
+    qformer_tok = build_wordpiece(texts, SPECIAL_TOKENS, "[UNK]", "[CLS] $A [SEP]")
+    t5_tok = build_wordpiece(texts, T5_SPECIAL_TOKENS, "<unk>", "$A </s>")
     preset = INSTRUCTBLIP_PRESET
     config = {"model_type": "instructblip", "num_query_tokens": preset["num_query_tokens"], "vision_config": preset["vision_config"],
               "qformer_config": {**preset["qformer_config"], "vocab_size": qformer_tok.get_vocab_size()},
