@@ -162,6 +162,19 @@ def load_run(checkpoint_dir, with_adapter: bool = True):
     return model.eval(), tokenizers, run
 
 
+def answer_text(t5_tokenizer, ids: list[int], t5_config) -> str:
+    """Generated ids -> text: drop the decoder start token, stop at the first eos (what follows is
+    padding), and decode without special tokens."""
+    eos = t5_config.eos_token_id
+    eos = set(eos) if isinstance(eos, (tuple, list)) else {eos}
+    answer = []
+    for token in ids[1:]:
+        if token in eos:
+            break
+        answer.append(token)
+    return t5_tokenizer.decode(answer, skip_special_tokens=True)
+
+
 def normalize_answer(text: str) -> str:
     """What exact match compares: lowercase, single spaces, no trailing punctuation."""
     return " ".join(text.lower().split()).rstrip(".!?,;: ")
@@ -189,9 +202,9 @@ def evaluate_vqa(model, tokenizers, examples, batch_size=16, device="cpu", worke
             real = int((labels != -100).sum())
             loss_sum += float(model(**inputs, labels=labels).loss) * real  # token-weighted, as one big batch
             n_tokens += real
-            generated = model.generate(**inputs, max_new_tokens=max_new_tokens)[:, 1:]  # drop the decoder start token
+            generated = model.generate(**inputs, max_new_tokens=max_new_tokens)
             for prompt, answer, ids in zip(batch["prompts"], batch["answers"], generated.tolist()):
-                text = t5_tokenizer.decode(ids, skip_special_tokens=True)
+                text = answer_text(t5_tokenizer, ids, model.language_model.config)
                 correct += normalize_answer(text) == normalize_answer(answer)
                 if len(samples) < n_samples:
                     samples.append({"prompt": prompt, "answer": answer, "generated": text})

@@ -29,7 +29,7 @@ from models.instructblip import InstructBlip, InstructBlipConfig
 from models.t5 import T5Config, T5ForConditionalGeneration
 from models.qwen2_audio_encoder import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
 
-VERSION = 3  # bump when a preset below changes, so cached models are rebuilt
+VERSION = 4  # bump when a preset below changes, so cached models are rebuilt
 AUDIO_PRESET = dict(  # a Qwen2-Audio tower shrunk 10x in width and 16x in depth; 128 mel bins kept
     num_mel_bins=128, d_model=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=512, max_source_positions=1500
 )
@@ -118,6 +118,7 @@ def build_wordpiece(texts: list[str], special_tokens: list[str], unk: str, templ
     vocab = {token: i for i, token in enumerate(special_tokens + [w for w in words if w not in special_tokens])}
     tok = Tokenizer(WordPiece(vocab, unk_token=unk, continuing_subword_prefix="##"))
     tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece(prefix="##")
+    tok.add_special_tokens(special_tokens)  # so decode(skip_special_tokens=True) drops </s> and <pad>
     names = [t for t in ("[CLS]", "[SEP]", "</s>") if t in template]
     tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in names])
     return tok

@@ -88,3 +88,15 @@ def test_fp16_refused_list_targets_and_diagnose(tiny_shapes, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.train(args_for(tiny_shapes, tmp_path / "c", "--diagnose"))
     assert exit_info.value.code == 0 and "diagnosis: healthy" in capsys.readouterr().out
+
+
+def test_answer_text_stops_at_eos_and_exact_match_normalizes(tiny_shapes):
+    from models import load_instructblip_tokenizers
+
+    _, t5_tok = load_instructblip_tokenizers(tiny_shapes["model"])
+    config = load_instructblip(tiny_shapes["model"]).language_model.config
+    red, two = t5_tok.token_to_id("red"), t5_tok.token_to_id("two")
+    ids = [config.decoder_start_token_id, red, config.eos_token_id, two, config.pad_token_id]
+    assert evaluation.answer_text(t5_tok, ids, config) == "red"
+    assert evaluation.answer_text(t5_tok, [config.decoder_start_token_id, two, red], config) == "two red"
+    assert evaluation.normalize_answer("  Red. ") == "red" and evaluation.normalize_answer("two  red") == "two red"
