@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class LoRAConfig:
+    """Which Linear layers get LoRA (`targets`: one regex or a list, OR-ed, each fullmatched against
+    the dotted module path) and how: rank `r`, scale `alpha`/r (alpha/sqrt(r) with `rslora`),
+    dropout on the LoRA branch's input."""
+
     targets: str | list[str] | tuple[str, ...]  # regex(es) fullmatched against dotted module paths
     r: int = 8  # rank of the update B@A; the paper finds 4-16 enough for attention projections
     alpha: float = 16  # update scale numerator; alpha/r keeps the step size stable when r changes

@@ -20,6 +20,9 @@ from torch import nn
 
 
 class LinearWithLoRA(nn.Module):
+    """y = x·Wᵀ + b + scaling · B(A(dropout(x))), around an nn.Linear whose `weight` and `bias`
+    Parameters it keeps as its own; `lora_A` (in→r) and `lora_B` (r→out) are bias-free Linears."""
+
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         if not isinstance(base, nn.Linear):

@@ -52,3 +52,19 @@ def test_runtime_code_never_imports_test_only_references():
     assert any(f.parent.name == "lora" for f in files), "the scan must see the lora package"
     offenders = {str(f.relative_to(ROOT)): sorted(imported_modules(f) & FORBIDDEN) for f in files}
     assert {f: names for f, names in offenders.items() if names} == {}
+
+
+def test_contract_names_exist_with_docstrings():
+    import inspect
+
+    import lora
+    import models
+
+    names = {
+        lora: ["LoRAConfig", "LinearWithLoRA", "inject_lora", "mark_only_lora_trainable", "lora_state_dict", "merge_lora",
+               "unmerge_lora", "trainable_summary", "save_adapter", "load_adapter", "diagnose"],
+        models: ["load_audio_encoder", "audio_to_features", "load_text_encoder", "load_tokenizer", "load_instructblip"],
+    }
+    missing = [f"{module.__name__}.{name}" for module, listed in names.items() for name in listed
+               if not inspect.getdoc(getattr(module, name, None)) or getattr(module, name, None) is None]
+    assert missing == []
