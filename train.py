@@ -134,9 +134,14 @@ def resolved(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path else None
 
 
-def setup_audio_text(args) -> TaskSetup:
+def is_demo(args) -> bool:
+    """No model and no data given for this task: run its offline demo."""
+    given = [args.audio_model, args.text_model] if args.task == "audio-text" else [args.model]
+    return not any(given + [args.train_data])
+
+
+def setup_audio_text(args, demo: bool) -> TaskSetup:
     """The dual encoder (models/audio_text.py) on audio-caption manifests; recall on eval data."""
-    demo = not any([args.audio_model, args.text_model, args.train_data])
     if not demo and not all([args.audio_model, args.text_model, args.train_data]):
         sys.exit("give --audio-model, --text-model and --train-data together, or none of them for the offline demo")
     src = dict(audio_model=args.audio_model, text_model=args.text_model, train_data=resolved(args.train_data), eval_data=resolved(args.eval_data))
@@ -175,11 +180,10 @@ def setup_audio_text(args) -> TaskSetup:
     )
 
 
-def setup_instructblip(args) -> TaskSetup:
+def setup_instructblip(args, demo: bool) -> TaskSetup:
     """InstructBLIP (models/instructblip.py) on image-prompt-answer manifests; exact match on eval data."""
     if args.precision == "fp16":
         sys.exit("--precision fp16 is refused for instructblip: flan-t5 activations overflow fp16; use bf16 or fp32")
-    demo = not any([args.model, args.train_data])
     if not demo and not all([args.model, args.train_data]):
         sys.exit("give --model and --train-data together, or neither for the offline demo")
     src = dict(model=args.model, train_data=resolved(args.train_data), eval_data=resolved(args.eval_data))
@@ -276,7 +280,8 @@ def main(argv=None):
 def train(args):
     """The whole run; returns (model, history) so tests can inspect what training changed."""
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-    demo_defaults = DEMO[args.task] if not any([args.audio_model, args.text_model, args.model, args.train_data]) else {}
+    demo = is_demo(args)
+    demo_defaults = DEMO[args.task] if demo else {}
     args.batch_size = args.batch_size or demo_defaults.get("batch_size", 32)
     args.lr = args.lr or demo_defaults.get("lr", 1e-3)
     args.train_also = args.train_also or demo_defaults.get("train_also", [])
@@ -288,7 +293,7 @@ def train(args):
     if args.resume and not (out / STATE_FILE).exists():
         sys.exit(f"--resume: no {STATE_FILE} in {out}")
 
-    task = (setup_audio_text if args.task == "audio-text" else setup_instructblip)(args)
+    task = (setup_audio_text if args.task == "audio-text" else setup_instructblip)(args, demo)
     model, also = task.model, task.heads + args.train_also
     if args.list_targets:  # before injection, so a bad pattern is explained rather than refused
         preview = preview_targets(model, targets, args.rank)
@@ -297,7 +302,7 @@ def train(args):
         sys.exit(0 if preview.ok else 1)
     lora_config = LoRAConfig(targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora)
     try:
-        injected = inject_lora(model, lora_config)
+        inject_lora(model, lora_config)
         mark_only_lora_trainable(model, also=also)
     except ValueError as error:
         sys.exit(f"--targets: {error}")
@@ -359,9 +364,10 @@ def train(args):
     print(lora_placement(model))
     print(f"{max_steps} steps of {args.batch_size} examples ({sampler.batches_per_epoch} per epoch); output {out}")
 
+    metrics_file = open(metrics_path, "a", encoding="utf-8", buffering=1)  # line-buffered: each record reaches the file
+
     def log(record: dict):
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        metrics_file.write(json.dumps(record) + "\n")
 
     def run_eval(label: str):
         if task.evaluate is None:
@@ -444,6 +450,7 @@ def train(args):
     bar.close()
     elapsed = time.perf_counter() - started
     history["after"] = run_eval("after training")
+    metrics_file.close()
     checkpoint()
     plot_curves(metrics_path, out / "training_curves.png")
     summary = trainable_summary(model)

@@ -155,24 +155,35 @@ def write_instructblip(directory: Path, texts: list[str], seed: int):
     save_checkpoint(directory, config, model.state_dict())
 
 
-def ensure_demo_instructblip(cache_dir, texts_file, seed: int = 0, verbose: bool = True) -> str:
-    """The demo InstructBLIP directory under `cache_dir`, rebuilt when missing or stale."""
-    cache_dir = Path(cache_dir)
+def build_once(cache_dir: Path, texts_file, seed: int, outputs: list[Path], write) -> list[str]:
+    """Call write(texts) unless `cache_dir`/DONE.json says `outputs` were already made from these
+    texts, seed and VERSION. Stale or partial outputs are deleted first; DONE.json is written last."""
     texts = Path(texts_file).read_text(encoding="utf-8")
     record = {"version": VERSION, "seed": seed, "texts_sha256": hashlib.sha256(texts.encode()).hexdigest()}
-    done, directory = cache_dir / "DONE.json", cache_dir / "instructblip"
+    done = Path(cache_dir) / "DONE.json"
     try:
-        if json.loads(done.read_text()) == record:
-            return str(directory)
+        if json.loads(done.read_text()) == record and all(p.exists() for p in outputs):
+            return [str(p) for p in outputs]
     except (OSError, json.JSONDecodeError):
         pass
     done.unlink(missing_ok=True)
-    shutil.rmtree(directory, ignore_errors=True)
-    write_instructblip(directory, [line for line in texts.splitlines() if line.strip()], seed)
+    for path in outputs:
+        shutil.rmtree(path, ignore_errors=True)
+    write([line for line in texts.splitlines() if line.strip()])
     atomic_write_text(done, json.dumps(record, indent=2) + "\n")
-    if verbose:
-        print(f"demo InstructBLIP (random-init preset) written to {directory}")
-    return str(directory)
+    return [str(p) for p in outputs]
+
+
+def ensure_demo_instructblip(cache_dir, texts_file, seed: int = 0, verbose: bool = True) -> str:
+    """The demo InstructBLIP directory under `cache_dir`, rebuilt when missing or stale."""
+    directory = Path(cache_dir) / "instructblip"
+
+    def write(texts):
+        write_instructblip(directory, texts, seed)
+        if verbose:
+            print(f"demo InstructBLIP (random-init preset) written to {directory}")
+
+    return build_once(Path(cache_dir), texts_file, seed, [directory], write)[0]
 
 
 def ensure_demo_models(cache_dir, captions_file, seed: int = 0, verbose: bool = True) -> dict[str, str]:
@@ -180,24 +191,13 @@ def ensure_demo_models(cache_dir, captions_file, seed: int = 0, verbose: bool = 
 
     Returns {"audio_model": dir, "text_model": dir}. A DONE.json written last marks a complete set.
     """
-    cache_dir = Path(cache_dir)
-    captions_text = Path(captions_file).read_text(encoding="utf-8")
-    record = {"version": VERSION, "seed": seed, "captions_sha256": hashlib.sha256(captions_text.encode()).hexdigest()}
-    done = cache_dir / "DONE.json"
-    paths = {"audio_model": str(cache_dir / "audio_tower"), "text_model": str(cache_dir / "text_tower")}
-    try:
-        if json.loads(done.read_text()) == record:
-            return paths
-    except (OSError, json.JSONDecodeError):
-        pass
-    done.unlink(missing_ok=True)
-    for path in paths.values():
-        shutil.rmtree(path, ignore_errors=True)
-    captions = [line for line in captions_text.splitlines() if line.strip()]
-    write_audio_tower(Path(paths["audio_model"]), seed)
-    write_text_tower(Path(paths["text_model"]), captions, seed)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(done, json.dumps(record, indent=2) + "\n")
-    if verbose:
-        print(f"demo towers (random-init presets) written to {cache_dir}")
-    return paths
+    audio, text = Path(cache_dir) / "audio_tower", Path(cache_dir) / "text_tower"
+
+    def write(captions):
+        write_audio_tower(audio, seed)
+        write_text_tower(text, captions, seed)
+        if verbose:
+            print(f"demo towers (random-init presets) written to {cache_dir}")
+
+    audio_model, text_model = build_once(Path(cache_dir), captions_file, seed, [audio, text], write)
+    return {"audio_model": audio_model, "text_model": text_model}

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from data.audio_text import Skipped, split_skipped
 # the manifest helpers are shared on purpose: the same UTF-8 errors and path rules for both tasks
-from data.manifest import JSON_SUFFIXES, ManifestError, file_problem, read_utf8, resolve_path
+from data.manifest import JSON_SUFFIXES, ManifestError, file_problem, json_lines, read_utf8, resolve_path
 from models.image import load_image, preprocess_images
 from models.tokenizer import tokenize
 
@@ -70,24 +70,14 @@ def read_vqa_manifest(path, image_dir=None) -> list[VQAExample]:
         raise ManifestError(f"{path}: unknown manifest suffix {path.suffix!r}; an InstructBLIP manifest "
                             f"is .jsonl (or .json) with one JSON object a line, such as {EXAMPLE_LINE}")
     base = Path(image_dir) if image_dir is not None else path.parent
-    examples = []
-    # split("\n"), not splitlines(): see data/manifest.py, U+2028 inside a string must not shift lines
-    for line_no, raw in enumerate(read_utf8(path).split("\n"), start=1):
-        if raw.strip():
-            examples.append(_parse_line(raw, f"{path}:{line_no}", base, str(path), line_no))
+    examples = [_parse_row(row, where, base, str(path), line_no)
+                for line_no, where, row in json_lines(path, read_utf8(path), EXAMPLE_LINE)]
     if not examples:
         raise ManifestError(f"{path}: the manifest holds no examples; add lines such as {EXAMPLE_LINE}")
     return examples
 
 
-def _parse_line(raw: str, where: str, base: Path, source: str, line_no: int) -> VQAExample:
-    try:
-        row = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); "
-                            "each line must hold one JSON object") from e
-    if not isinstance(row, dict):
-        raise ManifestError(f"{where}: expected a JSON object such as {EXAMPLE_LINE}, got a {type(row).__name__}")
+def _parse_row(row: dict, where: str, base: Path, source: str, line_no: int) -> VQAExample:
     missing = [key for key in REQUIRED_KEYS if key not in row]
     if missing:
         hint = ' (rename "question" to "prompt")' if "prompt" in missing and "question" in row else ""

@@ -109,8 +109,9 @@ def _check_caption(caption, where: str, field: str) -> str:
     return caption
 
 
-def _jsonl_rows(path: Path, text: str, base: Path) -> list[tuple[int, Path, list[str]]]:
-    rows = []  # (line, audio path, captions)
+def json_lines(path: Path, text: str, example: str):
+    """Yield (line number, "manifest:line", object) for each non-blank line of a JSON Lines text;
+    a line that is not one JSON object is an error naming it (`example` shows a good line)."""
     # split("\n"), not splitlines(): the latter also breaks at U+2028 and friends, which JSON
     # strings may hold literally, and would shift every later line number
     for line_no, raw in enumerate(text.split("\n"), start=1):
@@ -123,8 +124,13 @@ def _jsonl_rows(path: Path, text: str, base: Path) -> list[tuple[int, Path, list
             raise ManifestError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); "
                                 "each line must hold one JSON object") from e
         if not isinstance(row, dict):
-            raise ManifestError(f'{where}: expected a JSON object such as {{"audio": "a.wav", '
-                                f'"text": "a dog barks"}}, got a {type(row).__name__}')
+            raise ManifestError(f"{where}: expected a JSON object such as {example}, got a {type(row).__name__}")
+        yield line_no, where, row
+
+
+def _jsonl_rows(path: Path, text: str, base: Path) -> list[tuple[int, Path, list[str]]]:
+    rows = []  # (line, audio path, captions)
+    for line_no, where, row in json_lines(path, text, '{"audio": "a.wav", "text": "a dog barks"}'):
         if "audio" not in row:
             raise ManifestError(f'{where}: missing "audio" (the path of the clip, relative to '
                                 f"{base})")

@@ -66,9 +66,15 @@ def _by_child(paths) -> str:
     return ", ".join(f"{n} in {child}" for child, n in counts.items())
 
 
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors of a hook's args or output: a tensor, or the tensors in a tuple/list."""
+    if torch.is_tensor(value):
+        return [value]
+    return [v for v in value if torch.is_tensor(v)] if isinstance(value, (tuple, list)) else []
+
+
 def _has_grad(value) -> bool:
-    tensors = [value] if torch.is_tensor(value) else [v for v in (value if isinstance(value, (tuple, list)) else []) if torch.is_tensor(v)]
-    return any(t.requires_grad for t in tensors)
+    return any(t.requires_grad for t in _tensors(value))
 
 
 def diagnose(model: nn.Module, step_fn) -> DiagnosisReport:
@@ -186,8 +192,7 @@ def first_nonfinite_module(model: nn.Module, step_fn) -> str | None:
     path_of = {module: path for path, module in model.named_modules() if path}
 
     def finite(value) -> bool:
-        tensors = [value] if torch.is_tensor(value) else [v for v in (value if isinstance(value, (tuple, list)) else []) if torch.is_tensor(v)]
-        return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+        return all(torch.isfinite(t).all() for t in _tensors(value) if t.is_floating_point())
 
     def hook(module, args, out):
         if found:

@@ -65,8 +65,7 @@ def wrap_linear(model: nn.Module, path: str, config: LoRAConfig) -> LinearWithLo
 
 def no_match_message(pattern: str, model: nn.Module, n_closest: int = 8) -> str:
     """Why `pattern` selected nothing, and the Linear paths it was probably meant to select."""
-    linear_paths = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LinearWithLoRA) and ".lora_" not in p]
-    linear_paths += [p for p, m in model.named_modules() if isinstance(m, LinearWithLoRA)]
+    linear_paths = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, LinearWithLoRA)) and ".lora_" not in p]
     # Collapse layer indices so 32 copies of one projection count as one candidate.
     shapes = {}
     for path in linear_paths:
@@ -126,8 +125,9 @@ def merge_lora(model: nn.Module) -> list[str]:
     for path, layer in layers.items():
         if layer.merged:
             raise RuntimeError(f"LoRA layer {path} is already merged")
-        delta = layer.delta_weight()
-        if not torch.isfinite(layer.weight.float() + delta).all():
+        # computed again by merge(): keeping every merged weight until all are checked would double
+        # the memory of the adapted layers, and this check is what makes the merge all-or-nothing
+        if not torch.isfinite(layer.merged_weight()).all():
             raise ValueError(f"refusing to merge: LoRA layer {path} would get non-finite weights; nothing was merged")
     for layer in layers.values():
         layer.merge()

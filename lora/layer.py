@@ -72,12 +72,16 @@ class LinearWithLoRA(nn.Module):
         """s·B@A in fp32, shape (out, in): what merge() adds to `weight`."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def merged_weight(self) -> torch.Tensor:
+        """W + s·B@A in fp32: the weight merge() writes back in `weight`'s dtype."""
+        return self.weight.float() + self.delta_weight()
+
     @torch.no_grad()
     def merge(self):
         """Fold the update into `weight` (in place) so inference costs one linear."""
         if self.merged:
             raise RuntimeError(f"LoRA layer {self.module_path or '<unnamed>'} is already merged")
-        merged = self.weight.float() + self.delta_weight()
+        merged = self.merged_weight()
         if not torch.isfinite(merged).all():
             raise ValueError(
                 f"refusing to merge LoRA layer {self.module_path or '<unnamed>'}: the merged weight has "

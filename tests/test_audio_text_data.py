@@ -15,7 +15,6 @@ from data.audio_text import (
     AudioTextDataset,
     BadAudioError,
     ResumableBatchSampler,
-    Skipped,
     captions_flat,
     collate_audio_text,
     epoch_order,

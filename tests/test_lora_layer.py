@@ -126,7 +126,7 @@ def test_merge_lora_and_unmerge_lora_on_a_model():
         torch.testing.assert_close(model.state_dict()[key], value, atol=1e-6, rtol=0)
 
 
-def test_original_checkpoint_loads_strictly_after_injection():
+def test_injection_adds_only_lora_keys_so_the_original_checkpoint_still_loads():
     model = tiny_net(0)
     checkpoint = copy.deepcopy(model.state_dict())
     inject_lora(model, LoRAConfig(r".*_proj", r=2, alpha=4))
