@@ -140,3 +140,20 @@ def unmerge_lora(model: nn.Module) -> list[str]:
     for layer in layers.values():
         layer.unmerge()
     return list(layers)
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Hold every frozen floating-point parameter in `dtype` (bf16 for a frozen 7B tower); trainable
+    parameters (LoRA, heads) stay as they are, fp32. Returns how many parameters were cast.
+
+    Call it after mark_only_lora_trainable. The LoRA branch keeps running in its own fp32 weights
+    over a half-precision base (LinearWithLoRA.forward), so only memory and speed change. Buffers
+    are left alone: they hold things like rotary frequencies, which lose precision in bf16.
+    """
+    cast = 0
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                cast += 1
+    return cast
