@@ -1,19 +1,27 @@
-"""Fine-tune with LoRA: one explicit training loop for both tasks.
+"""Fine-tune with LoRA: one explicit training loop for every task, on one process or many.
 
     python train.py --targets 'audio_tower.*self_attn.(q|k|v|o)_proj'        # the offline audio-text demo
     python train.py --targets 'audio_tower.*self_attn\\.(q|k|v|out)_proj' \\
         --audio-model Qwen/Qwen2-Audio-7B-Instruct --text-model sentence-transformers/all-MiniLM-L6-v2 \\
         --train-data clotho_development.csv --eval-data clotho_evaluation.csv --output-dir runs/clotho
     python train.py --task instructblip --targets 'qformer.*\\.(query|key|value)'  # the offline VQA demo
+    python train.py --task audio-qa                            # the offline audio question-answering demo
+    torchrun --standalone --nproc_per_node 4 train.py ...      # the same run on 4 processes
 
-The path of one step (the task's setup below; the models in models/audio_text.py, models/instructblip.py):
+The path of one optimizer step (tasks in data/tasks.py, models in models/):
 
-    audio-text:   wav --(DataLoader workers: decode, resample, log-mel, pad to the longest clip)--> features,
-                  frame_mask; captions --(tokenizer)--> ids; model(...) -> symmetric InfoNCE loss
-    instructblip: image --(workers: RGB, bicubic resize, CLIP normalise)--> pixel_values; prompt --> Q-Former
-                  and T5 ids; answer --> labels; model(...) -> T5 cross-entropy on the answer
-    loss.backward() -> clip gradients -> AdamW on LoRA + heads -> warmup/cosine lr
+    GlobalBatchSampler (data/sampling.py): global batch k of the epoch -> this rank's micro-batches
+    DataLoader workers: decode, resample, log-mel (audio) or RGB, resize, normalise (images); collate
+    task.forward_backward(model, micro-batches)
+      audio-text:   embeddings of every rank's micro-batches -> symmetric InfoNCE over the global
+                    batch (gathered across ranks; GradCache across micro-batches)
+      instructblip, audio-qa: answer-token cross-entropy, each micro-batch weighted by its share
+                    of the global batch's answer tokens
+      DDP averages the LoRA and head gradients over ranks, once, in the last micro-batch's backward
+    clip gradients -> skip the update if anything is non-finite -> AdamW -> warmup/cosine lr
 
+`--batch-size` is the global batch: examples per optimizer step over all ranks and accumulation
+steps. The same command on 1 process or N, with any `--micro-batch-size`, trains the same run.
 With no model or data flags it runs the task's offline demo: synthetic data and small random-init
 models saved as real checkpoints (data/demo_sounds.py, data/demo_shapes.py, data/demo_models.py).
 """
@@ -21,80 +29,112 @@ models saved as real checkpoints (data/demo_sounds.py, data/demo_shapes.py, data
 import argparse
 import contextlib
 import functools
+import hashlib
+import itertools
 import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.audio_text import AudioTextDataset, ResumableBatchSampler, collate_audio_text, precheck
-from data.instructblip import VQADataset, check_images, collate_vqa, read_vqa_manifest
-from data.manifest import read_manifest
-from eval import evaluate, evaluate_vqa, format_metrics, format_vqa
-from lora import LoRAConfig, inject_lora, mark_only_lora_trainable, save_adapter, trainable_summary
+from data.audio_text import BadAudioError
+from data.instructblip import BadImageError
+from data.manifest import ManifestError, read_manifest  # noqa: F401 (tests reach read_manifest as train.read_manifest)
+from data.sampling import GlobalBatchSampler, accumulation_steps, steps_for_epochs
+from data.tasks import TASKS, StepEnv, TrainingError, unwrap
+from models.contrastive import host_group, host_sum
+from lora import LoRAConfig, cast_frozen, inject_lora, mark_only_lora_trainable, save_adapter, trainable_summary
 from lora.atomic import atomic_write, atomic_write_text
-from lora.diagnose import diagnose, first_nonfinite_module
+from lora.diagnose import blame_nonfinite, diagnose
 from lora.summary import lora_placement
-from lora.targets import format_preview, preview_targets
-from models import load_instructblip, load_instructblip_tokenizers, load_tokenizer
-from models.audio_text import build_audio_text_model, save_heads
-from models.tokenizer import tokenize
+from lora.targets import check_target_alternatives, format_preview, preview_targets
+from models.audio_text import ENCODING_STRATEGIES, save_heads
 
-HEADS = ["audio_proj", "text_proj", "logit_scale"]  # audio-text: trained from scratch beside LoRA
-DEFAULT_TARGETS = {"audio-text": [r"audio_tower.*self_attn\.(q|k|v|out)_proj"], "instructblip": [r"qformer.*\.(query|key|value)"]}
 STATE_FILE = "training_state.pt"
 DEMO = {  # steps that fit a few CPU minutes
     "audio-text": dict(max_steps=600, eval_every=150, save_every=300, warmup_steps=50),
     "instructblip": dict(max_steps=1500, eval_every=300, save_every=750, warmup_steps=50, batch_size=16, lr=3e-3,
                          train_also=["language_projection"]),
+    "audio-qa": dict(max_steps=1500, eval_every=500, save_every=750, warmup_steps=50, batch_size=16, lr=3e-3,
+                     train_also=["multi_modal_projector"]),
 }
+# What defines a run: resuming with any of these changed would continue a different run, so it is refused.
+FINGERPRINT = ("task", "audio_model", "text_model", "model", "train_data", "train_data_sha256", "targets", "rank", "alpha",
+               "dropout", "rslora", "train_also", "embed_dim", "lr", "weight_decay", "batch_size", "warmup_steps",
+               "max_steps", "grad_clip", "seed", "precision", "pad_to_30s", "language_model_dtype", "bucket_by_length",
+               "encoding_strategy")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=["audio-text", "instructblip"], default="audio-text")
+    p.add_argument("--task", choices=sorted(TASKS), default="audio-text")
     p.add_argument("--targets", action="append", help="regex fullmatched against module paths; repeat to OR "
                    "(default: the audio attention's q/k/v/out, or the Q-Former's query/key/value)")
     p.add_argument("--audio-model", help="Qwen2-Audio or Whisper checkpoint: directory or hub id (default: the demo preset)")
     p.add_argument("--text-model", help="BERT-family checkpoint with its tokenizer (default: the demo preset)")
-    p.add_argument("--model", help="InstructBLIP checkpoint (--task instructblip)")
-    p.add_argument("--language-model-dtype", choices=["fp32", "bf16"], default="fp32", help="instructblip: the frozen T5's dtype (fp16 overflows flan-t5)")
+    p.add_argument("--model", help="InstructBLIP checkpoint (--task instructblip), or a whole Qwen2-Audio (--task audio-qa)")
+    p.add_argument("--language-model-dtype", choices=["fp32", "bf16"], default="fp32", help="the frozen language model's dtype: "
+                   "instructblip's T5 or Vicuna (fp16 overflows flan-t5), audio-qa's and full_forward's Qwen2")
+    p.add_argument("--encoding-strategy", choices=ENCODING_STRATEGIES, default="audio_tower", help="audio-text: encode a clip "
+                   "with the audio tower alone (only its shards are read), or with the whole Qwen2-Audio after a fixed prompt, "
+                   "pooling the language model's states over the audio positions (full_forward; LoRA may then sit on "
+                   "language_model.*)")
     p.add_argument("--train-data", help="manifest: JSONL, Clotho CSV or AudioCaps CSV; instructblip: JSONL (default: the demo set)")
     p.add_argument("--eval-data", help="manifest evaluated every --eval-every steps and at the end")
-    p.add_argument("--output-dir", help="default: runs/demo (runs/demo-instructblip), else runs/<task>")
+    p.add_argument("--train-audio-dir", help="folder holding the training manifest's audio (default: beside the manifest, "
+                   "or the split folder of a Clotho / AudioCaps layout, found automatically)")
+    p.add_argument("--eval-audio-dir", help="the same for --eval-data")
+    p.add_argument("--output-dir", help="default: runs/demo (runs/demo-instructblip, runs/demo-audio-qa), else runs/<task>")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--train-also", action="append", default=[], help="extra module/parameter to train fully (repeatable)")
     p.add_argument("--embed-dim", type=int, default=256, help="width of the shared embedding space")
-    p.add_argument("--batch-size", type=int, help="default: 32 (the instructblip demo: 16)")
+    p.add_argument("--batch-size", type=int, help="the GLOBAL batch: examples per optimizer step over all processes and "
+                   "accumulation steps (default: 32; the instructblip demo: 16)")
+    p.add_argument("--micro-batch-size", type=int, help="examples per process per forward (default: --batch-size / processes); "
+                   "accumulation steps = batch / (processes x micro)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3; the instructblip demo: 3e-3)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay of matrices; never of biases, norms or logit_scale")
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs, else the demo's 600)")
     p.add_argument("--epochs", type=float, help="passes over the training set, when --max-steps is not given")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global L2 norm of the gradients (0: off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype; LoRA weights stay fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast dtype; under bf16 the frozen weights are also held in bf16; LoRA weights and heads stay fp32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute tower blocks in backward: less memory")
+    p.add_argument("--log-every", type=int, default=10, help="steps between the host's looks at the device: losses are "
+                   "logged (every step) and non-finite steps reported then; the update itself is skipped on the device at once")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (0: only before and after)")
     p.add_argument("--save-every", type=int, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--resume", action="store_true", help=f"continue from {STATE_FILE} in --output-dir")
+    p.add_argument("--strict-targets", action="store_true", help="an alternative of a --targets pattern that matches "
+                   "nothing (o_proj in '(q|k|v|o)_proj') is an error, not a warning")
     p.add_argument("--list-targets", action="store_true", help="print matched modules and trainable counts, then exit")
     p.add_argument("--diagnose", action="store_true", help="run the gradient-flow diagnosis on one batch, then exit")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="DataLoader workers decoding audio or images")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="DataLoader workers per process")
     p.add_argument("--on-bad-audio", "--on-bad-image", dest="on_bad_input", choices=["fail", "skip"], default="fail",
-                   help="a missing/undecodable file: stop, or skip and count it")
+                   help="a missing, undecodable or non-finite file, a training-manifest line that cannot be read, an "
+                   "over-long prompt: stop with an error naming its manifest line, or skip it, counted once and listed in "
+                   "skipped.jsonl (evaluation manifests are always strict)")
+    p.add_argument("--bucket-by-length", action=argparse.BooleanOptionalAction, default=True,
+                   help="audio-text: batches of clips of similar length, so little of a batch is padding (default: on)")
+    p.add_argument("--no-feature-cache", action="store_true", help="compute the log-mel of every clip on every read "
+                   "instead of once (cached under --cache-dir/features); the numbers are the same")
     p.add_argument("--pad-to-30s", action="store_true", help="pad every clip to 30 s as the reference does (slower)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="abort after this many non-finite steps in a row")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -102,123 +142,214 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# --- processes -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the run. A plain `python train.py` is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Distributed:
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on CUDA (one GPU per process), gloo on CPU."""
+    if "RANK" not in os.environ:
+        return Distributed(device=torch.device(device))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    # a long timeout: rank 0 evaluates alone while the others wait at a barrier
+    dist.init_process_group(backend, timeout=timedelta(hours=2))
+    host_group()  # created now, by every rank in the same order, as new_group requires
+    return Distributed(dist.get_rank(), dist.get_world_size(), torch.device(device))
+
+
+@contextlib.contextmanager
+def main_first(env: Distributed):
+    """Rank 0 runs the block first (building demo data, filling caches), then the others."""
+    if env.world_size > 1 and not env.main:
+        dist.barrier()
+    yield
+    if env.world_size > 1 and env.main:
+        dist.barrier()
+
+
+def barrier(env: Distributed):
+    if env.world_size > 1:
+        dist.barrier()
+
+
+def rng_states(device: torch.device) -> dict:
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                numpy=np.random.get_state(), python=random.getstate())
+
+
+def set_rng_states(states: dict, device: torch.device):
+    torch.set_rng_state(states["torch"]), np.random.set_state(states["numpy"]), random.setstate(states["python"])
+    if states.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+# --- the state of a run ----------------------------------------------------------------------
+
+
 @dataclass
-class TaskSetup:
-    """What the loop needs from a task; everything else in train() is shared by both tasks."""
+class TrainState:
+    """Everything that makes a resume exact, in units of global batches so the number of processes
+    may change: counters, trained tensors, optimizer, schedule, scaler, and every rank's RNG."""
 
     model: nn.Module
-    run: dict  # run_config.json: what eval.py needs to rebuild the model
-    heads: list[str]  # modules trained fully beside LoRA
-    dataset: object  # a Dataset with set_epoch(epoch)
-    collate: object  # the DataLoader's collate_fn
-    batch_loss: object  # (model, batch, autocast) -> scalar loss
-    evaluate: object  # (model, **kwargs) -> metrics dict, or None without eval data
-    format: object  # (metrics, title) -> str
-    headline: object  # metrics -> one line for the summary
-    skipped_up_front: int = 0  # unreadable training files left out before training
+    optimizer: torch.optim.Optimizer
+    schedule: "WarmupCosine"
+    scaler: torch.amp.GradScaler
+    fingerprint: dict  # the FINGERPRINT fields of this run
+    world_size: int = 1
+    step: int = 0  # optimizer updates done
+    epoch: int = 0
+    batches_done: int = 0  # global batches of this epoch taken from the sampler (skipped ones included)
+    elapsed: float = 0.0  # training seconds before this process started
+    history: dict = field(default_factory=dict)  # "before"/"after" evaluations
+    skipped: dict = field(default_factory=dict)  # file -> {"manifest", "line", "reason"}: each bad file once
+    bad_in_a_row: int = 0
+    rng: list = field(default_factory=list)  # per rank, gathered at save time
+    saved_world_size: int = 0  # processes of the run that wrote the state being resumed
+
+    def state_dict(self) -> dict:
+        trainable = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return dict(step=self.step, epoch=self.epoch, batches_done=self.batches_done, elapsed=self.elapsed,
+                    history=self.history, skipped=self.skipped, world_size=self.world_size, fingerprint=self.fingerprint,
+                    rng=self.rng, trainable=trainable, optimizer=self.optimizer.state_dict(),
+                    schedule=self.schedule.state_dict(), scaler=self.scaler.state_dict())
+
+    def load_state_dict(self, state: dict):
+        """Restore a saved run; refuses one whose defining settings differ, naming each."""
+        changed = [f"{name}: saved {state['fingerprint'].get(name)!r}, now {self.fingerprint.get(name)!r}"
+                   for name in FINGERPRINT if state["fingerprint"].get(name) != self.fingerprint.get(name)]
+        if changed:
+            raise TrainingError("--resume refused: these settings differ from the saved run's (start a new --output-dir to "
+                                "change them):\n  " + "\n  ".join(changed))
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                params[name].copy_(tensor)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        for name in ("step", "epoch", "batches_done", "elapsed", "history", "skipped", "rng"):
+            setattr(self, name, state[name])
+        self.saved_world_size = state["world_size"]
 
 
-def check_inputs(problems, manifest: str, policy: str, role: str, what: str) -> int:
-    """Report (item, reason) problems found before training: fatal, or counted when skipping."""
-    for item, reason in problems[:10]:
-        print(f"  {item.where}: {reason}", file=sys.stderr)
-    if problems and (policy == "fail" or role == "eval"):
-        sys.exit(f"{len(problems)} {role} {what}(s) cannot be read (listed above); fix {manifest}"
-                 + (f" or pass {'--on-bad-audio' if what == 'clip' else '--on-bad-image'} skip" if role == "train" else ""))
-    if problems:
-        print(f"skipping {len(problems)} unreadable train {what}(s) of {manifest}", file=sys.stderr)
-    return len(problems)
+# --- one optimizer step ----------------------------------------------------------------------
 
 
-def resolved(path: str | None) -> str | None:
-    return str(Path(path).resolve()) if path else None
+@dataclass
+class StepResult:
+    status: str  # "updated", "nonfinite" (skipped: NaN/inf loss or gradient), "overflow" (fp16 scaler), "empty" (too few readable examples)
+    examples: int  # examples of the global batch that reached the model
+    loss: float | None = None
+    grad_norm: float | None = None
+    lr: float | None = None
 
 
-def is_demo(args) -> bool:
-    """No model and no data given for this task: run its offline demo."""
-    given = [args.audio_model, args.text_model] if args.task == "audio-text" else [args.model]
-    return not any(given + [args.train_data])
+@dataclass
+class LaunchedStep:
+    """An optimizer step sent to the device. Whether it was applied is decided on the device, so the
+    host goes on to the next batch at once and reads what happened later, in groups (--log-every)."""
+
+    examples: int
+    micro_batches: list[dict]  # kept until the step is read, for the non-finite guard's blame
+    fp16: bool = False
+    stats: torch.Tensor | None = None  # [loss, grad norm, loss finite, gradients finite, lr], copied to the host
+    ready: object = None  # a CUDA event recorded after that copy; None on the CPU
+    data_wait: float = 0.0  # seconds spent waiting for the batch
+    seconds: float = 0.0  # wall time since the previous step was launched, data wait included
+
+    def result(self) -> StepResult:
+        if self.stats is None:
+            return StepResult("empty", 0)  # every example of the global batch was unreadable
+        if self.ready is not None:
+            self.ready.synchronize()
+        loss, grad_norm, loss_ok, grads_ok, lr = self.stats.tolist()
+        if not loss_ok or (not grads_ok and not self.fp16):
+            status = "nonfinite"
+        else:  # fp16: inf gradients with a finite loss are the scaler's business (it skipped the update)
+            status = "updated" if grads_ok else "overflow"
+        return StepResult(status, self.examples, loss, grad_norm, lr)
 
 
-def setup_audio_text(args, demo: bool) -> TaskSetup:
-    """The dual encoder (models/audio_text.py) on audio-caption manifests; recall on eval data."""
-    if not demo and not all([args.audio_model, args.text_model, args.train_data]):
-        sys.exit("give --audio-model, --text-model and --train-data together, or none of them for the offline demo")
-    src = dict(audio_model=args.audio_model, text_model=args.text_model, train_data=resolved(args.train_data), eval_data=resolved(args.eval_data))
-    if demo:
-        from data.demo_models import ensure_demo_models
-        from data.demo_sounds import ensure_demo_set
+class WarmupCosine:
+    """The learning rate, peak x lr_factor(updates applied), as a device tensor computed from a
+    device-side count of applied updates: a skipped (non-finite) step adds 0 to the count without
+    the host having to look, so the schedule never advances on it and nothing waits for the GPU."""
 
-        sounds = ensure_demo_set(Path(args.cache_dir) / "demo" / "sounds", seed=args.seed)
-        src.update(ensure_demo_models(Path(args.cache_dir) / "demo" / "towers", sounds["captions"], seed=args.seed))
-        src.update(train_data=sounds["train"], eval_data=src["eval_data"] or sounds["eval"])
-        print("offline demo: synthetic sound events and small RANDOM-INIT towers (a pipeline check, not a pretrained model)")
-    model = build_audio_text_model(src["audio_model"], src["text_model"], args.embed_dim, seed=args.seed)
-    tokenizer = load_tokenizer(src["text_model"])
-    clips, problems = precheck(read_manifest(src["train_data"]))
-    skipped = check_inputs([(c, f"{r}: {c.audio}") for c, r in problems], src["train_data"], args.on_bad_input, "train", "clip")
-    eval_clips = None
-    if src["eval_data"]:
-        eval_clips, problems = precheck(read_manifest(src["eval_data"]))
-        check_inputs([(c, f"{r}: {c.audio}") for c, r in problems], src["eval_data"], "fail", "eval", "clip")
+    def __init__(self, peak: float, warmup: int, total: int, device: torch.device):
+        self.peak, self.warmup, self.total = peak, warmup, total
+        self.updates = torch.zeros((), dtype=torch.float64, device=device)
 
-    def batch_loss(m, batch, autocast):
-        input_ids, attention_mask = tokenize(tokenizer, batch["captions"])  # the text tower's own tokenizer
-        with autocast():
-            return m(batch["features"].to(args.device), batch["frame_mask"].to(args.device),
-                     input_ids.to(args.device), attention_mask.to(args.device)).loss
+    def lr(self) -> torch.Tensor:
+        s = self.updates
+        progress = ((s - self.warmup) / max(1, self.total - self.warmup)).clamp(max=1.0)
+        factor = torch.where(s < self.warmup, (s + 1) / (self.warmup + 1), 0.5 * (1 + torch.cos(math.pi * progress)))
+        return (self.peak * factor).float()
 
-    def headline(m):
-        return ", ".join(f"{d} R@1 {m[d]['R@1']:.2f} R@10 {m[d]['R@10']:.2f}" for d in ("text_to_audio", "audio_to_text"))
+    def count(self, applied: torch.Tensor):
+        self.updates += applied
 
-    return TaskSetup(
-        model=model, heads=HEADS, batch_loss=batch_loss, format=format_metrics, headline=headline, skipped_up_front=skipped,
-        run=dict(task="audio-text", demo=demo, **src, embed_dim=args.embed_dim, pad_to_30s=args.pad_to_30s),
-        dataset=AudioTextDataset(clips, seed=args.seed, on_bad_audio=args.on_bad_input),
-        collate=functools.partial(collate_audio_text, n_mels=model.audio_tower.config.num_mel_bins, pad_to_30s=args.pad_to_30s),
-        evaluate=(lambda m, **kw: evaluate(m, tokenizer, eval_clips, pad_to_30s=args.pad_to_30s, **kw)) if eval_clips else None,
-    )
+    def state_dict(self) -> dict:
+        return {"updates": int(self.updates)}
+
+    def load_state_dict(self, state: dict):
+        self.updates.fill_(state["updates"])
 
 
-def setup_instructblip(args, demo: bool) -> TaskSetup:
-    """InstructBLIP (models/instructblip.py) on image-prompt-answer manifests; exact match on eval data."""
-    if args.precision == "fp16":
-        sys.exit("--precision fp16 is refused for instructblip: flan-t5 activations overflow fp16; use bf16 or fp32")
-    if not demo and not all([args.model, args.train_data]):
-        sys.exit("give --model and --train-data together, or neither for the offline demo")
-    src = dict(model=args.model, train_data=resolved(args.train_data), eval_data=resolved(args.eval_data))
-    if demo:
-        from data.demo_models import ensure_demo_instructblip
-        from data.demo_shapes import ensure_shapes_set
-
-        shapes = ensure_shapes_set(Path(args.cache_dir) / "demo" / "shapes", seed=args.seed)
-        src.update(model=ensure_demo_instructblip(Path(args.cache_dir) / "demo" / "instructblip", shapes["texts"], seed=args.seed),
-                   train_data=shapes["train"], eval_data=src["eval_data"] or shapes["eval"])
-        print("offline demo: synthetic coloured shapes and a small RANDOM-INIT InstructBLIP (a pipeline check, not a pretrained model)")
-    model = load_instructblip(src["model"], language_model_dtype=args.language_model_dtype)
-    tokenizers = load_instructblip_tokenizers(src["model"])
-    examples = read_vqa_manifest(src["train_data"])
-    problems = check_images(examples)
-    skipped = check_inputs([(e, f"{r}: {e.image}") for e, r in problems], src["train_data"], args.on_bad_input, "train", "example")
-    examples = [e for e in examples if e not in {p for p, _ in problems}]
-    eval_examples = None
-    if src["eval_data"]:
-        eval_examples = read_vqa_manifest(src["eval_data"])
-        check_inputs([(e, f"{r}: {e.image}") for e, r in check_images(eval_examples)], src["eval_data"], "fail", "eval", "example")
-    keys = ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask", "labels")
-
-    def batch_loss(m, batch, autocast):
-        with autocast():
-            return m(**{k: batch[k].to(args.device) for k in keys}).loss
-
-    return TaskSetup(
-        model=model, heads=[], batch_loss=batch_loss, format=format_vqa, skipped_up_front=skipped,
-        headline=lambda m: f"exact match {m['exact_match']:.2f}%, answer loss {m['loss']:.4f}",
-        run=dict(task="instructblip", demo=demo, **src, language_model_dtype=args.language_model_dtype),
-        dataset=VQADataset(examples, on_bad_image=args.on_bad_input),
-        collate=functools.partial(collate_vqa, image_size=model.config.vision.image_size, qformer_tokenizer=tokenizers[0], t5_tokenizer=tokenizers[1]),
-        evaluate=(lambda m, **kw: evaluate_vqa(m, tokenizers, eval_examples, **kw)) if eval_examples else None,
-    )
+def train_step(task, model, micro_batches, optimizer, schedule, scaler, env: StepEnv, grad_clip: float) -> LaunchedStep:
+    """Forward and backward every micro-batch of one global batch, then the update, applied on the
+    device only if the loss and the gradients are finite (fp16: the scaler judges the gradients)."""
+    step = LaunchedStep(host_sum(sum(b["index"].numel() for b in micro_batches)), micro_batches, scaler.is_enabled())
+    if step.examples < task.min_examples:  # e.g. a contrastive batch of one clip has no negative: nothing to learn
+        step.examples = 0
+        return step
+    loss = task.forward_backward(model, micro_batches, env)
+    trainable = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
+    off_path = [n for n, p in trainable if p.grad is None]
+    if off_path:
+        raise TrainingError(f"trainable parameter(s) received no gradient, so they sit off the forward path: "
+                            f"{', '.join(off_path[:8])}{' ...' if len(off_path) > 8 else ''}. Run `python train.py --diagnose` "
+                            "with the same flags to see where LoRA sits and what the forward reaches")
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], grad_clip if grad_clip > 0 else float("inf"))
+    loss_ok, grads_ok = torch.isfinite(loss), torch.isfinite(grad_norm)
+    applied = loss_ok & grads_ok
+    lr = schedule.lr()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # skips, on the device, an update with inf gradients
+        scaler.update()
+    else:
+        optimizer.found_inf = (~applied).float()  # fused AdamW: 1 turns the update into a no-op, on the device
+        optimizer.step()
+        del optimizer.found_inf
+    schedule.count(applied)
+    optimizer.zero_grad(set_to_none=True)
+    stats = torch.stack([loss.detach().float(), grad_norm.float(), loss_ok.float(), grads_ok.float(), lr])
+    if stats.is_cuda:  # an asynchronous copy into pinned memory, read when the loop next looks
+        step.stats = torch.empty(stats.shape, pin_memory=True).copy_(stats, non_blocking=True)
+        step.ready = torch.cuda.Event()
+        step.ready.record()
+    else:
+        step.stats = stats
+    return step
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -228,7 +359,17 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def set_train_mode(model):
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay for matrices (LoRA A/B, projections); none for biases, norm weights and
+    logit_scale (the CLIP/open_clip convention: decaying logit_scale pulls the temperature to 1)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or name.endswith("logit_scale") else decay).append(param)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def set_train_mode(model: nn.Module):
     """Train mode where something trains (LoRA dropout is on); eval mode for a fully frozen tower,
     whose dropout would only add noise to fixed features."""
     model.train()
@@ -237,7 +378,10 @@ def set_train_mode(model):
             child.eval()
 
 
-def plot_curves(metrics_path: Path, png_path: Path):
+# --- outputs ---------------------------------------------------------------------------------
+
+
+def plot_curves(metrics_path: Path, png_path: Path, curves: tuple[str, str, dict]):
     """Training loss and the evaluations against steps, from metrics.jsonl, as a PNG (atomic)."""
     import matplotlib
 
@@ -250,15 +394,10 @@ def plot_curves(metrics_path: Path, png_path: Path):
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8)
     ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
-    if evals and "text_to_audio" in evals[0]["eval"]:
-        curves = {f"{d} {k}": (lambda e, d=d, k=k: e[d][k]) for d in ("text_to_audio", "audio_to_text") for k in ("R@1", "R@10")}
-        ax_eval.set(ylabel="recall (%)", title="retrieval on the eval set")
-    else:
-        curves = {"exact match": lambda e: e["exact_match"]}
-        ax_eval.set(ylabel="exact match (%)", title="answers on the eval set")
-    for label, value in curves.items():
+    ylabel, title, values = curves
+    ax_eval.set(xlabel="step", ylabel=ylabel, title=title)
+    for label, value in values.items():
         ax_eval.plot([r["step"] for r in evals], [value(r["eval"]) for r in evals], marker="o", label=label)
-    ax_eval.set(xlabel="step")
     ax_eval.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
@@ -266,204 +405,451 @@ def plot_curves(metrics_path: Path, png_path: Path):
 
 
 def save_outputs(out: Path, model, lora_config, run: dict, state: dict):
-    """Adapter (PEFT format), heads, run config, then the resumable state last: each file atomic."""
+    """Adapter (PEFT format), heads, run config, skipped inputs, then the resumable state last:
+    each file atomic, so a crash at any point leaves a loadable set."""
     save_adapter(model, out, lora_config, base_model_name_or_path=run.get("model") or run.get("audio_model"))
     save_heads(model, out / "heads.safetensors")
     atomic_write_text(out / "run_config.json", json.dumps(run, indent=2) + "\n")
+    skipped = [dict(path=path, **entry) for path, entry in state["skipped"].items()]
+    atomic_write_text(out / "skipped.jsonl", "".join(json.dumps(entry) + "\n" for entry in skipped))
     atomic_write(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
-def main(argv=None):
-    return train(parse_args(argv))[1]
-
-
-def train(args):
-    """The whole run; returns (model, history) so tests can inspect what training changed."""
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-    demo = is_demo(args)
-    demo_defaults = DEMO[args.task] if demo else {}
-    args.batch_size = args.batch_size or demo_defaults.get("batch_size", 32)
-    args.lr = args.lr or demo_defaults.get("lr", 1e-3)
-    args.train_also = args.train_also or demo_defaults.get("train_also", [])
-    targets = args.targets or DEFAULT_TARGETS[args.task]
-    default_out = ("runs/demo" if args.task == "audio-text" else "runs/demo-instructblip") if demo_defaults else f"runs/{args.task}"
-    out = Path(args.output_dir or default_out).resolve()
-    if (out / STATE_FILE).exists() and not (args.resume or args.list_targets or args.diagnose):
-        sys.exit(f"{out} already holds a run: pass --resume to continue it, or another --output-dir")
-    if args.resume and not (out / STATE_FILE).exists():
-        sys.exit(f"--resume: no {STATE_FILE} in {out}")
-
-    task = (setup_audio_text if args.task == "audio-text" else setup_instructblip)(args, demo)
-    model, also = task.model, task.heads + args.train_also
-    if args.list_targets:  # before injection, so a bad pattern is explained rather than refused
-        preview = preview_targets(model, targets, args.rank)
-        heads = sum(p.numel() for n, p in model.named_parameters() if any(n == h or n.startswith(h + ".") for h in also))
-        print(format_preview(preview, targets, extra_trainable=heads))
-        sys.exit(0 if preview.ok else 1)
-    lora_config = LoRAConfig(targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora)
+def before_checkpoint(line: str, step: int) -> bool:
+    """Was this metrics.jsonl line written before the checkpoint of `step`? (An evaluation at that
+    step comes before its checkpoint; a non-finite report at that step is about the next update.)"""
     try:
-        inject_lora(model, lora_config)
-        mark_only_lora_trainable(model, also=also)
+        record = json.loads(line)
+    except json.JSONDecodeError:  # the half-written last line of a killed run
+        return False
+    return record["step"] < step or (record["step"] == step and ("loss" in record or "eval" in record))
+
+
+def file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --- the recipe ------------------------------------------------------------------------------
+
+
+def is_demo(args) -> bool:
+    """No model and no data given for this task: run its offline demo."""
+    given = [args.audio_model, args.text_model] if args.task == "audio-text" else [args.model]
+    return not any(given + [args.train_data])
+
+
+def build_task(args, env: Distributed, say):
+    """The task with demo defaults filled in, and the targets; the model has no LoRA yet."""
+    demo = is_demo(args)
+    defaults = DEMO[args.task] if demo else {}
+    args.batch_size = args.batch_size or defaults.get("batch_size", 32)
+    args.lr = args.lr or defaults.get("lr", 1e-3)
+    args.train_also = args.train_also or defaults.get("train_also", [])
+    try:  # before any model is built: a size that does not divide is a typo to fix now
+        accumulation_steps(args.batch_size, env.world_size, args.micro_batch_size or args.batch_size // env.world_size or 1)
     except ValueError as error:
-        sys.exit(f"--targets: {error}")
-    model.to(args.device)
-    for module in model.modules():  # every ported tower has the switch
-        if hasattr(module, "gradient_checkpointing"):
-            module.gradient_checkpointing = args.grad_checkpointing
+        raise TrainingError(str(error)) from error
+    torch.manual_seed(args.seed)
+    with main_first(env):
+        task = TASKS[args.task](args, demo, say)
+    return task, args.targets or task.default_targets, defaults
 
-    dataset = task.dataset
-    sampler = ResumableBatchSampler(len(dataset), args.batch_size, seed=args.seed)
-    loader_generator = torch.Generator()  # worker seeds come from here, never from the global RNG
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, generator=loader_generator, collate_fn=task.collate)
-    max_steps = args.max_steps or (math.ceil(args.epochs * sampler.batches_per_epoch) if args.epochs else demo_defaults.get("max_steps", 1000))
-    warmup = args.warmup_steps if args.warmup_steps is not None else demo_defaults.get("warmup_steps", min(100, max_steps // 10))
-    eval_every = args.eval_every if args.eval_every is not None else demo_defaults.get("eval_every", 500)
-    save_every = args.save_every if args.save_every is not None else demo_defaults.get("save_every", 500)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, warmup=warmup, total=max_steps))
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    device_type = torch.device(args.device).type
-    scaler = torch.amp.GradScaler(device_type, enabled=args.precision == "fp16")  # fp16 gradients underflow without it
-    autocast = (lambda: torch.autocast(device_type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+class Recipe:
+    """setup() builds everything, train() runs the loop, save_checkpoint() writes the outputs."""
 
-    def batch_loss(m, batch):
-        return task.batch_loss(m, batch, autocast)
+    def __init__(self, args, env: Distributed):
+        self.args, self.env = args, env
+        self.last_eval = self.last_save = -1  # the steps evaluated and saved last
 
-    if args.diagnose:  # one real batch through the real forward, then exit
+    def say(self, *text, **kwargs):
+        if self.env.main:
+            tqdm.write(" ".join(map(str, text)), **kwargs)
+
+    def setup(self):
+        args, env = self.args, self.env
+        random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+        out = Path(args.output_dir or (f"runs/demo{'' if args.task == 'audio-text' else '-' + args.task}" if is_demo(args) else f"runs/{args.task}"))
+        self.out = out.resolve()
+        if (self.out / STATE_FILE).exists() and not args.resume:
+            raise TrainingError(f"{self.out} already holds a run: pass --resume to continue it, or another --output-dir")
+        if args.resume and not (self.out / STATE_FILE).exists():
+            raise TrainingError(f"--resume: no {STATE_FILE} in {self.out}")
+        self.task, targets, defaults = build_task(args, env, self.say)
+        model = self.task.model
+        strategy = self.task.forward_strategy(targets)
+        if strategy is not None and strategy.misplaced:  # the seeds' failure, caught before anything runs
+            raise TrainingError("\n".join(strategy.findings()))
+        warnings = check_target_alternatives(model, targets)
+        if warnings and args.strict_targets:
+            raise TrainingError(warnings.format(strict=True))
+        if warnings:
+            self.say(warnings.message)
+        self.lora_config = LoRAConfig(targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora)
+        try:
+            inject_lora(model, self.lora_config)
+            mark_only_lora_trainable(model, also=self.task.heads + args.train_also)
+        except ValueError as error:
+            raise TrainingError(f"--targets: {error}") from error
+        if args.precision == "bf16":
+            cast_frozen(model, torch.bfloat16)  # frozen towers held in bf16; LoRA and heads stay fp32
+        model.to(env.device)
+        for module in model.modules():  # every ported tower has the switch
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = args.grad_checkpointing
+        self.model = model
+
+        try:
+            lengths = self.task.lengths() if args.bucket_by_length else None  # None: the task has no lengths to bucket
+            self.sampler = GlobalBatchSampler(len(self.task.dataset), args.batch_size, args.micro_batch_size, env.world_size, env.rank,
+                                              seed=args.seed, lengths=lengths)
+        except ValueError as error:
+            raise TrainingError(f"{self.task.run['train_data']}: {error}") from error
+        self.loader_generator = torch.Generator()  # worker seeds come from here, never from the global RNG
+        self.loader = DataLoader(self.task.dataset, batch_sampler=self.sampler, num_workers=args.workers, generator=self.loader_generator,
+                                 collate_fn=self.task.collate, pin_memory=env.device.type == "cuda")
+        per_epoch = self.sampler.batches_per_epoch
+        self.max_steps = args.max_steps or (steps_for_epochs(args.epochs, per_epoch) if args.epochs else defaults.get("max_steps", 1000))
+        self.warmup = args.warmup_steps if args.warmup_steps is not None else defaults.get("warmup_steps", min(100, self.max_steps // 10))
+        self.eval_every = args.eval_every if args.eval_every is not None else defaults.get("eval_every", 500)
+        self.save_every = args.save_every if args.save_every is not None else defaults.get("save_every", 500)
+
+        # fused: one kernel for all tensors, and it can skip an update on the device (found_inf)
+        optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=True)
+        schedule = WarmupCosine(args.lr, self.warmup, self.max_steps, env.device)
+        amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        self.amp_dtype = amp_dtype
+        scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")  # fp16 gradients underflow without it
+        autocast = (lambda: torch.autocast(env.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        self.step_env = StepEnv(env.device, autocast, lambda loss: scaler.scale(loss).backward(), env.world_size)
+
+        self.run = dict(self.task.run, targets=targets, rank=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora,
+                        train_also=args.train_also, precision=args.precision, seed=args.seed, batch_size=args.batch_size,
+                        micro_batch_size=self.sampler.micro_batch, world_size=env.world_size, lr=args.lr,
+                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, max_steps=self.max_steps, warmup_steps=self.warmup,
+                        bucket_by_length=lengths is not None,
+                        train_data_sha256=file_sha256(self.task.run["train_data"]))
+        fingerprint = {name: self.run.get(name) for name in FINGERPRINT}
         set_train_mode(model)
-        report = diagnose(model, functools.partial(batch_loss, batch=next(b for b in loader if b["index"].numel())))
-        print(report)
-        sys.exit(0 if report.ok else 1)
-    eval_kwargs = dict(batch_size=args.batch_size, device=args.device, workers=args.workers, autocast_dtype=amp_dtype, progress=False)
-    run = dict(task.run, targets=targets, rank=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora,
-               train_also=args.train_also, precision=args.precision, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-               max_steps=max_steps, warmup_steps=warmup)
+        self.task.prepare(self.step_env, self.say)
+        self.state = TrainState(model, optimizer, schedule, scaler, fingerprint, world_size=env.world_size)
+        self.state.skipped.update({s.path: dict(manifest=self.run["train_data"], line=s.line, reason=s.reason)
+                                   for s in self.task.skipped_up_front})
+        self.metrics_path = self.out / "metrics.jsonl"
+        if args.resume:
+            self.resume()
+        elif env.main and self.metrics_path.exists():
+            self.metrics_path.unlink()
+        if env.world_size > 1:
+            # find_unused_parameters=False: every trainable parameter must get a gradient in every step;
+            # train_step names any that does not, before DDP's own (index-only) error could
+            self.ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                               broadcast_buffers=False, find_unused_parameters=False)
+        else:
+            self.ddp = model
 
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    step, epoch, batches_done, skipped, bad_in_a_row, elapsed, history = 0, 0, 0, 0, 0, 0.0, {}
-    if args.resume:
-        state = torch.load(out / STATE_FILE, weights_only=False)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in state["trainable"].items():
-                params[name].copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"]), scheduler.load_state_dict(state["scheduler"]), scaler.load_state_dict(state["scaler"])
-        step, epoch, batches_done, skipped, elapsed, history = (state[k] for k in ("step", "epoch", "batches_done", "skipped", "elapsed", "history"))
-        torch.set_rng_state(state["rng"]["torch"]), np.random.set_state(state["rng"]["numpy"]), random.setstate(state["rng"]["python"])
-        # a crash after the checkpoint left later lines: drop them, the resumed run writes them again
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        atomic_write_text(metrics_path, "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
-        print(f"resumed {out} at step {step} (epoch {epoch}, batch {batches_done})")
-    elif metrics_path.exists():
-        metrics_path.unlink()
+        self.say(trainable_summary(model))
+        self.say(lora_placement(model))
+        accumulation = self.sampler.accumulation
+        self.say(f"{self.max_steps} steps of {args.batch_size} examples ({per_epoch} per epoch) = {env.world_size} process(es) x "
+                 f"{accumulation} micro-batch(es) of {self.sampler.micro_batch}; output {self.out}")
+        if self.sampler.dropped_per_epoch:
+            self.say(f"each epoch leaves out its last {self.sampler.dropped_per_epoch} example(s) (a partial global batch; the next "
+                     "epoch reshuffles)")
 
-    print(trainable_summary(model))
-    print(lora_placement(model))
-    print(f"{max_steps} steps of {args.batch_size} examples ({sampler.batches_per_epoch} per epoch); output {out}")
+    def resume(self):
+        state = None
+        if self.env.main:
+            state = torch.load(self.out / STATE_FILE, weights_only=False)
+        if self.env.world_size > 1:  # rank 0 reads, every rank gets it: no shared file system needed
+            holder = [state]
+            dist.broadcast_object_list(holder, src=0)
+            state = holder[0]
+        self.state.load_state_dict(state)
+        saved = self.state.rng
+        if self.env.rank < len(saved):
+            set_rng_states(saved[self.env.rank], self.env.device)
+        else:  # more processes than the saved run: a fresh, deterministic stream for the new rank
+            torch.manual_seed(self.args.seed * 1_000_003 + self.state.step * 1000 + self.env.rank)
+        if self.env.main:
+            # a crash after the checkpoint left later lines (and perhaps half a line): drop them, the
+            # resumed run writes them again; and temporary files of writes the crash cut short
+            lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+            kept = [line for line in lines if before_checkpoint(line, self.state.step)]
+            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+            for stale in self.out.glob(".*.tmp-*"):
+                stale.unlink(missing_ok=True)
+        self.say(f"resumed {self.out} at step {self.state.step} (epoch {self.state.epoch}, global batch {self.state.batches_done}); "
+                 f"saved by {self.state.saved_world_size} process(es), now {self.env.world_size}")
 
-    metrics_file = open(metrics_path, "a", encoding="utf-8", buffering=1)  # line-buffered: each record reaches the file
+    def log(self, record: dict):
+        if self.env.main:
+            self.metrics_file.write(json.dumps(record) + "\n")
 
-    def log(record: dict):
-        metrics_file.write(json.dumps(record) + "\n")
-
-    def run_eval(label: str):
-        if task.evaluate is None:
-            return None
-        with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG
-            metrics = task.evaluate(model, **eval_kwargs)
-        set_train_mode(model)
-        tqdm.write(task.format(metrics, f"{label}, step {step}"))
-        log({"step": step, "eval": metrics})
+    def evaluate(self, label: str) -> dict | None:
+        """Rank 0 evaluates the unwrapped model while the others wait; the training RNG is untouched."""
+        self.last_eval = self.state.step
+        metrics = None
+        if self.env.main:
+            devices = [self.env.device] if self.env.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                metrics = self.task.evaluate(self.model, batch_size=self.args.batch_size, device=self.env.device,
+                                             workers=self.args.workers, autocast_dtype=self.amp_dtype, progress=False)
+            if metrics is not None:
+                self.say(self.task.format(metrics, f"{label}, step {self.state.step}"))
+                self.log({"step": self.state.step, "eval": metrics})
+        set_train_mode(self.model)
+        barrier(self.env)
         return metrics
 
-    def checkpoint():
-        state = dict(step=step, epoch=epoch, batches_done=batches_done, skipped=skipped, elapsed=elapsed, history=history,
-                     trainable={n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
-                     optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                     rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
-        save_outputs(out, model, lora_config, run, state)
+    def save_checkpoint(self, started: float):
+        """Every rank's RNG is gathered (a collective); rank 0 writes."""
+        self.last_save = self.state.step
+        self.state.elapsed = time.perf_counter() - started
+        rng = rng_states(self.env.device)
+        if self.env.world_size > 1:
+            gathered = [None] * self.env.world_size
+            dist.all_gather_object(gathered, rng)
+            rng = gathered
+        else:
+            rng = [rng]
+        self.state.rng = rng
+        if self.env.main:
+            save_outputs(self.out, self.model, self.lora_config, self.run, self.state.state_dict())
+        barrier(self.env)
 
-    if not args.resume:
-        history["before"] = run_eval("before training")
-    set_train_mode(model)
-    bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=None)
-    started = time.perf_counter() - elapsed
-    while step < max_steps:
-        dataset.set_epoch(epoch)
-        sampler.set_state(epoch, batches_done)
-        loader_generator.manual_seed(args.seed * 1_000_003 + epoch)
-        for batch in loader:
-            batches_done += 1
-            skipped += len(batch["skipped"])
-            for path, line, reason in batch["skipped"]:
-                tqdm.write(f"skipped {path} (manifest line {line}): {reason}")
-            if not batch["index"].numel():
-                continue  # every item of this batch was unreadable
-            tick = time.perf_counter()
-            loss = batch_loss(model, batch)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
-            # Under fp16 an inf gradient with a finite loss is the scaler's business: it skips and lowers the scale.
-            if not torch.isfinite(loss) or (not torch.isfinite(grad_norm) and args.precision != "fp16"):
-                # skip the update entirely: optimizer and scheduler state stay as they were
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()
-                bad_in_a_row += 1
-                culprit = first_nonfinite_module(model, functools.partial(batch_loss, batch=batch))
-                where = ", ".join(f"{p} (line {n})" for p, n in zip(batch["paths"], batch["lines"]))
-                tqdm.write(f"step {step + 1}: non-finite loss {loss.item():.4g} / grad norm {grad_norm.item():.4g}; first non-finite "
-                           f"output: {culprit}; step skipped ({bad_in_a_row} in a row); batch: {where}")
-                log({"step": step, "nonfinite": {"loss": str(loss.item()), "first_module": culprit, "paths": batch["paths"]}})
-                if bad_in_a_row >= args.max_bad_steps:
-                    sys.exit(f"aborting: {bad_in_a_row} non-finite steps in a row (first non-finite output: {culprit}); "
-                             f"the last good checkpoint is kept in {out}")
+    def record_skipped(self, micro_batches: list[dict]):
+        """Bad files met while decoding, on any rank: each distinct file is counted and listed once."""
+        for batch in micro_batches:
+            for key, count in (batch.get("cache") or {}).items():
+                self.cache_counts[key] += count
+        local = [tuple(s) for batch in micro_batches for s in batch["skipped"]]
+        if self.env.world_size > 1:
+            gathered = [None] * self.env.world_size
+            dist.all_gather_object(gathered, local, group=host_group())
+            local = [s for part in gathered for s in part]
+        for path, line, reason in local:
+            if path not in self.state.skipped:
+                self.state.skipped[path] = dict(manifest=self.run["train_data"], line=line, reason=reason)
+                self.say(f"skipped {path} (manifest line {line}): {reason}")
+
+    def blame(self, micro_batches: list[dict]) -> tuple[str, list[str]]:
+        """Re-run this rank's micro-batches with hooks: where the first NaN/inf appeared, and the files
+        to blame (the rows holding it when the batch itself is non-finite, else the whole micro-batch)."""
+        for batch in micro_batches:
+            if batch["index"].numel():
+                blame = blame_nonfinite(self.model, lambda m, b=batch: self.task.micro_batch_loss(m, b, self.step_env),
+                                        {self.task.input_key: batch[self.task.input_key]})
+                if blame.found:
+                    rows = blame.rows if blame.kind == "batch" else range(len(batch["paths"]))
+                    return blame.message, [f"{batch['paths'][r]} (line {batch['lines'][r]})" for r in rows]
+        return "not reproduced by a re-run of the forward on this rank (the backward, or dropout)", []
+
+    def on_nonfinite(self, result: StepResult, micro_batches: list[dict]):
+        state = self.state
+        state.bad_in_a_row += 1
+        culprit, where = self.blame(micro_batches)
+        if self.env.world_size > 1:
+            gathered = [None] * self.env.world_size
+            dist.all_gather_object(gathered, (culprit, where), group=host_group())
+            culprit = next((c for c, w in gathered if w), gathered[0][0])
+            where = [w for _, ws in gathered for w in ws]
+        self.say(f"step {state.step + 1}: non-finite loss {result.loss:.4g} / grad norm {result.grad_norm:.4g}; first non-finite "
+                 f"output: {culprit}; step skipped ({state.bad_in_a_row} in a row); batch: {', '.join(where)}")
+        self.log({"step": state.step, "nonfinite": {"loss": str(result.loss), "first_module": culprit,
+                                                     "paths": [w.rsplit(' (line', 1)[0] for w in where]}})
+        if state.bad_in_a_row >= self.args.max_bad_steps:
+            raise TrainingError(f"aborting: {state.bad_in_a_row} non-finite steps in a row (first non-finite output: {culprit}); "
+                                f"the last good checkpoint is kept in {self.out}")
+
+    def next_global_batch(self) -> tuple[list[dict], float]:
+        """This rank's micro-batches of the next global batch (starting a new epoch when one ends),
+        and the seconds spent waiting for them."""
+        state = self.state
+        while True:
+            if self.batches is None:  # workers copy the dataset when the iterator starts: set the epoch first
+                self.task.dataset.set_epoch(state.epoch)
+                self.sampler.set_state(state.epoch, state.batches_done)
+                self.loader_generator.manual_seed(self.args.seed * 1_000_003 + state.epoch)
+                self.batches = iter(self.loader)
+            wait = time.perf_counter()
+            micro_batches = list(itertools.islice(self.batches, self.sampler.accumulation))
+            if micro_batches:
+                state.batches_done += 1
+                return micro_batches, time.perf_counter() - wait
+            self.end_of_epoch()
+            state.epoch, state.batches_done, self.batches = state.epoch + 1, 0, None
+
+    def end_of_epoch(self):
+        hits, misses, recomputed = (host_sum(self.cache_counts[k]) for k in ("hit", "miss", "recomputed"))
+        if hits + misses + recomputed:
+            self.say(f"epoch {self.state.epoch} done; feature cache: {hits} hits, {misses} computed, {recomputed} damaged "
+                     "entries recomputed")
+        self.cache_counts = dict(hit=0, miss=0, recomputed=0)
+
+    def due(self, step: int) -> bool:
+        """A step after which the loop must know where it stands: the last, an evaluation, a checkpoint."""
+        return step >= self.max_steps or bool(self.eval_every and step % self.eval_every == 0) or bool(self.save_every and step % self.save_every == 0)
+
+    def read_steps(self, launched: list[LaunchedStep]):
+        """What the launched steps did, in order: count, log, or skip and blame. The one place the
+        host waits for the device, once per --log-every steps or at an evaluation or checkpoint."""
+        state = self.state
+        for step in launched:
+            result = step.result()
+            if result.status == "nonfinite":
+                self.on_nonfinite(result, step.micro_batches)
                 continue
-            bad_in_a_row = 0
-            scale = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if scaler.get_scale() < scale:
-                continue  # fp16: the scaler found inf gradients and skipped this update; so does the schedule
-            scheduler.step()
-            step += 1
-            per_s = batch["index"].numel() / (time.perf_counter() - tick)
-            log({"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                 "examples_per_s": per_s})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", per_s=f"{per_s:.0f}")
-            if bar.disable and (step % max(1, max_steps // 20) == 0 or step == 1):  # no terminal: a plain line instead
-                print(f"step {step}/{max_steps}  loss {loss.item():.4f}  lr {scheduler.get_last_lr()[0]:.2e}  {per_s:.0f} examples/s", flush=True)
-            if eval_every and step % eval_every == 0 and step < max_steps:
-                run_eval("eval")
-            if save_every and step % save_every == 0 and step < max_steps:
-                elapsed = time.perf_counter() - started
-                checkpoint()
-            if step >= max_steps:
+            if result.status != "updated":
+                continue  # "empty": nothing readable in the global batch; "overflow": fp16 scaler skipped it
+            state.bad_in_a_row = 0
+            state.step += 1
+            per_s = result.examples / max(step.seconds, 1e-9)  # wall time, waiting for data included
+            # the share of log-mel frames that are padding (what --bucket-by-length keeps small)
+            padding = [1 - b["frame_mask"].float().mean().item() for b in step.micro_batches if b.get("frame_mask") is not None]
+            self.log({"step": state.step, "epoch": state.epoch, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                      "examples_per_s": per_s, "data_wait_s": step.data_wait}
+                     | ({"padding": sum(padding) / len(padding)} if padding else {}))
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", per_s=f"{per_s:.0f}")
+            if self.env.main and self.bar.disable and (state.step % max(1, self.max_steps // 20) == 0 or state.step == 1):
+                print(f"step {state.step}/{self.max_steps}  loss {result.loss:.4f}  lr {result.lr:.2e}  {per_s:.0f} examples/s", flush=True)
+
+    def train(self) -> dict:
+        args, env, state = self.args, self.env, self.state
+        if env.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.metrics_file = open(self.metrics_path, "a", encoding="utf-8", buffering=1)  # line-buffered
+        barrier(env)
+        if not args.resume:
+            state.history["before"] = self.evaluate("before training")
+        set_train_mode(self.model)
+        self.bar = tqdm(total=self.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=None if env.main else True)
+        self.batches, self.cache_counts = None, dict(hit=0, miss=0, recomputed=0)
+        started = time.perf_counter() - state.elapsed
+        launched: list[LaunchedStep] = []
+        tick = time.perf_counter()
+        while True:
+            if launched and (len(launched) >= args.log_every or self.due(state.step + len(launched))):
+                self.read_steps(launched)
+                launched = []
+                if 0 < state.step < self.max_steps and self.eval_every and state.step % self.eval_every == 0 and state.step != self.last_eval:
+                    self.evaluate("eval")
+                if 0 < state.step < self.max_steps and self.save_every and state.step % self.save_every == 0 and state.step != self.last_save:
+                    self.save_checkpoint(started)
+                tick = time.perf_counter()  # evaluation and saving are not training time
+                continue
+            if state.step >= self.max_steps:
                 break
-        else:  # the epoch ran out before max_steps
-            epoch, batches_done = epoch + 1, 0
-    bar.close()
-    elapsed = time.perf_counter() - started
-    history["after"] = run_eval("after training")
-    metrics_file.close()
-    checkpoint()
-    plot_curves(metrics_path, out / "training_curves.png")
-    summary = trainable_summary(model)
-    print(f"\ndone: {step} steps in {elapsed / 60:.1f} min; trainable {summary.trainable:,} parameters ({100 * summary.share:.3f}%)")
-    print(f"skipped inputs: {skipped + task.skipped_up_front}")
-    if history.get("before") and history.get("after"):
-        print(f"before: {task.headline(history['before'])}")
-        print(f"after:  {task.headline(history['after'])}")
-    print(f"outputs in {out}: adapter_model.safetensors, adapter_config.json, heads.safetensors, run_config.json, "
-          f"metrics.jsonl, training_curves.png, {STATE_FILE}")
-    print(f"evaluate again with: python eval.py --checkpoint {out}" + (f" --data {run['eval_data']}" if run["eval_data"] else ""))
-    return model, history
+            micro_batches, data_wait = self.next_global_batch()
+            self.record_skipped(micro_batches)
+            step = train_step(self.task, self.ddp, micro_batches, state.optimizer, state.schedule, state.scaler,
+                              self.step_env, args.grad_clip)
+            now = time.perf_counter()
+            step.data_wait, step.seconds, tick = data_wait, now - tick, now
+            launched.append(step)
+        self.bar.close()
+        state.history["after"] = self.evaluate("after training")
+        self.save_checkpoint(started)
+        if env.main:
+            self.metrics_file.close()
+            plot_curves(self.metrics_path, self.out / "training_curves.png", self.task.curves())
+            self.summary()
+        return state.history
+
+    def summary(self):
+        state = self.state
+        summary = trainable_summary(self.model)
+        print(f"\ndone: {state.step} steps in {state.elapsed / 60:.1f} min; trainable {summary.trainable:,} parameters ({100 * summary.share:.3f}%)")
+        print(f"skipped inputs: {len(state.skipped)}" + (f" (listed in {self.out / 'skipped.jsonl'})" if state.skipped else ""))
+        if state.history.get("before") and state.history.get("after"):
+            print(f"before: {self.task.headline(state.history['before'])}")
+            print(f"after:  {self.task.headline(state.history['after'])}")
+        print(f"outputs in {self.out}: adapter_model.safetensors, adapter_config.json, heads.safetensors, run_config.json, "
+              f"metrics.jsonl, skipped.jsonl, training_curves.png, {STATE_FILE}")
+        print(f"evaluate again with: python eval.py --checkpoint {self.out}" + (f" --data {self.run['eval_data']}" if self.run["eval_data"] else ""))
+
+
+def list_targets(args) -> int:
+    """--list-targets: what the patterns select, before anything is injected."""
+    task, targets, _ = build_task(args, Distributed(), print)
+    preview = preview_targets(task.model, targets, args.rank)
+    also = task.heads + args.train_also
+    heads = sum(p.numel() for n, p in task.model.named_parameters() if any(n == h or n.startswith(h + ".") for h in also))
+    print(format_preview(preview, targets, extra_trainable=heads))
+    strategy = task.forward_strategy(targets)
+    if strategy is not None and strategy.misplaced:  # a pattern aimed at modules this strategy never loads
+        print("\n".join(strategy.findings()))
+        return 1
+    return 0 if preview.ok else 1
+
+
+def run_diagnosis(args) -> int:
+    """--diagnose: the gradient-flow checks on one real batch, in this process alone."""
+    env = Distributed(device=torch.device(args.device))
+    task, targets, _ = build_task(args, env, print)
+    model = task.model
+    strategy = task.forward_strategy(targets)  # what the forward runs; check 7 names it and its misplaced targets
+    placeable = [t for t in targets if strategy is None or t not in strategy.misplaced]
+    try:
+        if placeable:  # targets that select only modules the strategy never loads are reported, not injected
+            inject_lora(model, LoRAConfig(placeable, r=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora))
+            mark_only_lora_trainable(model, also=task.heads + args.train_also)
+    except ValueError as error:
+        raise TrainingError(f"--targets: {error}") from error
+    model.to(env.device)
+    set_train_mode(model)
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    autocast = (lambda: torch.autocast(env.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    step_env = StepEnv(env.device, autocast, lambda loss: loss.backward())
+    task.prepare(step_env, print)
+    loader = DataLoader(task.dataset, batch_size=min(args.batch_size, len(task.dataset)), num_workers=0, collate_fn=task.collate)
+    batch = next(b for b in loader if b["index"].numel())
+    report = diagnose(model, lambda m: task.micro_batch_loss(m, batch, step_env), strategy)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def train(args) -> tuple[nn.Module, dict]:
+    """The whole run; returns (model, history) so tests can inspect what training changed.
+    Errors the user can fix are raised as TrainingError."""
+    if torch.device(args.device).type == "cuda":  # fp32 matmuls on tensor cores (TF32): ~8x the fp32 rate
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    env = init_distributed(args.device)
+    try:
+        recipe = Recipe(args, env)
+        recipe.setup()
+        history = recipe.train()
+        return recipe.model, history
+    finally:
+        if env.world_size > 1 or dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.list_targets:
+            return list_targets(args)
+        if args.diagnose:
+            return run_diagnosis(args)
+        train(args)
+        return 0
+    except (TrainingError, ManifestError, BadAudioError, BadImageError) as error:  # the user's to fix: the message, no traceback
+        print(f"error: {user_message(error)}", file=sys.stderr)
+        return 2
+
+
+def user_message(error: Exception) -> str:
+    """The error's own message; raised in a DataLoader worker, PyTorch wraps it in the worker's
+    traceback, whose last line is the original `module.ErrorType: message`."""
+    text = str(error).strip()
+    if "Original Traceback" not in text:
+        return text
+    return text.splitlines()[-1].split(": ", 1)[-1]
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,29 +1,37 @@
 """Audio-text batches for contrastive training and retrieval evaluation.
 
     clips (data/manifest.py)
-      -> AudioTextDataset[i]: decode one file, pick this epoch's caption   (runs in DataLoader workers)
-      -> collate_audio_text:  log-mel of the batch, padded to its longest clip (+2 frames, see
-                              models/audio.py `audio_to_features`), with a frame mask
-      -> the training loop:   tokenizes batch["captions"] with the model's tokenizer
+      -> AudioTextDataset[i]: this clip's log-mel (`ClipFeatures`, models/audio.py) from the
+                              feature cache (data/feature_cache.py), or decoded, checked and
+                              computed; this epoch's caption                (DataLoader workers)
+      -> collate_audio_text:  the batch's features, padded to its longest clip (+2 frames, see
+                              models/audio.py `audio_to_features`), a frame mask, and with a
+                              tokenizer the captions' input_ids and attention_mask   (workers too)
+      -> the training loop
 
 Training shows one caption per clip per epoch, drawn from (seed, epoch, index) alone, so a resumed
 run and every worker see the same caption. Evaluation scores every caption: `captions_flat`.
 
-Bad audio (a missing, empty or undecodable file) follows `on_bad_audio`:
+Bad audio follows `on_bad_audio`: a missing, empty or undecodable file, and a decoded clip with
+non-finite samples or too short to give the audio tower one output (`audio_problem`):
 - "fail" (default): raise BadAudioError naming `manifest:line` and the way to skip instead;
 - "skip": the item is a `Skipped(path, line, reason)` marker, the collate leaves it out and lists
   it in batch["skipped"]. The report rides in the batch because workers are separate processes:
-  a counter kept in the dataset would grow in a worker's copy and never reach the loop.
-`precheck` drops missing and empty files before training, with a report; only decoding finds
-the rest.
+  a counter kept in the dataset would grow in a worker's copy and never reach the loop. The
+  feature cache's hit / miss / recomputed counts ride in batch["cache"] for the same reason.
+Bad clips are never written to the feature cache. `precheck` drops missing and empty files before
+training, with a report; only decoding finds the rest.
 
-What the training loop must do:
-1. add len(batch["skipped"]) to a running count and print each entry (or the first few);
-2. when batch["features"] is None every clip of the batch was skipped: skip the step, count it;
-3. for epoch e resumed after k batches: `dataset.set_epoch(e)` and `sampler.set_state(e, k)`, then
-   `iter(loader)`. Workers copy the dataset when the iterator is created, so set the epoch first,
-   and leave `persistent_workers` off (persistent workers keep the epoch they started with).
-   Save (epoch, batches taken from the loader, empty batches included), not the optimizer step.
+What the training loop (train.py) does with them:
+1. counts each distinct skipped file once, prints it, and lists it in skipped.jsonl;
+2. a micro-batch whose every clip was skipped (batch["features"] is None) still reaches the model
+   as zero rows (data/tasks.py), so DDP ranks stay in step; a global batch with nothing readable
+   at all is skipped;
+3. for epoch e resumed after k global batches: `dataset.set_epoch(e)` and `sampler.set_state(e, k)`
+   (data/sampling.py `GlobalBatchSampler`), then `iter(loader)`. Workers copy the dataset when the
+   iterator is created, so set the epoch first, and leave `persistent_workers` off (persistent
+   workers keep the epoch they started with). It saves (epoch, global batches taken), not the
+   optimizer step.
 """
 
 import math
@@ -31,13 +39,56 @@ import random
 import warnings
 from typing import NamedTuple
 
+import soundfile
 import torch
-from torch.utils.data import Dataset, Sampler
+from tokenizers import Tokenizer
+from torch.utils.data import Dataset
 
+from data.feature_cache import CACHE_STATUSES, FeatureCache
 from data.manifest import Clip, check_files
-from models.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, AudioDecodeError, audio_to_features, load_audio
+from models.audio import (
+    CHUNK_LENGTH,
+    HOP_LENGTH,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    AudioDecodeError,
+    ClipFeatures,
+    clip_features,
+    load_audio,
+    pad_clip_features,
+)
+from models.qwen2_audio_encoder import Qwen2AudioEncoder
+from models.tokenizer import tokenize
 
 BAD_AUDIO_POLICIES = ("fail", "skip")
+
+
+def min_valid_frames(output_lengths=Qwen2AudioEncoder.output_lengths) -> int:
+    """The fewest valid log-mel frames for which the audio tower gives one output. For the
+    Qwen2-Audio tower, V frames give ((V - 1) // 2 + 1 - 2) // 2 + 1 outputs (stride-2 conv,
+    then the pool keeps whole pairs): 0 for V <= 2, so a clip needs V >= 3 (over 20 ms); with
+    none, its pooled embedding would be a silent zero vector."""
+    frames = 1
+    while output_lengths(torch.ones(1, frames, dtype=torch.bool)).item() < 1:
+        frames += 1
+    return frames
+
+
+MIN_VALID_FRAMES = min_valid_frames()  # 3
+
+
+def audio_problem(audio: torch.Tensor) -> str | None:
+    """Why a decoded 16 kHz clip cannot be trained on, or None: non-finite samples (which would
+    turn the whole batch's loss into NaN) or too few samples for one encoder output."""
+    n_bad = int((~torch.isfinite(audio)).sum())
+    if n_bad:
+        return f"it holds {n_bad} non-finite samples (NaN or inf)"
+    if math.ceil(audio.numel() / HOP_LENGTH) < MIN_VALID_FRAMES:
+        shortest = (MIN_VALID_FRAMES - 1) * HOP_LENGTH + 1
+        return (f"it is too short: {audio.numel()} samples at {SAMPLE_RATE} Hz "
+                f"({1000 * audio.numel() / SAMPLE_RATE:.1f} ms); the audio tower needs at least "
+                f"{shortest} samples ({1000 * shortest / SAMPLE_RATE:.1f} ms) to give one output")
+    return None
 
 
 class BadAudioError(RuntimeError):
@@ -66,10 +117,13 @@ def split_skipped(items: list, collate_name: str) -> tuple[list[dict], list[Skip
 
 
 class AudioTextDataset(Dataset):
-    """One item a clip: {"index", "audio" (1-D float32 at 16 kHz, at most 30 s), "caption",
-    "path", "line"}, or a Skipped marker for bad audio when on_bad_audio="skip"."""
+    """One item a clip: {"index", "features" (ClipFeatures), "caption", "path", "line", "cache"
+    ("hit" | "miss" | "recomputed", None without a cache)}, or a Skipped marker for bad audio
+    when on_bad_audio="skip". Without a feature_cache the features are computed on every read;
+    the numbers are the same."""
 
-    def __init__(self, clips: list[Clip], seed: int = 0, on_bad_audio: str = "fail"):
+    def __init__(self, clips: list[Clip], seed: int = 0, on_bad_audio: str = "fail", *, n_mels: int,
+                 feature_cache: FeatureCache | None = None):
         if on_bad_audio not in BAD_AUDIO_POLICIES:
             raise ValueError(f"on_bad_audio must be one of {BAD_AUDIO_POLICIES}, got {on_bad_audio!r}")
         if not clips:
@@ -77,6 +131,8 @@ class AudioTextDataset(Dataset):
         self.clips = list(clips)
         self.seed = seed
         self.on_bad_audio = on_bad_audio
+        self.n_mels = n_mels
+        self.feature_cache = feature_cache
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -93,23 +149,39 @@ class AudioTextDataset(Dataset):
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
         return captions[rng.randrange(len(captions))]
 
+    def compute_features(self, clip: Clip) -> ClipFeatures:
+        """Decode, check and transform one clip; AudioDecodeError (or OSError) for bad audio."""
+        audio = load_audio(clip.audio)
+        if len(audio) > N_SAMPLES:
+            warnings.warn(f"{clip.where}: {clip.audio} is {len(audio) / SAMPLE_RATE:.2f} s long; "
+                          f"truncating it to {CHUNK_LENGTH} s as the Whisper feature extractor does")
+            audio = audio[:N_SAMPLES]
+        problem = audio_problem(audio)
+        if problem:
+            raise AudioDecodeError(f"audio file {str(clip.audio)!r}: {problem}")
+        features = clip_features(audio, self.n_mels)
+        if not (torch.isfinite(features.features).all() and math.isfinite(features.fill)):
+            # finite samples whose power overflows float32 (|x| ~ 1e17 and up in a float file): a NaN loss otherwise
+            raise AudioDecodeError(f"audio file {str(clip.audio)!r}: its log-mel is non-finite, its samples reach "
+                                   f"{audio.abs().max().item():.3g} (audio lies in [-1, 1]); re-export it normalised")
+        return features
+
     def __getitem__(self, index: int):
         clip = self.clips[index]
         try:
-            audio = load_audio(clip.audio)
+            if self.feature_cache is None:
+                features, status = self.compute_features(clip), None
+            else:
+                features, status = self.feature_cache.load_or_compute(
+                    clip.audio, self.n_mels, lambda: self.compute_features(clip))
         except (OSError, AudioDecodeError) as e:  # OSError: missing or unreadable file
             if self.on_bad_audio == "skip":
                 return Skipped(str(clip.audio), clip.line, str(e))
             raise BadAudioError(f"{clip.where}: {e}. Fix or remove this manifest line, or pass "
                                 "on_bad_audio='skip' (train.py --on-bad-audio skip) to leave such "
                                 "clips out and report them") from e
-        if len(audio) > N_SAMPLES:
-            # here rather than in audio_to_features, so workers send at most 30 s to the loop
-            warnings.warn(f"{clip.where}: {clip.audio} is {len(audio) / SAMPLE_RATE:.2f} s long; "
-                          f"truncating it to {CHUNK_LENGTH} s as the Whisper feature extractor does")
-            audio = audio[:N_SAMPLES]
-        return {"index": index, "audio": audio, "caption": self.caption(index),
-                "path": str(clip.audio), "line": clip.line}
+        return {"index": index, "features": features, "caption": self.caption(index),
+                "path": str(clip.audio), "line": clip.line, "cache": status}
 
 
 def captions_flat(clips: list[Clip]) -> tuple[list[str], list[int]]:
@@ -122,6 +194,28 @@ def captions_flat(clips: list[Clip]) -> tuple[list[str], list[int]]:
     return texts, text_to_clip
 
 
+def count_truncated_captions(tokenizer: Tokenizer, clips: list[Clip], chunk: int = 1024) -> int:
+    """How many captions of `clips` the tokenizer cuts at its max_length (the text tower's limit),
+    so training can say so once. A cut encoding carries the rest in `overflowing`."""
+    texts, _ = captions_flat(clips)
+    return sum(bool(encoding.overflowing)
+               for start in range(0, len(texts), chunk)
+               for encoding in tokenizer.encode_batch(texts[start : start + chunk]))
+
+
+def clip_durations(clips: list[Clip]) -> list[float]:
+    """Seconds of audio in each clip's file, from its header alone (for --bucket-by-length); 0.0 for
+    a file that cannot be read, which decoding will report in its turn."""
+    durations = []
+    for clip in clips:
+        try:
+            info = soundfile.info(str(clip.audio))
+            durations.append(info.frames / info.samplerate)
+        except (RuntimeError, OSError, ZeroDivisionError):  # soundfile raises LibsndfileError (a RuntimeError)
+            durations.append(0.0)
+    return durations
+
+
 def precheck(clips: list[Clip]) -> tuple[list[Clip], list[tuple[Clip, str]]]:
     """(clips whose file exists and is not empty, [(clip, problem), ...] for the others)."""
     problems = check_files(clips)
@@ -129,64 +223,40 @@ def precheck(clips: list[Clip]) -> tuple[list[Clip], list[tuple[Clip, str]]]:
     return [clip for clip in clips if clip not in bad], problems
 
 
-def collate_audio_text(items: list, n_mels: int, pad_to_30s: bool = False) -> dict:
+def collate_audio_text(items: list, n_mels: int | None = None, pad_to_30s: bool = False,
+                       tokenizer: Tokenizer | None = None) -> dict:
     """Dataset items -> {"features": (B, n_mels, T) float32, "frame_mask": (B, T) bool,
     "captions": [B str], "index": (B,) long, "paths": [B str], "lines": [B int],
-    "skipped": [Skipped, ...]}. If every item was skipped, "features" and "frame_mask" are None.
+    "skipped": [Skipped, ...], "cache": {"hit": int, "miss": int, "recomputed": int},
+    "input_ids": (B, L) long, "attention_mask": (B, L) long}.
 
-    Use `functools.partial(collate_audio_text, n_mels=...)` as a DataLoader's collate_fn.
+    The features equal `audio_to_features` of the batch's clips. input_ids and attention_mask are
+    models/tokenizer.py `tokenize(tokenizer, captions)`, None without a tokenizer. If every item
+    was skipped, the tensors are None. `n_mels`, if given, is checked against the items'.
+    Use `functools.partial(collate_audio_text, n_mels=..., tokenizer=...)` as a collate_fn.
     """
     kept, skipped = split_skipped(items, "collate_audio_text")
+    cache = {status: sum(item["cache"] == status for item in kept) for status in CACHE_STATUSES}
     if not kept:
         return {"features": None, "frame_mask": None, "captions": [], "paths": [], "lines": [],
-                "index": torch.zeros(0, dtype=torch.long), "skipped": skipped}
-    features, frame_mask = audio_to_features([item["audio"] for item in kept], n_mels=n_mels,
-                                             pad_to_30s=pad_to_30s)  # (B, n_mels, T), (B, T)
+                "index": torch.zeros(0, dtype=torch.long), "skipped": skipped, "cache": cache,
+                "input_ids": None, "attention_mask": None}
+    clips = [item["features"] for item in kept]
+    if n_mels is not None and clips[0].features.shape[0] != n_mels:
+        raise ValueError(f"the dataset computed {clips[0].features.shape[0]} mel bins but the collate "
+                         f"expects {n_mels}: build AudioTextDataset with the audio tower's num_mel_bins")
+    features, frame_mask = pad_clip_features(clips, pad_to_30s)  # (B, n_mels, T), (B, T)
+    captions = [item["caption"] for item in kept]
+    input_ids, attention_mask = tokenize(tokenizer, captions) if tokenizer is not None else (None, None)
     return {
         "features": features,
         "frame_mask": frame_mask,
-        "captions": [item["caption"] for item in kept],
+        "captions": captions,
         "index": torch.tensor([item["index"] for item in kept], dtype=torch.long),
         "paths": [item["path"] for item in kept],
         "lines": [item["line"] for item in kept],
         "skipped": skipped,
+        "cache": cache,
+        "input_ids": input_ids,  # (B, L) or None
+        "attention_mask": attention_mask,  # (B, L) or None
     }
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled clip order of one epoch, a function of (seed, epoch) only."""
-    # the prime stride keeps (seed, epoch) pairs apart for any epoch below 1_000_003
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
-
-
-class ResumableBatchSampler(Sampler):
-    """Batches of indices in `epoch_order(n, seed, epoch)`, from batch `batches_done` to the end
-    of the epoch. A run resumed at (epoch, k) therefore sees exactly the batches an uninterrupted
-    run would have seen after its first k. The state changes only through set_state: call it
-    before every epoch. Use as a DataLoader's `batch_sampler`."""
-
-    def __init__(self, n: int, batch_size: int, seed: int = 0, drop_last: bool = False):
-        if n < 1 or batch_size < 1:
-            raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
-        self.n, self.batch_size, self.seed, self.drop_last = n, batch_size, seed, drop_last
-        self.epoch, self.batches_done = 0, 0
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
-
-    def set_state(self, epoch: int, batches_done: int = 0) -> None:
-        if not 0 <= batches_done <= self.batches_per_epoch:
-            raise ValueError(f"batches_done={batches_done} is outside 0..{self.batches_per_epoch}, "
-                             f"the batches in one epoch of {self.n} clips at batch size "
-                             f"{self.batch_size}; was the state saved with another data set or batch size?")
-        self.epoch, self.batches_done = epoch, batches_done
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self.batches_done
-
-    def __iter__(self):
-        order = epoch_order(self.n, self.seed, self.epoch)
-        for b in range(self.batches_done, self.batches_per_epoch):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size]

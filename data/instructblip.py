@@ -6,18 +6,30 @@
       -> VQADataset[i]:     decode the image (models/image.py `load_image`)  (runs in DataLoader workers)
       -> collate_vqa:       pixel_values (B, 3, S, S)              -> vision_model
                             qformer_input_ids/attention_mask       -> qformer, beside the query tokens
-                            input_ids/attention_mask (T5)          -> T5 encoder, after the projected queries
-                            labels (T5, answer + </s>, pads -100)  -> T5 decoder and the LM loss
+           T5 (flan-t5):    input_ids/attention_mask (prompt)      -> T5 encoder, after the projected queries
+                            labels (answer + </s>, pads -100)      -> T5 decoder and the LM loss
+           LLaMA (Vicuna):  input_ids/attention_mask               -> [BOS prompt answer </s>], padded on the right
+                            labels (same positions; -100 on the prompt and the padding) -> next-token loss
+                            prompt_input_ids/prompt_attention_mask -> [BOS prompt], padded on the LEFT, for generate
 
 The prompt is tokenized twice, as in InstructBLIP: the Q-Former reads it with its own BERT
-WordPiece (so the queries extract what the instruction asks about), and T5 reads it with its
-SentencePiece after the projected queries. Unlike audio-text manifests, lines naming the same
-image stay separate examples: each asks its own question.
+WordPiece (so the queries extract what the instruction asks about), and the language model reads it
+with its own tokenizer after the projected queries. Unlike audio-text manifests, lines naming the
+same image stay separate examples: each asks its own question.
+
+Which layout a batch gets is read from the language model's tokenizer (`language_model_layout`):
+T5's appends </s> to every text, LLaMA's puts a BOS in front and no </s> after; `decoder_only`
+states it explicitly and is then checked against the tokenizer. For the decoder-only LM the answer
+is tokenized on its own (no BOS), then </s> appended, as LAVIS's `blip2_vicuna_instruct` does.
+
+Token budgets: `check_texts` measures every line's prompt and answer before training, returning
+(example, reason) like `check_images`, so the run can fail naming the line or skip it; the collate
+refuses an over-long text again, as a last guard.
 
 Bad images follow `on_bad_image`, with the conventions of data/audio_text.py: "fail" (default)
 raises BadImageError naming `manifest:line` and the way to skip; "skip" turns the item into a
 `Skipped(path, line, reason)` that the collate leaves out and lists in batch["skipped"], for the
-training loop to count and print. Batch order and resuming reuse `ResumableBatchSampler`.
+training loop to count and print. Batch order and resuming: data/sampling.py `GlobalBatchSampler`.
 """
 
 import json
@@ -29,7 +41,8 @@ from torch.utils.data import Dataset
 
 from data.audio_text import Skipped, split_skipped
 # the manifest helpers are shared on purpose: the same UTF-8 errors and path rules for both tasks
-from data.manifest import JSON_SUFFIXES, ManifestError, file_problem, json_lines, read_utf8, resolve_path
+from data.manifest import (JSON_SUFFIXES, BadLine, BadRow, ManifestError, file_problem, json_lines, read_utf8,
+                           refuse_or_collect, resolve_path, text_problem)
 from models.image import load_image, preprocess_images
 from models.tokenizer import tokenize
 
@@ -37,6 +50,7 @@ BAD_IMAGE_POLICIES = ("fail", "skip")
 REQUIRED_KEYS = ("image", "prompt", "answer")
 EXAMPLE_LINE = '{"image": "images/a.png", "prompt": "What colour is the shape?", "answer": "red"}'
 T5_EOS = "</s>"  # T5's end of sequence: the labels must end with it, or generation never learns to stop
+LLAMA_EOS = "</s>"  # LLaMA's (and Vicuna's): appended to every answer, where generation stops
 # LAVIS's InstructBLIP limits (max_txt_len, max_output_txt_len); LAVIS truncates silently, we refuse
 MAX_PROMPT_TOKENS = 128
 MAX_ANSWER_TOKENS = 256
@@ -59,10 +73,12 @@ class VQAExample:
         return f"{self.source}:{self.line}"
 
 
-def read_vqa_manifest(path, image_dir=None) -> list[VQAExample]:
+def read_vqa_manifest(path, image_dir=None, bad_lines: list[BadLine] | None = None) -> list[VQAExample]:
     """Parse a JSON Lines VQA manifest into examples, one a line, in file order. Relative image
     paths are resolved against `image_dir`, which defaults to the manifest's folder. Other keys
-    are ignored; whitespace-only lines are layout and skipped."""
+    are ignored; whitespace-only lines are layout and skipped. A line that cannot be read (invalid
+    JSON, a missing key, a blank, invisible or non-string value) is a ManifestError naming it, or,
+    given a `bad_lines` list (a run under --on-bad-image skip), a BadLine appended there."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -70,31 +86,102 @@ def read_vqa_manifest(path, image_dir=None) -> list[VQAExample]:
         raise ManifestError(f"{path}: unknown manifest suffix {path.suffix!r}; an InstructBLIP manifest "
                             f"is .jsonl (or .json) with one JSON object a line, such as {EXAMPLE_LINE}")
     base = Path(image_dir) if image_dir is not None else path.parent
-    examples = [_parse_row(row, where, base, str(path), line_no)
-                for line_no, where, row in json_lines(path, read_utf8(path), EXAMPLE_LINE)]
+    skipped_before = len(bad_lines) if bad_lines is not None else 0
+    examples = []
+    for line_no, _, row in json_lines(path, read_utf8(path), EXAMPLE_LINE, bad_lines):
+        try:
+            examples.append(_parse_row(row, base, str(path), line_no))
+        except BadRow as problem:
+            refuse_or_collect(bad_lines, path, line_no, str(problem))
     if not examples:
-        raise ManifestError(f"{path}: the manifest holds no examples; add lines such as {EXAMPLE_LINE}")
+        skipped = bad_lines[skipped_before:] if bad_lines is not None else []
+        raise ManifestError(f"{path}: the manifest holds no examples; add lines such as {EXAMPLE_LINE}" if not skipped else
+                            f"{path}: none of its {len(skipped)} lines can be read (the first, {skipped[0].where}: "
+                            f"{skipped[0].reason})")
     return examples
 
 
-def _parse_row(row: dict, where: str, base: Path, source: str, line_no: int) -> VQAExample:
+def _parse_row(row: dict, base: Path, source: str, line_no: int) -> VQAExample:
     missing = [key for key in REQUIRED_KEYS if key not in row]
     if missing:
         hint = ' (rename "question" to "prompt")' if "prompt" in missing and "question" in row else ""
-        raise ManifestError(f"{where}: missing {', '.join(map(json.dumps, missing))}{hint}; every line needs "
-                            f"the keys {', '.join(map(json.dumps, REQUIRED_KEYS))}, as in {EXAMPLE_LINE}")
+        raise BadRow(f"missing {', '.join(map(json.dumps, missing))}{hint}; every line needs "
+                     f"the keys {', '.join(map(json.dumps, REQUIRED_KEYS))}, as in {EXAMPLE_LINE}")
     for key in REQUIRED_KEYS:
-        value = row[key]
-        if not isinstance(value, str):
-            raise ManifestError(f'{where}: "{key}" must be a string, got {type(value).__name__} {value!r:.60}')
-        if not value.strip():
-            raise ManifestError(f'{where}: "{key}" is empty; fill it in or remove the line')
+        problem = text_problem(row[key], f'"{key}"')
+        if problem:
+            raise BadRow(f"{problem}; fill it in or remove the line")
     return VQAExample(resolve_path(base, row["image"]), row["prompt"], row["answer"], source, line_no)
 
 
 def check_images(examples: list[VQAExample]) -> list[tuple[VQAExample, str]]:
     """(example, problem) for each example whose image file is missing or empty."""
     return [(example, problem) for example in examples if (problem := file_problem(example.image, "image"))]
+
+
+def language_model_layout(tokenizer) -> str:
+    """"encoder-decoder" if the tokenizer ends every text with </s> (T5's template "$A </s>": the prompt
+    feeds the encoder, the answer the decoder); "decoder-only" if it starts every text with a special
+    token and does not end it with </s> (LLaMA's "<s> $A": prompt and answer form one sequence)."""
+    encoding = tokenizer.encode("a")
+    eos_id = tokenizer.token_to_id(T5_EOS)
+    if eos_id is not None and encoding.ids[-1:] == [eos_id]:
+        return "encoder-decoder"
+    if encoding.special_tokens_mask[:1] == [1]:
+        return "decoder-only"
+    raise ValueError(f"the language model's tokenizer does not end the answers with {T5_EOS} (T5's template "
+                     f"'$A {T5_EOS}', as Flan-T5's tokenizer.json has it) nor start every text with a BOS (LLaMA's "
+                     "'<s> $A'), so it is neither layout: the model would never learn to stop generating; "
+                     "use the checkpoint's own tokenizer.json")
+
+
+def resolve_layout(lm_tokenizer, decoder_only: bool | None) -> str:
+    """The tokenizer's layout, which must agree with `decoder_only` when that is given."""
+    layout = language_model_layout(lm_tokenizer)
+    if decoder_only is not None and (layout == "decoder-only") != decoder_only:
+        raise ValueError(f"decoder_only={decoder_only} but the language model's tokenizer is {layout} "
+                         "(T5 appends </s>, LLaMA prepends a BOS): tokenizer and model come from different checkpoints")
+    return layout
+
+
+def _untruncated(tokenizer):
+    """A copy that neither truncates nor pads, to measure true lengths."""
+    copy = type(tokenizer).from_str(tokenizer.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
+
+
+def _too_long(what: str, n_tokens: int, limit_name: str, limit: int) -> str:
+    return (f"the {what} is {n_tokens} tokens long, more than {limit_name}={limit}; shorten it, or "
+            f"raise {limit_name} if the model's positions allow it")
+
+
+def check_texts(examples: list[VQAExample], qformer_tokenizer, lm_tokenizer, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+                max_answer_tokens: int = MAX_ANSWER_TOKENS, decoder_only: bool | None = None) -> list[tuple[VQAExample, str]]:
+    """(example, problem) for each example whose prompt or answer exceeds its token budget (the problem
+    names neither file nor line: the caller prints `example.where`, as for check_images), measured
+    as collate_vqa will (special tokens and the answer's </s> included, nothing truncated): run it on
+    the whole manifest before training, so a long line 40 000 examples in fails now, not hours later."""
+    layout = resolve_layout(lm_tokenizer, decoder_only)
+    lm_name = "T5" if layout == "encoder-decoder" else "LLaMA"
+    qformer, lm = _untruncated(qformer_tokenizer), _untruncated(lm_tokenizer)
+    prompts, answers = [e.prompt for e in examples], [e.answer for e in examples]
+    qformer_lengths = [len(e.ids) for e in qformer.encode_batch(prompts)]
+    prompt_lengths = [len(e.ids) for e in lm.encode_batch(prompts)]
+    if layout == "encoder-decoder":
+        answer_lengths = [len(e.ids) for e in lm.encode_batch(answers)]  # </s> comes from the template
+    else:
+        answer_lengths = [len(e.ids) + 1 for e in lm.encode_batch(answers, add_special_tokens=False)]  # + </s>
+    problems = []
+    for example, n_qformer, n_prompt, n_answer in zip(examples, qformer_lengths, prompt_lengths, answer_lengths):
+        checks = [(n_qformer, "prompt in Q-Former tokens", "max_prompt_tokens", max_prompt_tokens),
+                  (n_prompt, f"prompt in {lm_name} tokens", "max_prompt_tokens", max_prompt_tokens),
+                  (n_answer, f"answer in {lm_name} tokens", "max_answer_tokens", max_answer_tokens)]
+        reason = next((_too_long(what, n, name, limit) for n, what, name, limit in checks if n > limit), None)
+        if reason:
+            problems.append((example, reason))
+    return problems
 
 
 class VQADataset(Dataset):
@@ -136,25 +223,72 @@ def _tokenize_checked(tokenizer, texts: list[str], items: list[dict], max_tokens
     ids, mask = tokenize(tokenizer, texts)  # (B, L), (B, L), padded to the batch's longest
     for item, n_tokens in zip(items, mask.sum(dim=1).tolist()):
         if n_tokens > max_tokens:
-            raise ValueError(f"{item['where']}: the {what} is {n_tokens} tokens long, more than "
-                             f"{limit_name}={max_tokens}; shorten it, or raise {limit_name} if the "
-                             "model's positions allow it")
+            raise ValueError(f"{item['where']}: {_too_long(what, n_tokens, limit_name, max_tokens)}")
     return ids, mask
 
 
-def collate_vqa(items: list, image_size: int, qformer_tokenizer, t5_tokenizer,
-                max_prompt_tokens: int = MAX_PROMPT_TOKENS, max_answer_tokens: int = MAX_ANSWER_TOKENS) -> dict:
-    """Dataset items -> {"pixel_values": (B, 3, S, S) float32, "qformer_input_ids" / "qformer_attention_mask":
-    (B, Lq) long, "input_ids" / "attention_mask": (B, Lp) long, "labels": (B, La) long with -100 on padding,
-    "prompts", "answers", "paths": [B str], "lines": [B int], "index": (B,) long, "skipped": [Skipped, ...]}.
-    Token tensors are padded to the batch's longest text. If every item was skipped, the tensor
-    entries are None (and "index" is empty).
+def _real_ids(encoding) -> list[int]:
+    """An encoding's ids without the padding the tokenizer added (on whichever side)."""
+    return [i for i, m in zip(encoding.ids, encoding.attention_mask) if m]
 
-    The tokenizers are `tokenizers.Tokenizer`s with padding enabled (models/tokenizer.py); the T5
-    one must append </s> (Flan-T5's template "$A </s>"). Use `functools.partial(collate_vqa,
-    image_size=..., qformer_tokenizer=..., t5_tokenizer=...)` as a DataLoader's collate_fn:
-    Tokenizer objects pickle, so workers get their own copies.
+
+def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ids (B, L) and mask (B, L), padded to the longest on the right (or left)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span], mask[i, span] = torch.tensor(row, dtype=torch.long), 1
+    return ids, mask
+
+
+def decoder_only_tensors(lm_tokenizer, prompts: list[str], answers: list[str], items: list[dict],
+                         max_prompt_tokens: int, max_answer_tokens: int) -> dict:
+    """One causal sequence per example, [BOS prompt answer </s>], and its prompt alone for generation.
+
+    input_ids/attention_mask (B, L), right-padded; labels (B, L): the answer and </s> where they sit,
+    -100 on the prompt (it is given, not predicted) and on padding; prompt_input_ids/attention_mask
+    (B, Lp), left-padded, so generation continues every row right after its own last prompt token."""
+    eos_id = lm_tokenizer.token_to_id(LLAMA_EOS)
+    pad_id = lm_tokenizer.padding["pad_id"] if lm_tokenizer.padding else eos_id  # never read: masked, labels -100
+    prompt_rows = [_real_ids(e) for e in lm_tokenizer.encode_batch(prompts)]  # BOS prompt
+    answer_rows = [_real_ids(e) + [eos_id] for e in lm_tokenizer.encode_batch(answers, add_special_tokens=False)]
+    for item, prompt, answer in zip(items, prompt_rows, answer_rows):
+        if len(prompt) > max_prompt_tokens:
+            raise ValueError(f"{item['where']}: {_too_long('prompt in LLaMA tokens', len(prompt), 'max_prompt_tokens', max_prompt_tokens)}")
+        if len(answer) > max_answer_tokens:
+            raise ValueError(f"{item['where']}: {_too_long('answer in LLaMA tokens', len(answer), 'max_answer_tokens', max_answer_tokens)}")
+    input_ids, attention_mask = _pad([p + a for p, a in zip(prompt_rows, answer_rows)], pad_id)
+    labels, _ = _pad([[-100] * len(p) + a for p, a in zip(prompt_rows, answer_rows)], -100)
+    prompt_ids, prompt_mask = _pad(prompt_rows, pad_id, left=True)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "prompt_input_ids": prompt_ids, "prompt_attention_mask": prompt_mask}
+
+
+def collate_vqa(items: list, image_size: int, qformer_tokenizer, lm_tokenizer=None,
+                max_prompt_tokens: int = MAX_PROMPT_TOKENS, max_answer_tokens: int = MAX_ANSWER_TOKENS, *,
+                decoder_only: bool | None = None, t5_tokenizer=None) -> dict:
+    """Dataset items -> {"pixel_values": (B, 3, S, S) float32, "qformer_input_ids" / "qformer_attention_mask":
+    (B, Lq) long, "input_ids" / "attention_mask" / "labels": (B, L) long (see below), "prompts", "answers",
+    "paths": [B str], "lines": [B int], "index": (B,) long, "skipped": [Skipped, ...]}. Token tensors are
+    padded to the batch's longest text. If every item was skipped, the tensor entries are None (and "index"
+    is empty).
+
+    T5 (the tokenizer appends </s>): input_ids is the prompt, labels the answer + </s> (-100 on padding).
+    LLaMA (the tokenizer prepends a BOS): input_ids is [BOS prompt answer </s>], labels the same positions
+    with -100 on the prompt and padding, plus "prompt_input_ids" / "prompt_attention_mask" (B, Lp) padded
+    on the left for generation (`decoder_only_tensors`). `decoder_only` (default: read from the
+    tokenizer, `language_model_layout`) must match the tokenizer when given.
+
+    The tokenizers are `tokenizers.Tokenizer`s with padding enabled (models/tokenizer.py). Use
+    `functools.partial(collate_vqa, image_size=..., qformer_tokenizer=..., lm_tokenizer=...)` as a
+    DataLoader's collate_fn: Tokenizer objects pickle, so workers get their own copies. `t5_tokenizer`
+    is the former name of `lm_tokenizer`, still accepted.
     """
+    if (lm_tokenizer is None) == (t5_tokenizer is None):
+        raise TypeError("collate_vqa takes the language model's tokenizer once, as lm_tokenizer (or its old name t5_tokenizer)")
+    lm_tokenizer = lm_tokenizer if lm_tokenizer is not None else t5_tokenizer
     kept, skipped = split_skipped(items, "collate_vqa")
     if not kept:
         return {"pixel_values": None, "qformer_input_ids": None, "qformer_attention_mask": None,
@@ -164,11 +298,31 @@ def collate_vqa(items: list, image_size: int, qformer_tokenizer, t5_tokenizer,
     prompts, answers = [item["prompt"] for item in kept], [item["answer"] for item in kept]
     qformer_ids, qformer_mask = _tokenize_checked(qformer_tokenizer, prompts, kept, max_prompt_tokens,
                                                   "max_prompt_tokens", "prompt in Q-Former tokens")
-    input_ids, attention_mask = _tokenize_checked(t5_tokenizer, prompts, kept, max_prompt_tokens,
-                                                  "max_prompt_tokens", "prompt in T5 tokens")
-    answer_ids, answer_mask = _tokenize_checked(t5_tokenizer, answers, kept, max_answer_tokens,
-                                                "max_answer_tokens", "answer in T5 tokens")
+    if resolve_layout(lm_tokenizer, decoder_only) == "decoder-only":
+        text = decoder_only_tensors(lm_tokenizer, prompts, answers, kept, max_prompt_tokens, max_answer_tokens)
+    else:
+        text = _encoder_decoder_tensors(lm_tokenizer, prompts, answers, kept, max_prompt_tokens, max_answer_tokens)
 
+    return {
+        "pixel_values": preprocess_images([item["image"] for item in kept], image_size),  # (B, 3, S, S)
+        "qformer_input_ids": qformer_ids,
+        "qformer_attention_mask": qformer_mask,
+        **text,
+        "prompts": prompts,
+        "answers": answers,
+        "paths": [item["path"] for item in kept],
+        "lines": [item["line"] for item in kept],
+        "index": torch.tensor([item["index"] for item in kept], dtype=torch.long),
+        "skipped": skipped,
+    }
+
+
+def _encoder_decoder_tensors(t5_tokenizer, prompts, answers, items, max_prompt_tokens, max_answer_tokens) -> dict:
+    """T5: input_ids/attention_mask (B, Lp) the prompt for the encoder, labels (B, La) the answer + </s>."""
+    input_ids, attention_mask = _tokenize_checked(t5_tokenizer, prompts, items, max_prompt_tokens,
+                                                  "max_prompt_tokens", "prompt in T5 tokens")
+    answer_ids, answer_mask = _tokenize_checked(t5_tokenizer, answers, items, max_answer_tokens,
+                                                "max_answer_tokens", "answer in T5 tokens")
     eos_id = t5_tokenizer.token_to_id(T5_EOS)
     last_tokens = [row[mask.bool()][-1].item() for row, mask in zip(answer_ids, answer_mask)]  # either padding side
     if eos_id is None or any(token != eos_id for token in last_tokens):
@@ -178,18 +332,4 @@ def collate_vqa(items: list, image_size: int, qformer_tokenizer, t5_tokenizer,
     # -100 is the ignore_index of cross_entropy: padding contributes no loss. The mask, not
     # `ids == pad_id` as LAVIS does, decides: a tokenizer may pad with an id it also uses for text.
     labels = answer_ids.masked_fill(answer_mask == 0, -100)  # (B, La)
-
-    return {
-        "pixel_values": preprocess_images([item["image"] for item in kept], image_size),  # (B, 3, S, S)
-        "qformer_input_ids": qformer_ids,
-        "qformer_attention_mask": qformer_mask,
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "prompts": prompts,
-        "answers": answers,
-        "paths": [item["path"] for item in kept],
-        "lines": [item["line"] for item in kept],
-        "index": torch.tensor([item["index"] for item in kept], dtype=torch.long),
-        "skipped": skipped,
-    }
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,42 +1,121 @@
 """Audio-text manifests -> a list of clips, each with its captions and the manifest line it came from.
 
+    clips, location = load_manifest("clotho/clotho_captions_development.csv", flag="--train-audio-dir")
+    if location.note:
+        print(location.note)   # audio of clotho/clotho_captions_development.csv found in
+                               # /data/clotho/development (Clotho layout: 3839 of 3839 files)
+    clips = read_manifest(path, audio_dir=None)   # the same clips, without the location
+
 Three formats, chosen by the file's suffix and, for CSV, by its header row:
 
 - JSON Lines (`.jsonl` or `.json`): one object a line, `{"audio": "clips/a.wav", "text": "a dog
   barks"}` or `{"audio": "clips/a.wav", "captions": ["a dog barks", "barking"]}`. Other keys are
   ignored. Rows naming the same audio file form one clip, their captions merged in file order.
   Whitespace-only lines are skipped: they are layout, not data, so nothing is lost.
-- Clotho CSV: header `file_name,caption_1,...,caption_5`, one row a clip.
+- Clotho CSV: header `file_name,caption_1,...,caption_5`, one row a clip. File names hold spaces,
+  commas (quoted cells) and non-ASCII letters.
 - AudioCaps CSV: header `audiocap_id,youtube_id,start_time,caption`, one row a caption; the rows
   of one (youtube_id, start_time) form one clip.
 
-Relative audio paths are resolved against `audio_dir`, which defaults to the manifest's folder.
-Clotho and AudioCaps keep their audio in a folder of their own (Clotho's
-`clotho_captions_development.csv` sits beside `development/`): pass that folder as `audio_dir`.
-AudioCaps ships no audio, and each download tool names the files differently, so a clip's file
-is the first of AUDIOCAPS_NAMES x AUDIO_SUFFIXES that exists in `audio_dir`, or else the first
-name (`<youtube_id>_<start_time>.wav`), which `check_files` then reports as missing.
+Where the audio is. Relative paths resolve against `audio_dir` when it is given (the scripts'
+`--train-audio-dir`, `--eval-audio-dir`, `--audio-dir`), used as is. Without it, a JSON Lines
+manifest's paths are relative to the manifest's folder, as written. A CSV names bare files, and the
+public sets keep them in a folder of their own, so `load_manifest` looks where each set ships them
+and takes the folder only if it holds at least half of the manifest's files (the most, if several
+do; the manifest's own folder first on a tie). `location.note` then says where it looked and what
+it found; if no folder qualifies, a ManifestError lists every folder tried and the flag to pass.
 
-Every error starts with `manifest:line:` (1-based). A missing audio file is not a parse error,
-since a manifest may be written before its audio is fetched: `check_files` lists those.
+    Clotho (Zenodo archives,                AudioCaps (CSVs from github.com/cdjkim/audiocaps,
+    clotho_captions_<split>.csv)            <split>.csv, audio from a download tool)
+    clotho/                                 audiocaps/
+    ├── clotho_captions_development.csv     ├── train.csv  val.csv  test.csv
+    ├── development/   <- 7z extracts here  ├── train/ val/ test/   audiocaps-download, audiocaps-dl
+    ├── clotho_captions_evaluation.csv      ├── audio/<split>/      aac-datasets <= 0.3
+    └── evaluation/                         └── audio_32000Hz/<split>/   aac-datasets >= 0.4
+    (also clotho_csv_files/ beside          (also the CSVs in a subfolder: dataset/, csv_files_v1/,
+    clotho_audio_files/<split>/)            with the audio folders beside it)
+
+CLOTHO_FOLDERS and AUDIOCAPS_FOLDERS list them; `val` also finds `valid/` and `validation/`.
+AudioCaps ships no audio, and each download tool names a clip's file its own way
+(AUDIOCAPS_NAMES x AUDIO_SUFFIXES): a clip's file is the first of those that exists, or else the
+first name (`<youtube_id>_<start_time>.wav`), which `check_files` then reports as missing.
+
+Names on disk are matched up to Unicode normalisation: archives made on macOS store `café.wav` as
+NFD (`cafe` + a combining accent) while the CSV spells it NFC; on Linux those are different
+names, so a name is looked up exactly first and then by its NFC form, and the clip gets the name
+as it is on disk.
+
+Every error starts with `manifest:line:` (1-based), or with the manifest's path when it concerns
+the whole file. A missing audio file is not a parse error, since a manifest may be written before
+its audio is fetched: `check_files` lists those. A training run that skips bad input passes a
+`bad_lines` list: a row that cannot be read (invalid JSON, a missing key, a blank or invisible or
+non-string caption, a CSV row with a missing cell) then becomes a `BadLine` there and is left out,
+for the run to count and list in skipped.jsonl; whole-file problems are errors either way.
 """
 
 import csv
+import glob
 import io
 import json
+import math
 import os
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 CLOTHO_HEADER = ["file_name", "caption_1", "caption_2", "caption_3", "caption_4", "caption_5"]
 AUDIOCAPS_HEADER = ["audiocap_id", "youtube_id", "start_time", "caption"]
-AUDIOCAPS_NAMES = ("{youtube_id}_{start_time}", "{youtube_id}", "{audiocap_id}")
-AUDIO_SUFFIXES = (".wav", ".flac")
+AUDIOCAPS_NAMES = (
+    "{youtube_id}_{start_time}",  # aac-datasets (`.flac`) and most download scripts
+    "{youtube_id}",  # yt-dlp's default output template, %(id)s
+    "{audiocap_id}",  # audiocaps-download (pip): one copy per caption row; its default suffix is .ogg
+    "Y{youtube_id}",  # AudioSet's convention (PANNs' downloader), which AudioCaps clips come from
+    "{youtube_id}_{start_ms}_{end_ms}",  # audiocaps-dl (xieh97): milliseconds, end = start + 10 s
+    "Y{youtube_id}_{start_s}_{end_s}",  # AudioSet-derived sets (DESED): Y<id>_30.000_40.000
+)
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")  # all decoded by soundfile (libsndfile >= 1.1)
 JSON_SUFFIXES = (".jsonl", ".json")
+CLIP_SECONDS = 10  # every AudioCaps clip is the 10 s from start_time on
+# Where each set's audio is, relative to the CSV's folder; "{split}" comes from the CSV's name.
+CLOTHO_FOLDERS = ("{split}", "clotho_audio_{split}", "audio/{split}", "../clotho_audio_files/{split}",
+                  "../{split}", "../audio/{split}")
+AUDIOCAPS_FOLDERS = ("{split}", "audio/{split}", "audio_*/{split}", "audio", "../{split}", "../audio/{split}",
+                     "../audio_*/{split}", "../audio")
+SPLIT_ALIASES = {"val": ("val", "valid", "validation"), "valid": ("valid", "val", "validation"),
+                 "validation": ("validation", "val", "valid"), "train_v2": ("train_v2", "train")}
+FLAG_HINT = "the audio folder option (--train-audio-dir / --eval-audio-dir of train.py, --audio-dir of eval.py)"
 
 
 class ManifestError(ValueError):
     """A manifest that cannot be read as written; the message starts with `manifest:line:`."""
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A manifest line left out because it cannot be read: what a reader appends to the
+    `bad_lines` list it was given (a training run under `--on-bad-audio skip`) instead of
+    raising a ManifestError naming the line."""
+    source: str  # the manifest's path
+    line: int  # 1-based
+    reason: str  # what is wrong with the line and what to do, without the `manifest:line:` prefix
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+class BadRow(ValueError):
+    """Raised by the parser of one row: that line's problem, to which `refuse_or_collect` adds
+    the `manifest:line:` prefix (or which it collects)."""
+
+
+def refuse_or_collect(bad_lines: list[BadLine] | None, path, line: int, reason: str) -> None:
+    """A line that cannot be read: a ManifestError naming it (bad_lines is None: the default, and
+    always for evaluation manifests), or one more BadLine in `bad_lines`, the line left out."""
+    if bad_lines is None:
+        raise ManifestError(f"{path}:{line}: {reason}")
+    bad_lines.append(BadLine(str(path), line, reason))
 
 
 @dataclass(frozen=True)
@@ -51,8 +130,46 @@ class Clip:
         return f"{self.source}:{self.line}"
 
 
-def read_manifest(path, audio_dir=None) -> list[Clip]:
+@dataclass(frozen=True)
+class AudioLocation:
+    """Where a manifest's relative audio paths were resolved, and why there."""
+    manifest: str
+    folder: Path  # absolute
+    how: str  # "given", "beside the manifest", "Clotho layout" or "AudioCaps layout"
+    found: int  # clips whose audio file exists in `folder`
+    total: int  # clips in the manifest
+
+    @property
+    def note(self) -> str | None:
+        """One line for the log when the folder was found by looking in a dataset's layout, else None."""
+        if not self.how.endswith("layout"):
+            return None
+        return f"audio of {self.manifest} found in {self.folder} ({self.how}: {self.found} of {self.total} files)"
+
+
+@dataclass
+class _Entry:
+    """The rows of one clip before its folder is known."""
+    line: int
+    names: list[str]  # its file's possible names, best first: relative to the audio folder, or absolute
+    captions: list[str]
+
+
+def read_manifest(path, audio_dir=None, bad_lines: list[BadLine] | None = None) -> list[Clip]:
     """Parse a manifest (see the module docstring) into clips, in order of first appearance."""
+    return load_manifest(path, audio_dir, bad_lines=bad_lines)[0]
+
+
+def load_manifest(path, audio_dir=None, flag: str = FLAG_HINT,
+                  bad_lines: list[BadLine] | None = None) -> tuple[list[Clip], AudioLocation]:
+    """The clips of a manifest and where their audio was found. `flag` names the option that sets
+    `audio_dir`, for the error raised when no folder holds the audio.
+
+    A row that cannot be read (invalid JSON, a missing key, a blank, invisible or non-string caption, a CSV
+    row with a missing cell) is a ManifestError naming its line; given a `bad_lines` list, it is
+    appended there as a BadLine and left out instead, so a run that skips bad input can count and
+    list it. Errors about the whole file (its header, its encoding, no readable row) are raised
+    either way."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -60,12 +177,28 @@ def read_manifest(path, audio_dir=None) -> list[Clip]:
     if suffix not in JSON_SUFFIXES + (".csv",):
         raise ManifestError(f"{path}: unknown manifest suffix {path.suffix!r}; use .jsonl (or .json) "
                             "with one JSON object a line, or a Clotho / AudioCaps .csv")
-    base = Path(audio_dir) if audio_dir is not None else path.parent
     text = read_utf8(path)
-    rows = _jsonl_rows(path, text, base) if suffix in JSON_SUFFIXES else _csv_rows(path, text, base)
-    if not rows:
-        raise ManifestError(f"{path}: the manifest holds no clips; add at least one row")
-    return _group(rows, str(path))
+    skipped_before = len(bad_lines) if bad_lines is not None else 0
+    if suffix in JSON_SUFFIXES:
+        kind, entries = "JSON Lines", _jsonl_entries(path, text, bad_lines)
+    else:
+        kind, entries = _csv_entries(path, text, bad_lines)
+    if not entries:
+        skipped = bad_lines[skipped_before:] if bad_lines is not None else []
+        raise ManifestError(f"{path}: the manifest holds no clips; add at least one row" if not skipped else
+                            f"{path}: none of its {len(skipped)} rows can be read (the first, {skipped[0].where}: "
+                            f"{skipped[0].reason})")
+    disk = DiskNames()
+    location = _locate(path, kind, entries, audio_dir, flag, disk)
+    clips: dict[Path, Clip] = {}  # two spellings of one file (a/../b.wav, b.wav) stay one clip
+    for entry in entries:
+        audio = _find(disk, location.folder, entry.names) or resolve_path(location.folder, entry.names[0])
+        if audio in clips:
+            clip = clips[audio]
+            clips[audio] = Clip(audio, clip.captions + tuple(entry.captions), clip.source, clip.line)
+        else:
+            clips[audio] = Clip(audio, tuple(entry.captions), str(path), entry.line)
+    return list(clips.values()), location
 
 
 def file_problem(path: Path, what: str) -> str | None:
@@ -97,64 +230,236 @@ def read_utf8(path: Path) -> str:
 
 def resolve_path(base: Path, audio: str) -> Path:
     # abspath, not resolve(): keep symlinked dataset folders as the user wrote them in messages
-    return Path(os.path.abspath(base / audio))
+    return Path(os.path.abspath(Path(base) / audio))
 
 
-def _check_caption(caption, where: str, field: str) -> str:
-    if not isinstance(caption, str):
-        raise ManifestError(f"{where}: {field} must be a string, got {type(caption).__name__} "
-                            f"{caption!r:.60}")
-    if not caption.strip():
-        raise ManifestError(f"{where}: {field} is empty; give every clip real captions or remove the row")
+def nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+class DiskNames:
+    """Finds a file by name, exactly or up to Unicode normalisation, listing each folder once.
+
+    One listing per folder instead of a stat per candidate name: AudioCaps' 46k clips times
+    24 candidate names in several folders would otherwise be a million system calls."""
+
+    def __init__(self):
+        self._listings: dict[Path, tuple[set[str], dict[str, str]] | None] = {}
+
+    def _listing(self, folder: Path):
+        if folder not in self._listings:
+            try:
+                names = os.listdir(folder)
+            except OSError:  # missing, not a folder, or not readable
+                self._listings[folder] = None
+            else:
+                self._listings[folder] = (set(names), {nfc(name): name for name in names})
+        return self._listings[folder]
+
+    def find(self, path: Path) -> Path | None:
+        """`path` (absolute) as it is spelled on disk, or None if nothing exists there."""
+        if path.parent == path:  # the file system's root
+            return path if path.exists() else None
+        parent = path.parent
+        if self._listing(parent) is None:
+            if os.path.isdir(parent):  # a folder we may enter but not list
+                return path if os.path.lexists(path) else None
+            parent = self.find(parent)  # the folder itself may be spelled in another normalisation
+            if parent is None:
+                return None
+        return self.find_in(parent, path.name)
+
+    def find_in(self, folder: Path, name: str) -> Path | None:
+        """`folder / name` as spelled on disk, for a bare file name; None if absent or unlistable."""
+        listing = self._listing(folder)
+        if listing is None:
+            return None
+        exact, by_nfc = listing
+        if name in exact:
+            return folder / name
+        on_disk = by_nfc.get(nfc(name))
+        return folder / on_disk if on_disk is not None else None
+
+
+def _find(disk: DiskNames, folder: Path, names: list[str]) -> Path | None:
+    """The first of `names` that exists under `folder` (absolute names: anywhere), as spelled on disk."""
+    for name in names:
+        if "/" in name or os.sep in name:  # a path: resolved component by component
+            found = disk.find(resolve_path(folder, name))
+        else:  # a bare name (every CSV's): one lookup in the folder's listing
+            found = disk.find_in(folder, name)
+        if found is not None:
+            return found
+    return None
+
+
+def _split_of(path: Path, kind: str) -> str | None:
+    """The split a CSV's name says it holds: clotho_captions_<split>.csv, AudioCaps' <split>.csv."""
+    if kind == "Clotho":
+        match = re.fullmatch(r"clotho_captions_(\w+)", path.stem, flags=re.IGNORECASE)
+        return match.group(1) if match else None
+    return path.stem  # AudioCaps: train.csv, val.csv, test.csv
+
+
+def _layout_folders(path: Path, kind: str) -> list[Path]:
+    """The folders where `kind`'s audio ships, relative to the CSV at `path` (globs expanded)."""
+    split = _split_of(path, kind)
+    if split is None:
+        return []
+    templates = CLOTHO_FOLDERS if kind == "Clotho" else AUDIOCAPS_FOLDERS
+    folders = []
+    for template in templates:
+        for name in SPLIT_ALIASES.get(split, (split,)) if "{split}" in template else ("",):
+            relative = template.replace("{split}", name)
+            if "*" in relative:  # audio_32000Hz: the sample rate is part of the folder's name
+                folders += sorted(Path(p) for p in glob.glob(os.path.join(glob.escape(str(path.parent)), relative)))
+            else:
+                folders.append(path.parent / relative)
+    folders = [Path(os.path.abspath(folder)) for folder in folders]
+    return list(dict.fromkeys(folders))
+
+
+def _locate(path: Path, kind: str, entries: list[_Entry], audio_dir, flag: str, disk: DiskNames) -> AudioLocation:
+    """Choose the folder that relative audio paths resolve against (see the module docstring)."""
+    def found_in(folder: Path) -> int:
+        if not os.path.isdir(folder):
+            return 0
+        return sum(_find(disk, folder, entry.names) is not None for entry in entries)
+
+    def location(folder: Path, how: str, found: int | None = None) -> AudioLocation:
+        return AudioLocation(str(path), folder, how, found_in(folder) if found is None else found, len(entries))
+
+    beside = Path(os.path.abspath(path.parent))
+    if audio_dir is not None:
+        return location(Path(os.path.abspath(audio_dir)), "given")
+    if kind == "JSON Lines":  # its paths are relative to the manifest by definition
+        return location(beside, "beside the manifest")
+    tried = [(beside, "beside the manifest", found_in(beside))]
+    if tried[0][2] < len(entries):  # unless the manifest's folder holds every file, look where the set ships it
+        tried += [(folder, f"{kind} layout", found_in(folder)) for folder in _layout_folders(path, kind) if folder != beside]
+    folder, how, found = max(tried, key=lambda t: t[2])  # max keeps the first of equals: the manifest's folder
+    if found >= max(1, math.ceil(len(entries) / 2)):
+        return location(folder, how, found)
+
+    example = entries[0].names[0]
+    lines = [f"{path}: " + (f"none of its {len(entries)} audio files (the first: {example!r}) exist in the folders tried"
+                            if found == 0 else
+                            f"only {found} of its {len(entries)} audio files were found, the most in {folder}")]
+    lines += [f"  {f}  ({h}): {n} found" if os.path.isdir(f) else f"  {f}  ({h}): no such folder" for f, h, n in tried]
+    if _split_of(path, kind) is None:
+        lines.append(f"  (a {kind} CSV named " + ("clotho_captions_<split>.csv" if kind == "Clotho" else "<split>.csv")
+                     + " is also looked for in its split's folder)")
+    lines.append(f"pass the folder that holds them with {flag}" + ("" if found == 0 else
+                 " (a folder given so is used as is, and the files missing there are listed with their lines)"))
+    raise ManifestError("\n".join(lines))
+
+
+def text_problem(value, field: str) -> str | None:
+    """Why `value` cannot be a caption (or a prompt, an answer), or None: not a string, blank, or
+    without one visible character. Zero-width spaces, a byte-order mark, control characters and
+    lone combining accents pass `str.strip()`, but tokenizers drop them all, and a text of special
+    tokens alone would train on nothing without a word."""
+    if not isinstance(value, str):
+        return f"{field} must be a string, got {type(value).__name__} {value!r:.60}"
+    if not value.strip():
+        return f"{field} is empty"
+    if not any(unicodedata.category(ch)[0] in "LNPS" for ch in value):  # letters, numbers, punctuation, symbols
+        return (f"{field} has no visible character ({value!r:.60}: only spaces, control, zero-width or "
+                "combining characters), so it tokenizes to nothing")
+    return None
+
+
+def _check_caption(caption, field: str) -> str:
+    problem = text_problem(caption, field)
+    if problem:
+        raise BadRow(f"{problem}; give every clip real captions or remove the row")
     return caption
 
 
-def json_lines(path: Path, text: str, example: str):
+def json_lines(path: Path, text: str, example: str, bad_lines: list[BadLine] | None = None):
     """Yield (line number, "manifest:line", object) for each non-blank line of a JSON Lines text;
-    a line that is not one JSON object is an error naming it (`example` shows a good line)."""
+    a line that is not one JSON object is an error naming it (`example` shows a good line), or,
+    given a `bad_lines` list, a BadLine appended there (`refuse_or_collect`)."""
     # split("\n"), not splitlines(): the latter also breaks at U+2028 and friends, which JSON
     # strings may hold literally, and would shift every later line number
     for line_no, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
-        where = f"{path}:{line_no}"
         try:
             row = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise ManifestError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); "
-                                "each line must hold one JSON object") from e
+            refuse_or_collect(bad_lines, path, line_no, f"invalid JSON ({e.msg}, column {e.colno}); "
+                              f"each line must hold one JSON object such as {example}")
+            continue
         if not isinstance(row, dict):
-            raise ManifestError(f"{where}: expected a JSON object such as {example}, got a {type(row).__name__}")
-        yield line_no, where, row
+            refuse_or_collect(bad_lines, path, line_no, f"expected a JSON object such as {example}, "
+                              f"got a {type(row).__name__}")
+            continue
+        yield line_no, f"{path}:{line_no}", row
 
 
-def _jsonl_rows(path: Path, text: str, base: Path) -> list[tuple[int, Path, list[str]]]:
-    rows = []  # (line, audio path, captions)
-    for line_no, where, row in json_lines(path, text, '{"audio": "a.wav", "text": "a dog barks"}'):
-        if "audio" not in row:
-            raise ManifestError(f'{where}: missing "audio" (the path of the clip, relative to '
-                                f"{base})")
-        audio = row["audio"]
-        if not isinstance(audio, str) or not audio.strip():
-            raise ManifestError(f'{where}: "audio" must be a non-empty path string, got {audio!r:.60}')
-        if ("text" in row) == ("captions" in row):
-            which = 'both "text" and' if "text" in row else 'neither "text" nor'
-            raise ManifestError(f'{where}: has {which} "captions"; give one caption as "text" or '
-                                'a list of them as "captions"')
-        if "text" in row:
-            captions = [_check_caption(row["text"], where, '"text"')]
-        else:
-            captions = row["captions"]
-            if not isinstance(captions, list) or not captions:
-                raise ManifestError(f'{where}: "captions" must be a non-empty list of strings, '
-                                    f"got {captions!r:.60}")
-            for k, caption in enumerate(captions):
-                _check_caption(caption, where, f'"captions"[{k}]')
-        rows.append((line_no, resolve_path(base, audio), list(captions)))
-    return rows
+def _add(entries: dict, key, line: int, names: list[str], captions: list[str]):
+    """Rows with one key are one clip: the first row's line, every row's names and captions in order."""
+    entry = entries.setdefault(key, _Entry(line, [], []))
+    entry.names += [name for name in names if name not in entry.names]
+    entry.captions += captions
 
 
-def _csv_rows(path: Path, text: str, base: Path) -> list[tuple[int, Path, list[str]]]:
+def _name_key(name: str) -> str:
+    # './a.wav' and 'a.wav', or an NFC and an NFD spelling, name one file
+    return nfc(os.path.normpath(name))
+
+
+def _jsonl_row(row: dict) -> tuple[str, list[str]]:
+    """One JSON Lines row -> (audio path as written, captions); BadRow says what is wrong."""
+    if "audio" not in row:
+        raise BadRow('missing "audio" (the path of the clip\'s audio file); add it or remove the line')
+    audio = row["audio"]
+    if not isinstance(audio, str) or not audio.strip():
+        raise BadRow(f'"audio" must be a non-empty path string, got {audio!r:.60}')
+    if ("text" in row) == ("captions" in row):
+        which = 'both "text" and' if "text" in row else 'neither "text" nor'
+        raise BadRow(f'has {which} "captions"; give one caption as "text" or a list of them as "captions"')
+    if "text" in row:
+        return audio, [_check_caption(row["text"], '"text"')]
+    captions = row["captions"]
+    if not isinstance(captions, list) or not captions:
+        raise BadRow(f'"captions" must be a non-empty list of strings, got {captions!r:.60}')
+    return audio, [_check_caption(caption, f'"captions"[{k}]') for k, caption in enumerate(captions)]
+
+
+def _jsonl_entries(path: Path, text: str, bad_lines: list[BadLine] | None = None) -> list[_Entry]:
+    entries: dict[str, _Entry] = {}
+    for line_no, _, row in json_lines(path, text, '{"audio": "a.wav", "text": "a dog barks"}', bad_lines):
+        try:
+            audio, captions = _jsonl_row(row)
+        except BadRow as problem:
+            refuse_or_collect(bad_lines, path, line_no, str(problem))
+            continue
+        _add(entries, _name_key(audio), line_no, [audio], captions)
+    return list(entries.values())
+
+
+def _csv_row(kind: str, cells: list[str], header: list[str], header_line: int) -> tuple:
+    """One CSV row -> (the clip's key, its file names, its captions); BadRow says what is wrong."""
+    if len(cells) != len(header):
+        raise BadRow(f"{len(cells)} cells, but the header on line {header_line} has {len(header)}; "
+                     "fill in every cell, and quote captions that contain commas")
+    fields = dict(zip(header, cells))
+    if kind == "Clotho":
+        if not fields["file_name"]:
+            raise BadRow('column "file_name" is empty; fill it in or remove the row')
+        captions = [_check_caption(fields[name], f'column "{name}"') for name in header if name.startswith("caption_")]
+        return _name_key(fields["file_name"]), [fields["file_name"]], captions
+    for name in ("youtube_id", "start_time"):
+        if not fields[name]:
+            raise BadRow(f'column "{name}" is empty; fill it in or remove the row')
+    caption = _check_caption(fields["caption"], 'column "caption"')
+    # one clip per (youtube_id, start_time); each row adds its own audiocap_id name
+    return (fields["youtube_id"], fields["start_time"]), audiocaps_names(fields), [caption]
+
+
+def _csv_entries(path: Path, text: str, bad_lines: list[BadLine] | None = None) -> tuple[str, list[_Entry]]:
     records = []  # (first line of the record, cells); a quoted caption may span lines
     reader = csv.reader(io.StringIO(text))
     last_line = 0
@@ -177,45 +482,33 @@ def _csv_rows(path: Path, text: str, base: Path) -> list[tuple[int, Path, list[s
         raise ManifestError(f"{path}:{header_line}: unknown CSV header {','.join(header)!r}; "
                             f"expected Clotho's {','.join(CLOTHO_HEADER)!r} or AudioCaps' "
                             f"{','.join(AUDIOCAPS_HEADER)!r}")
-    names_in_dir = set(os.listdir(base)) if base.is_dir() else set()
-    audiocaps_files = {}  # (youtube_id, start_time) -> audio path
 
-    rows = []
+    entries: dict = {}
     for line_no, cells in records[1:]:
-        where = f"{path}:{line_no}"
-        if len(cells) != len(header):
-            raise ManifestError(f"{where}: {len(cells)} cells, but the header on line {header_line} "
-                                f"has {len(header)}; quote captions that contain commas")
-        if kind == "Clotho":
-            audio = cells[column["file_name"]]
-            if not audio:
-                raise ManifestError(f'{where}: column "file_name" is empty')
-            captions = [_check_caption(cells[column[name]], where, f'column "{name}"')
-                        for name in caption_columns]
-            rows.append((line_no, resolve_path(base, audio), captions))
-        else:
-            fields = {name: cells[column[name]] for name in AUDIOCAPS_HEADER}
-            for name in ("youtube_id", "start_time"):
-                if not fields[name]:
-                    raise ManifestError(f'{where}: column "{name}" is empty')
-            caption = _check_caption(fields["caption"], where, 'column "caption"')
-            # the clip's first row names its file: later rows carry other audiocap_ids
-            clip_key = (fields["youtube_id"], fields["start_time"])
-            if clip_key not in audiocaps_files:
-                audiocaps_files[clip_key] = resolve_path(base, _audiocaps_file(fields, names_in_dir))
-            rows.append((line_no, audiocaps_files[clip_key], [caption]))
-    return rows
+        try:
+            key, names, captions = _csv_row(kind, cells, header, header_line)
+        except BadRow as problem:
+            refuse_or_collect(bad_lines, path, line_no, str(problem))
+            continue
+        _add(entries, key, line_no, names, captions)
+    return kind, list(entries.values())
 
 
-def _audiocaps_file(fields: dict[str, str], names_in_dir: set[str]) -> str:
-    candidates = [name.format(**fields) + suffix for name in AUDIOCAPS_NAMES for suffix in AUDIO_SUFFIXES]
-    return next((name for name in candidates if name in names_in_dir), candidates[0])
-
-
-def _group(rows: list[tuple[int, Path, list[str]]], source: str) -> list[Clip]:
-    """Rows naming the same audio file -> one clip: first row's line, captions in file order."""
-    first_line, captions = {}, {}
-    for line, audio, row_captions in rows:
-        first_line.setdefault(audio, line)
-        captions.setdefault(audio, []).extend(row_captions)
-    return [Clip(audio, tuple(captions[audio]), source, line) for audio, line in first_line.items()]
+def audiocaps_names(fields: dict[str, str]) -> list[str]:
+    """The file names a download tool may have given an AudioCaps row's clip, in AUDIOCAPS_NAMES order."""
+    values = dict(fields)
+    try:
+        start = float(fields["start_time"])
+    except ValueError:  # not a number: only the names that copy the cell as written
+        start = None
+    if start is not None:
+        values.update(start_ms=round(start * 1000), end_ms=round((start + CLIP_SECONDS) * 1000),
+                      start_s=f"{start:.3f}", end_s=f"{start + CLIP_SECONDS:.3f}")
+    names = []
+    for template in AUDIOCAPS_NAMES:
+        try:
+            stem = template.format(**values)
+        except KeyError:
+            continue
+        names += [stem + suffix for suffix in AUDIO_SUFFIXES]
+    return names

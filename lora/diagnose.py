@@ -11,11 +11,30 @@ The checks follow a careful manual diagnosis:
 5. the forward reaches every LoRA layer, and the loss requires grad;
 6. after backward, every LoRA parameter has a finite, non-zero gradient;
 7. where LoRA sits against what ran: layers in a child the forward never used, or a plain copy
-   of an injected layer that ran instead of it.
+   of an injected layer that ran instead of it; with a `ForwardStrategy` (what a task's forward
+   runs, e.g. Qwen2-Audio's tower alone), it is named, and target patterns that select only modules
+   that forward never runs (not even built) are reported with the fix, even when nothing was injected:
+
+    report = diagnose(model, step_fn, ForwardStrategy("audio_tower", "audio_tower -> pool -> audio_proj",
+                                                      misplaced={pattern: [paths it selects]}, fix="..."))
 Forward hooks observe the step (diagnosis only: the forward path itself has none). The model's
 gradients, train/eval modes and the RNG state are restored afterwards.
+
+When a training step goes NaN/inf, `blame_nonfinite` re-runs its forward with hooks and says where
+the first non-finite value appeared:
+
+    blame = blame_nonfinite(model, step_fn, {"features": batch["features"]})
+    print(blame.message); bad_paths = [batch["paths"][row] for row in blame.rows]
+
+- in the batch itself: the rows holding NaN/inf (`blame.rows`), so the loop can name the files;
+- in a module's own computation (a Linear, a LayerNorm): that module;
+- between modules, in a functional op of a parent's forward (softmax, GELU, a residual add, a
+  division): "inside the forward of X, after its child Y", Y the last child that returned finite
+  values, so X's child is not blamed for what X did with its output;
+- in the step function, outside every module: the loss, or code between top-level calls.
 """
 
+import dataclasses
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -24,6 +43,7 @@ import torch
 from torch import nn
 
 from lora.inject import lora_layers
+from lora.layer import LinearWithLoRA
 from lora.targets import compact_paths
 
 
@@ -32,6 +52,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    number: int = 0  # its place in the list of seven; 0: the next one
 
 
 @dataclass
@@ -43,15 +64,40 @@ class DiagnosisReport:
     def ok(self) -> bool:
         return all(check.ok for check in self.checks)
 
-    def add(self, name: str, ok: bool, detail: str):
-        self.checks.append(Check(name, ok, detail))
+    def add(self, name: str, ok: bool, detail: str, number: int = 0):
+        self.checks.append(Check(name, ok, detail, number or len(self.checks) + 1))
 
     def __str__(self) -> str:
         lines = [f"LoRA gradient-flow diagnosis: {'healthy' if self.ok else 'PROBLEMS FOUND'}"]
-        for number, check in enumerate(self.checks, 1):
-            lines.append(f"  [{'ok' if check.ok else 'FAIL'}] {number}. {check.name}")
+        for check in self.checks:
+            lines.append(f"  [{'ok' if check.ok else 'FAIL'}] {check.number}. {check.name}")
             lines += [f"         {line}" for line in check.detail.splitlines()]
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ForwardStrategy:
+    """What a task's forward runs, so check 7 can name it and catch targets it never reaches.
+
+    `misplaced` maps each target pattern that selects *only* modules this forward never runs (and so
+    never built: a language model left unloaded) to the paths it would select; `fix` says what to do."""
+
+    name: str  # e.g. "audio_tower"
+    path: str  # the forward in a line: "log-mel -> audio_tower -> mean over frames -> audio_proj"
+    misplaced: dict[str, list[str]] = field(default_factory=dict)
+    fix: str = ""
+
+    def findings(self) -> list[str]:
+        """One message per misplaced pattern, then the fix; empty when every target can run."""
+        lines = []
+        for pattern, paths in self.misplaced.items():
+            children = sorted({path.split(".", 1)[0] for path in paths})
+            lines.append(f"--targets '{pattern}' selects {len(paths)} Linear layers in {', '.join(f'`{c}`' for c in children)} "
+                         f"({_listed(paths, 3)}), which the {self.name} strategy never runs (they are not even loaded): "
+                         "LoRA sits where the forward never runs")
+        if lines and self.fix:
+            lines.append(f"fix: {self.fix}")
+        return lines
 
 
 def _listed(names, limit: int = 6) -> str:
@@ -67,24 +113,36 @@ def _by_child(paths) -> str:
 
 
 def _tensors(value) -> list[torch.Tensor]:
-    """The tensors of a hook's args or output: a tensor, or the tensors in a tuple/list."""
+    """The tensors of a hook's args, kwargs or output: a tensor, or those inside tuples, lists,
+    dicts and dataclasses (a model's output object), at any depth."""
     if torch.is_tensor(value):
         return [value]
-    return [v for v in value if torch.is_tensor(v)] if isinstance(value, (tuple, list)) else []
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _tensors(getattr(value, f.name))]
+    return []
 
 
 def _has_grad(value) -> bool:
     return any(t.requires_grad for t in _tensors(value))
 
 
-def diagnose(model: nn.Module, step_fn) -> DiagnosisReport:
-    """Run step_fn(model) once with observation hooks, backward, and check the seven points."""
+def diagnose(model: nn.Module, step_fn, strategy: ForwardStrategy | None = None) -> DiagnosisReport:
+    """Run step_fn(model) once with observation hooks, backward, and check the seven points. `strategy`
+    (optional) names what the task's forward runs; check 7 then also reports its misplaced targets."""
     report = DiagnosisReport()
     layers = lora_layers(model)
     total = sum(p.numel() for p in model.parameters())
+    unplaced = strategy is not None and strategy.misplaced
     report.add("LoRA layers are injected", bool(layers),
-               f"{len(layers)} LoRA layers: {_by_child(layers)}" if layers else "no LinearWithLoRA in the model: call inject_lora first")
+               f"{len(layers)} LoRA layers: {_by_child(layers)}" if layers else
+               f"no LinearWithLoRA in the model: {'every target selects modules the strategy never loads (check 7)' if unplaced else 'call inject_lora first'}")
     if not layers:
+        if unplaced:  # nothing could be injected where the targets point: say why
+            report.add("LoRA sits where the forward runs", False, "\n".join(_strategy_lines(strategy, [])), number=7)
         return report
     lora_params = {f"{path}.{name}": p for path, layer in layers.items() for name, p in (("lora_A.weight", layer.lora_A.weight), ("lora_B.weight", layer.lora_B.weight))}
     n_lora = sum(p.numel() for p in lora_params.values())
@@ -149,8 +207,18 @@ def diagnose(model: nn.Module, step_fn) -> DiagnosisReport:
                detail or "all do (lora_A stays at zero gradient only while lora_B is still zero)")
 
     placement = placement_findings(model, layers, ran, calls)
-    report.add("LoRA sits where the forward runs", not placement, "\n".join(placement) or "every injected layer is on this task's forward path")
+    if strategy is None:
+        lines, ok = placement or ["every injected layer is on this task's forward path"], not placement
+    else:
+        lines, ok = _strategy_lines(strategy, placement), not placement and not strategy.misplaced
+    report.add("LoRA sits where the forward runs", ok, "\n".join(lines))
     return report
+
+
+def _strategy_lines(strategy: ForwardStrategy, placement: list[str]) -> list[str]:
+    """Check 7's lines under a named strategy: what it runs, then every finding (or that there is none)."""
+    findings = placement + strategy.findings()
+    return [f"encoding strategy {strategy.name}: {strategy.path}"] + (findings or ["every injected layer is on this forward path"])
 
 
 def placement_findings(model, layers, ran, calls) -> list[str]:
@@ -184,31 +252,125 @@ def placement_findings(model, layers, ran, calls) -> list[str]:
     return findings
 
 
-def first_nonfinite_module(model: nn.Module, step_fn) -> str | None:
-    """Re-run a step with hooks and name the first module (in call order) whose output holds NaN or
-    inf while its inputs were finite: where the numbers went bad (or say that the input already
-    was). None if the forward stays finite."""
-    found: list[str] = []
-    path_of = {module: path for path, module in model.named_modules() if path}
+@dataclass
+class Blame:
+    """Where the first NaN/inf of a step appeared (see the module docstring)."""
+    kind: str  # "batch", "module", "inside", "step", "loss" or "finite" (the re-run stayed finite)
+    message: str
+    rows: list[int] = field(default_factory=list)  # batch rows holding NaN/inf (kind "batch")
+    module: str | None = None  # the module blamed, or inside whose forward it happened ("" = the model)
+    after: str | None = None  # the last child of `module` that returned finite values
 
-    def finite(value) -> bool:
-        return all(torch.isfinite(t).all() for t in _tensors(value) if t.is_floating_point())
+    @property
+    def found(self) -> bool:
+        return self.kind != "finite"
 
-    def hook(module, args, out):
+
+def _label(path: str, module: nn.Module) -> str:
+    return f"{path} ({type(module).__name__})" if path else f"the model ({type(module).__name__})"
+
+
+def _finite(value) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in _tensors(value) if t.is_floating_point())
+
+
+def nonfinite_rows(tensor: torch.Tensor) -> list[int]:
+    """Indices along dim 0 (the batch) of the rows holding NaN or inf."""
+    if not tensor.is_floating_point() or tensor.dim() == 0:
+        return []
+    return torch.nonzero(~torch.isfinite(tensor).reshape(len(tensor), -1).all(dim=1)).flatten().tolist()
+
+
+def _rows_text(rows: list[int]) -> str:
+    return ("row " if len(rows) == 1 else "rows ") + ", ".join(map(str, rows))
+
+
+def blame_nonfinite(model: nn.Module, step_fn, batch_tensors: dict[str, torch.Tensor] | None = None) -> Blame:
+    """Find the first NaN/inf of step_fn(model) (which returns the loss).
+
+    `batch_tensors` are the batch's input tensors by name, first dimension the batch: rows holding
+    NaN/inf there are blamed without running anything. Otherwise the forward is re-run under
+    no_grad with a pre- and a post-hook on every module (the model itself included), keeping a
+    stack of the calls in progress; the first hook that sees a non-finite value decides:
+    - a module's input is non-finite: whoever called it made it, i.e. the forward of the module
+      on top of the stack after its last finished child, or at the top level the batch (nothing
+      ran yet) or the step function (after the last top-level module);
+    - a module's output is non-finite while its inputs and every child's output were finite: the
+      module itself if it called no child, else its own forward after its last child.
+    The RNG states (CPU and the current CUDA device) are restored, so training draws the same
+    numbers as without the re-run; dropout in the re-run may differ from the failed step's."""
+    bad = {name: rows for name, t in (batch_tensors or {}).items() if torch.is_tensor(t) and (rows := nonfinite_rows(t))}
+    if bad:
+        rows = sorted({row for name_rows in bad.values() for row in name_rows})
+        where = "; ".join(f"{name!r} {_rows_text(name_rows)}" for name, name_rows in bad.items())
+        return Blame("batch", f"the batch itself holds NaN/inf in {_rows_text(rows)} ({where})", rows)
+
+    path_of = {module: path for path, module in model.named_modules()}
+    stack: list[dict] = []  # calls in progress: {"path", "label", "last_child", "called_children"}
+    top = {"last": None}  # the last top-level call that returned finite values
+    found: list[Blame] = []
+
+    def blame_input(module, inputs):
+        label = _label(path_of[module], module)
+        if stack:
+            parent = stack[-1]
+            after = f"after its child {parent['last_child']}" if parent["last_child"] else "before any of its children returned"
+            return Blame("inside", f"inside the forward of {parent['label']}, {after}: an operation between modules there "
+                         f"(softmax, GELU, a residual add, a division, ...) made the NaN/inf that reaches {label}",
+                         module=parent["path"], after=parent["last_child"])
+        if top["last"] is not None:
+            return Blame("step", f"in the step function, outside every module, after {top['last']} returned finite values: "
+                         f"the input of {label} holds NaN/inf", after=top["last"])
+        first_bad = next(t for t in _tensors(inputs) if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+        rows = nonfinite_rows(first_bad)
+        if batch_tensors:  # the given batch is clean: the step function's code before the model made it
+            return Blame("step", f"the input of {label} holds NaN/inf ({_rows_text(rows)}) although the batch tensors "
+                         f"({', '.join(batch_tensors)}) are finite: the step function made it before calling the model", rows)
+        return Blame("batch", f"the batch itself holds NaN/inf: the input of {label}, {_rows_text(rows)}", rows, module=path_of[module])
+
+    def pre_hook(module, args, kwargs):
+        if not found and not _finite((args, kwargs)):
+            found.append(blame_input(module, (args, kwargs)))
+        stack.append({"path": path_of[module], "label": _label(path_of[module], module), "last_child": None, "called_children": False})
+
+    def post_hook(module, args, output):
+        frame = stack.pop()
+        if stack:
+            stack[-1]["called_children"] = True
         if found:
             return
-        if not finite(args):  # nothing before it went bad: the data itself is non-finite
-            found.append(f"the input of {path_of[module]} ({type(module).__name__}): the batch itself holds NaN/inf")
-        elif not finite(out):
-            found.append(f"{path_of[module]} ({type(module).__name__})")
+        if not _finite(output):
+            # a LoRA layer is one Linear to the reader: its base matmul is not "between modules"
+            if frame["called_children"] and not isinstance(module, LinearWithLoRA):
+                found.append(Blame("inside", f"inside the forward of {frame['label']}, after its child {frame['last_child']}: "
+                                   "an operation between modules there (softmax, GELU, a residual add, a division, ...) "
+                                   "made the first NaN/inf", module=frame["path"], after=frame["last_child"]))
+            else:
+                found.append(Blame("module", frame["label"], module=frame["path"]))
+        elif stack:
+            stack[-1]["last_child"] = frame["path"]
+        else:
+            top["last"] = frame["label"]
 
-    handles = [m.register_forward_hook(hook) for m in path_of]
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in path_of]
+    handles += [m.register_forward_hook(post_hook) for m in path_of]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the re-run must not shift the training RNG
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):  # the re-run must not shift the training RNG
             loss = step_fn(model)
     finally:
         for handle in handles:
             handle.remove()
     if found:
         return found[0]
-    return None if math.isfinite(float(loss)) else "the loss computation itself (every module output was finite)"
+    value = float(loss)
+    if not math.isfinite(value):
+        return Blame("loss", "the loss computation itself (every module output was finite)")
+    return Blame("finite", f"the forward re-run is finite (loss {value:.4g}): the NaN/inf arise in the backward pass, "
+                 "or depend on randomness such as dropout")
+
+
+def first_nonfinite_module(model: nn.Module, step_fn) -> str | None:
+    """blame_nonfinite(model, step_fn).message, or None if the forward stays finite."""
+    blame = blame_nonfinite(model, step_fn)
+    return blame.message if blame.found else None

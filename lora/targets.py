@@ -5,8 +5,15 @@ which Linear layers match (compactly: `audio_tower.layers.{0..31}.self_attn.{q,k
 many trainable parameters that makes and the memory they and their AdamW states take, which
 alternatives of a pattern match nothing (`o_proj` where the encoder says `out_proj`), which
 Linear layers sit beside the matched ones unmatched, and which matches are not Linear at all.
+
+At train time the same findings become warnings (or, with --strict-targets, an error):
+
+    warnings = check_target_alternatives(model, patterns)   # before (or after) inject_lora
+    for finding in warnings.findings: finding.pattern, finding.alternative, finding.suggestion
+    print(warnings.message)   # warning: 'o_proj' (an alternative of '...(q|k|v|o)_proj') matches no module; ...
 """
 
+import difflib
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -47,21 +54,112 @@ def compact_paths(paths: list[str]) -> list[str]:
     return lines
 
 
+def _alternatives(pattern: str):
+    """Yield (group match, alternative, before, after, single) for each alternative inside an
+    (a|b|c) group: `before`/`after` are the letters around the group, so that before + alternative
+    + after spells it as a name ('o' in '.*(q|k|v|o)_proj' -> 'o' + '_proj'), and `single` is the
+    pattern with that alternative alone in its group."""
+    for group in _GROUP.finditer(pattern):
+        before = re.search(r"\w*$", pattern[: group.start()]).group(0)
+        after = re.match(r"\w*", pattern[group.end():]).group(0)
+        for alternative in group.group(1).split("|"):
+            single = pattern[: group.start()] + "(" + alternative + ")" + pattern[group.end():]
+            yield group, alternative, before, after, single
+
+
+def _matches_any(pattern: str, paths) -> bool:
+    try:
+        return any(re.fullmatch(pattern, p) for p in paths)
+    except re.error:  # a group cut out of a larger construct: not judged
+        return True
+
+
 def dead_alternatives(pattern: str, paths: list[str]) -> list[str]:
     """Alternatives inside (a|b|c) groups of `pattern` that, substituted alone, match no path,
     spelled with the word around the group: 'o' in '.*(q|k|v|o)_proj' comes back as 'o_proj'."""
-    dead = []
-    for group in _GROUP.finditer(pattern):
-        for alternative in group.group(1).split("|"):
-            single = pattern[: group.start()] + "(" + alternative + ")" + pattern[group.end():]
-            try:
-                if not any(re.fullmatch(single, p) for p in paths):
-                    before = re.search(r"\w*$", pattern[: group.start()]).group(0)
-                    after = re.match(r"\w*", pattern[group.end():]).group(0)
-                    dead.append(before + alternative + after)
-            except re.error:
-                continue
-    return dead
+    return [before + alternative + after for _, alternative, before, after, single in _alternatives(pattern)
+            if not _matches_any(single, paths)]
+
+
+@dataclass(frozen=True)
+class DeadAlternative:
+    """One alternative of a target pattern that selects nothing, and what was probably meant."""
+    pattern: str  # as the user wrote it
+    alternative: str  # spelled with the word around its group: 'o_proj'
+    nearest: tuple[str, ...]  # existing Linear names closest to it, best first: ('out_proj',)
+    fixed_pattern: str | None  # the pattern with the alternative replaced by nearest[0], if that selects it
+    suggestion: str  # one sentence: where nearest[0] sits and the fixed pattern
+
+    def __str__(self) -> str:
+        return f"'{self.alternative}' (an alternative of '{self.pattern}') matches no module; {self.suggestion}"
+
+
+@dataclass
+class TargetWarnings:
+    """Every dead alternative of a set of target patterns; empty (and falsy) when all select something."""
+    findings: list[DeadAlternative] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.findings)
+
+    @property
+    def message(self) -> str:
+        return self.format()
+
+    def format(self, strict: bool = False) -> str:
+        """One `warning:` line a finding; with strict=True `error:` lines and what to do."""
+        level = "error" if strict else "warning"
+        lines = [f"{level}: {finding}" for finding in self.findings]
+        if strict and lines:
+            lines.append("--strict-targets: every alternative of a target pattern must select a module; "
+                         "fix or drop the alternatives above, or leave out --strict-targets to train without them")
+        return "\n".join(lines)
+
+
+def check_target_alternatives(model: nn.Module, patterns: list[str]) -> TargetWarnings:
+    """The alternatives of `patterns` that select nothing in `model`, each with the nearest Linear
+    name and a corrected pattern. Works before or after inject_lora. A pattern that selects nothing
+    at all is left out: inject_lora refuses it with its own message."""
+    modules = [p for p, _ in model.named_modules() if p and ".lora_" not in p]
+    linear = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, LinearWithLoRA)) and ".lora_" not in p]
+    selected = {p for p in linear if any(re.fullmatch(pattern, p) for pattern in patterns)}
+    warnings = TargetWarnings()
+    for pattern in patterns:
+        if not any(re.fullmatch(pattern, p) for p in modules):
+            continue
+        matched = [p for p in linear if re.fullmatch(pattern, p)]
+        for group, alternative, before, after, single in _alternatives(pattern):
+            if not _matches_any(single, modules):
+                warnings.findings.append(_explain(pattern, group, alternative, before, after, matched, linear, selected))
+    return warnings
+
+
+def _explain(pattern, group, alternative, before, after, matched, linear, selected) -> DeadAlternative:
+    """Name the Linear layer the alternative was probably meant to be: first the unselected ones
+    beside what the pattern matched (out_proj beside q/k/v_proj), else any unselected Linear in the
+    model with a similar name."""
+    word = before + alternative + after
+    parents = {p.rpartition(".")[0] for p in matched}
+    beside = [p for p in linear if p.rpartition(".")[0] in parents and p not in selected]
+    pool = beside or [p for p in linear if p not in selected]
+    leaves = sorted({p.rpartition(".")[2] for p in pool})
+    nearest = tuple(difflib.get_close_matches(word, leaves, n=3, cutoff=0.0 if beside else 0.5))
+    if not nearest:
+        return DeadAlternative(pattern, word, (), None, "no unselected Linear layer has a similar name: drop it (--list-targets shows the names)")
+    name = nearest[0]
+    with_name = [p for p in pool if p.rpartition(".")[2] == name]
+    fixed = None
+    if name.startswith(before) and name.endswith(after) and len(name) > len(before) + len(after):
+        # 'out_proj' is '' + 'out' + '_proj' around the group: put 'out' where 'o' was
+        replacement = name[len(before): len(name) - len(after)]
+        kept = [replacement if a == alternative else a for a in group.group(1).split("|")]
+        candidate = pattern[: group.start()] + "(" + "|".join(dict.fromkeys(kept)) + ")" + pattern[group.end():]
+        if any(re.fullmatch(candidate, p) for p in with_name):
+            fixed = candidate
+    side = "beside the layers it matched" if beside else "the nearest Linear name in the model"
+    suggestion = f"{side} is '{name}' ({compact_paths(with_name)[0]})"
+    suggestion += f": did you mean '{fixed}'?" if fixed else "; see --list-targets"
+    return DeadAlternative(pattern, word, nearest, fixed, suggestion)
 
 
 @dataclass
@@ -71,6 +169,7 @@ class TargetPreview:
     unmatched_patterns: list[str] = field(default_factory=list)
     dead: dict[str, list[str]] = field(default_factory=dict)  # pattern -> alternatives matching nothing
     siblings: list[str] = field(default_factory=list)  # unmatched Linear layers beside matched ones
+    warnings: TargetWarnings = field(default_factory=TargetWarnings)  # the dead alternatives, explained
     lora_params: int = 0
     total_params: int = 0
 
@@ -96,6 +195,7 @@ def preview_targets(model: nn.Module, patterns: list[str], r: int) -> TargetPrev
         dead = dead_alternatives(pattern, list(modules))
         if dead:
             preview.dead[pattern] = dead
+    preview.warnings = check_target_alternatives(model, patterns)
     parents = {p.rpartition(".")[0] for p in preview.matched}
     preview.siblings = [p for p in linear if p.rpartition(".")[0] in parents and p not in preview.matched]
     return preview
@@ -118,9 +218,11 @@ def format_preview(preview: TargetPreview, patterns: list[str], extra_trainable:
         + (f"; with the heads {trained:,} trainable" if extra_trainable else "")
     )
     lines.append(f"memory for them in fp32 with AdamW (weights, gradients, 2 moments): {trained * BYTES_PER_TRAINED_FP32 / 2**20:.1f} MiB")
+    suggestions = {(f.pattern, f.alternative): f.suggestion for f in preview.warnings.findings}
     for pattern, alternatives in preview.dead.items():
         for name in alternatives:
-            lines.append(f"note: '{name}' (an alternative of '{pattern}') exists nowhere in this model")
+            hint = f"; {suggestions[pattern, name]}" if (pattern, name) in suggestions else ""
+            lines.append(f"note: '{name}' (an alternative of '{pattern}') exists nowhere in this model{hint}")
     if preview.siblings:
         lines.append("note: Linear layers beside the matched ones, left out by the targets (did you mean one of these?):")
         lines += [f"  {line}" for line in compact_paths(preview.siblings)]

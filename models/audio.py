@@ -12,16 +12,21 @@ Quirks of the reference that we copy on purpose:
 - the dynamic-range floor `max - 8` uses the maximum over the whole padded clip, per example;
 - a clip of n samples has ceil(n / HOP_LENGTH) valid frames in its attention mask
   (the mask is the sample mask read every HOP_LENGTH samples), not n // HOP_LENGTH.
+
+A batch's features are built from per-clip pieces (`clip_features`, then `pad_clip_features`),
+so a clip's log-mel can be computed once and cached (data/feature_cache.py): what a clip
+contributes to a batch does not depend on the other clips (see `audio_to_features`).
 """
 
-import math
+import functools
 import os
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
-import torch.nn.functional as F
 
 SAMPLE_RATE = 16000
 N_FFT = 400  # 25 ms window at 16 kHz
@@ -33,48 +38,25 @@ MEL_FMAX = 8000.0  # the reference's max_frequency: Nyquist at 16 kHz
 LOG_FLOOR = 1e-10  # power clamp before log10, so silence maps to -10
 DYNAMIC_RANGE = 8.0  # log10 units kept below the clip's maximum (80 dB)
 
-# Resampler: Hann-windowed sinc, the same family as torchaudio's default `sinc_interp_hann`.
-RESAMPLE_ZERO_CROSSINGS = 6  # sinc lobes kept on each side of a tap: sharper cutoff, more taps
-RESAMPLE_ROLLOFF = 0.99  # cutoff at 99% of the lower Nyquist, leaving room for the transition band
+# soxr's "HQ" preset: the resampler of librosa (res_type="soxr_hq", its default) and of
+# `datasets`' Audio feature, so our 16 kHz samples are those the usual HF pipelines feed the model
+RESAMPLE_QUALITY = "HQ"
+# Bump when clip_features' numbers change (resampler, mel filters, padding rule): it is part of
+# every feature-cache key (data/feature_cache.py), so old entries are then never read.
+FRONTEND_VERSION = 2  # 1: the hand-written float64 sinc resampler; 2: soxr
 
 
 class AudioDecodeError(ValueError):
-    """A file that exists but holds no decodable audio (empty, zero samples, unknown format)."""
+    """A file that exists but holds no usable audio: empty, zero samples or an unknown format
+    (load_audio), or samples no model should see (data/audio_text.py `audio_problem`)."""
 
 
 def resample(audio, orig_sr, new_sr):
-    """Band-limited sinc interpolation, written as a polyphase filter.
-
-    Output sample m sits at input position m * orig_sr / new_sr. Its value is the sum of the
-    input samples weighted by a low-pass sinc (cutoff at ROLLOFF times the lower Nyquist, so
-    downsampling does not alias) times a Hann window that truncates it to ZERO_CROSSINGS
-    lobes. After dividing both rates by their gcd (44100 -> 16000 is 441 -> 160), the
-    fractional offsets repeat every `new` outputs, so one kernel row per phase and a strided
-    conv1d compute every output; this is the algorithm of torchaudio's `resample`.
-    """
-    g = math.gcd(orig_sr, new_sr)
-    orig, new = orig_sr // g, new_sr // g
-    # low-pass at ROLLOFF x the lower Nyquist: cutoff / (2 orig) cycles per input sample, so
-    # the sinc's zero crossings are orig / cutoff input samples apart
-    cutoff = RESAMPLE_ROLLOFF * min(orig, new)
-    width = math.ceil(RESAMPLE_ZERO_CROSSINGS * orig / cutoff)  # half-support in input samples
-    taps = torch.arange(-width, width + orig, dtype=torch.float64)  # (K,) input offsets
-    phases = torch.arange(new, dtype=torch.float64)[:, None] * orig / new  # (new, 1)
-    t = (taps[None, :] - phases) * cutoff / orig  # (new, K) distance in sinc zero-crossings
-    window = torch.where(
-        t.abs() <= RESAMPLE_ZERO_CROSSINGS,
-        torch.cos(t * math.pi / (2 * RESAMPLE_ZERO_CROSSINGS)) ** 2,
-        torch.zeros_like(t),
-    )
-    # the cutoff / orig gain keeps a DC input at unit amplitude after the low-pass
-    kernel = torch.special.sinc(t) * window * cutoff / orig  # (new, K)
-
-    x = torch.as_tensor(audio, dtype=torch.float64)
-    x = F.pad(x[None, None], (width, width + orig))  # (1, 1, n + 2*width + orig)
-    y = F.conv1d(x, kernel[:, None, :], stride=orig)  # (1, new, blocks)
-    y = y[0].t().reshape(-1)  # (blocks, new) -> interleaved output samples
-    n_out = math.ceil(len(audio) * new / orig)
-    return y[:n_out].to(torch.float32)
+    """1-D float32 audio at orig_sr -> 1-D float32 tensor at new_sr, with soxr (band-limited:
+    content above the lower Nyquist is filtered out, not aliased). soxr returns about
+    len * new_sr / orig_sr samples (so a single 44.1 kHz sample becomes none)."""
+    x = np.ascontiguousarray(torch.as_tensor(audio, dtype=torch.float32).detach().cpu().numpy())
+    return torch.from_numpy(soxr.resample(x, orig_sr, new_sr, quality=RESAMPLE_QUALITY))
 
 
 def load_audio(path, sr=SAMPLE_RATE):
@@ -125,6 +107,17 @@ def mel_filters(n_mels, n_fft=N_FFT, sr=SAMPLE_RATE, fmax=MEL_FMAX):
     return filters * (2.0 / (edges_hz[2:] - edges_hz[:-2]))[None, :]
 
 
+@functools.lru_cache(maxsize=None)
+def _mel_filters_float32(n_mels):
+    """mel_filters(n_mels) as a float32 tensor, built once per n_mels (callers must not modify it)."""
+    return torch.from_numpy(mel_filters(n_mels)).to(torch.float32)  # (F, n_mels)
+
+
+@functools.lru_cache(maxsize=None)
+def _hann_window():
+    return torch.hann_window(N_FFT)  # periodic, as torch.stft and the reference use
+
+
 def log_mel_spectrogram(audio, n_mels=80):
     """Whisper log-mel of already padded waveform(s): (L,) -> (n_mels, L // HOP_LENGTH), or
     (B, L) -> (B, n_mels, L // HOP_LENGTH). Exactly the reference's computation on its input.
@@ -132,18 +125,74 @@ def log_mel_spectrogram(audio, n_mels=80):
     Padding is the caller's business (see `audio_to_features`): the floor `max - 8` is taken
     over every frame of each example, so what is appended to a clip can change its features.
     """
+    return _log_mel_and_silence(audio, n_mels)[0]
+
+
+def _log_mel_and_silence(audio, n_mels):
+    """(log_mel_spectrogram(audio, n_mels), the value a frame of pure silence takes in it, shaped
+    (..., 1, 1)): the clamp floor raised to this example's `peak - 8`, then the same rescale."""
     audio = torch.as_tensor(audio, dtype=torch.float32)
-    window = torch.hann_window(N_FFT)  # periodic, as torch.stft and the reference use
-    stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="reflect",
-                      return_complex=True)  # (..., F, L // HOP + 1)
+    stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=_hann_window(), center=True,
+                      pad_mode="reflect", return_complex=True)  # (..., F, L // HOP + 1)
     # the last frame is centred past the end of the padded input; the reference drops it
     power = (stft[..., :-1].abs() ** 2).contiguous()  # (..., F, T)
-    filters = torch.from_numpy(mel_filters(n_mels)).to(torch.float32)  # (F, n_mels)
+    filters = _mel_filters_float32(n_mels)  # (F, n_mels)
     log_spec = torch.clamp(filters.T @ power, min=LOG_FLOOR).log10()  # (..., n_mels, T)
     peak = log_spec.amax(dim=(-2, -1), keepdim=True)  # per example, over the whole clip
-    log_spec = torch.maximum(log_spec, peak - DYNAMIC_RANGE)
+    floor = peak - DYNAMIC_RANGE
+    # silence has zero power in every bin, so clamp and log10 give log10(LOG_FLOOR) = -10
+    silence = torch.full_like(peak, LOG_FLOOR).log10()  # (..., 1, 1)
     # Whisper's affine rescale: maps the [peak - 8, peak] range to roughly [-1, 1]
-    return (log_spec + 4.0) / 4.0
+    return (torch.maximum(log_spec, floor) + 4.0) / 4.0, (torch.maximum(silence, floor) + 4.0) / 4.0
+
+
+class ClipFeatures(NamedTuple):
+    """One clip's share of a batch's log-mel features: what `clip_features` computes, the
+    feature cache stores and `pad_clip_features` assembles into a batch."""
+    features: torch.Tensor  # (n_mels, min(valid_frames + 2, N_FRAMES)) float32
+    valid_frames: int  # ceil(samples / HOP_LENGTH): the frames the frame mask marks valid
+    fill: float  # the value of every later frame (pure silence), a float32 number
+
+
+def clip_features(audio, n_mels):
+    """A 1-D float32 clip at 16 kHz (1 to N_SAMPLES samples) -> ClipFeatures.
+
+    With V = ceil(n / HOP_LENGTH) valid frames, frames 0 .. V + 1 are what any batch holding
+    this clip gets (the derivation is in `audio_to_features`), and every later frame is silence:
+    the per-clip constant `fill`. Truncating to 30 s is the caller's job, with its own warning.
+    """
+    audio = torch.as_tensor(audio, dtype=torch.float32)
+    if audio.dim() != 1 or not 0 < audio.numel() <= N_SAMPLES:
+        raise ValueError(f"clip_features takes 1-D audio of 1 to {N_SAMPLES} samples (30 s at "
+                         f"{SAMPLE_RATE} Hz), got shape {tuple(audio.shape)}")
+    valid_frames = -(-audio.numel() // HOP_LENGTH)  # ceil, as the reference's mask
+    n_frames = min(N_FRAMES, valid_frames + 2)
+    # zeros up to frame n_frames + 1, as audio_to_features explains (capped at 30 s)
+    waveform = torch.zeros(min(N_SAMPLES, HOP_LENGTH * (n_frames + 2)))
+    waveform[: audio.numel()] = audio
+    features, silence = _log_mel_and_silence(waveform, n_mels)  # (n_mels, >= n_frames), (1, 1)
+    return ClipFeatures(features[:, :n_frames].contiguous(), valid_frames, silence.item())
+
+
+def pad_clip_features(clips, pad_to_30s=False):
+    """[ClipFeatures, ...] -> (features (B, n_mels, T) float32, frame_mask (B, T) bool), exactly
+    `audio_to_features` of the same clips: T = 3000 with pad_to_30s, else the longest clip's
+    valid frames + 2 (at most 3000); each clip's frames past its own are its `fill`."""
+    if not clips:
+        raise ValueError("pad_clip_features got an empty list of clips")
+    n_mels = clips[0].features.shape[0]
+    if any(clip.features.shape[0] != n_mels for clip in clips):
+        raise ValueError(f"clips with different n_mels in one batch: "
+                         f"{sorted({clip.features.shape[0] for clip in clips})}")
+    valid_frames = torch.tensor([clip.valid_frames for clip in clips])  # (B,)
+    n_frames = N_FRAMES if pad_to_30s else min(N_FRAMES, int(valid_frames.max()) + 2)
+    features = torch.empty(len(clips), n_mels, n_frames)  # (B, n_mels, T)
+    for i, clip in enumerate(clips):
+        width = clip.features.shape[1]  # min(V + 2, 3000) <= T
+        features[i, :, :width] = clip.features
+        features[i, :, width:] = clip.fill
+    frame_mask = torch.arange(n_frames)[None, :] < valid_frames[:, None]  # (B, T)
+    return features, frame_mask
 
 
 def _clip_to_tensor(item, index):
@@ -190,25 +239,17 @@ def audio_to_features(audio, n_mels=128, pad_to_30s=False):
       [160 j - 200, 160 j + 200), so every frame that touches real samples has j <= V + 1, and
       every later frame is pure silence, whose log-power is the clamp floor -10; the maximum
       over the 30 s clip is therefore the maximum over frames 0 .. V + 1 <= T.
-    - So we append zeros up to L = HOP_LENGTH * (T + 2) samples: after dropping the last STFT
-      frame that yields frames 0 .. T + 1, computed on the same samples as the reference's
-      (the reflect padding at our end mirrors only appended zeros), hence the same maximum
-      and the same values; we keep the first T frames. Near 30 s L is capped at N_SAMPLES,
-      which is then the reference's computation itself.
+    - So each clip is computed on its own (`clip_features`): zeros appended up to
+      L = HOP_LENGTH * (V + 4) samples give, after dropping the last STFT frame, frames
+      0 .. V + 3, computed on the same samples as the reference's (the reflect padding at our
+      end mirrors only appended zeros), hence the same maximum and the same values; we keep
+      frames 0 .. V + 1. Near 30 s L is capped at N_SAMPLES, the reference's computation itself.
+    - Every frame after V + 1 is silence, floored at this clip's own `peak - 8`: one constant
+      per clip (`ClipFeatures.fill`), so `pad_clip_features` assembles the batch by filling, and
+      nothing a clip contributes depends on the other clips of its batch.
     """
     clips = audio if isinstance(audio, (list, tuple)) else [audio]
     if len(clips) == 0:
         raise ValueError("audio_to_features got an empty list of clips")
     clips = [_clip_to_tensor(item, i) for i, item in enumerate(clips)]
-
-    lengths = torch.tensor([len(c) for c in clips])  # (B,) samples
-    valid_frames = (lengths + HOP_LENGTH - 1) // HOP_LENGTH  # (B,) ceil, as the reference's mask
-    n_frames = N_FRAMES if pad_to_30s else min(N_FRAMES, int(valid_frames.max()) + 2)
-    n_padded = min(N_SAMPLES, HOP_LENGTH * (n_frames + 2))
-
-    waveforms = torch.zeros(len(clips), n_padded)  # (B, L) zeros are silence, as the reference pads
-    for i, clip in enumerate(clips):
-        waveforms[i, : len(clip)] = clip
-    features = log_mel_spectrogram(waveforms, n_mels)[..., :n_frames]  # (B, n_mels, T)
-    frame_mask = torch.arange(n_frames)[None, :] < valid_frames[:, None]  # (B, T)
-    return features, frame_mask
+    return pad_clip_features([clip_features(clip, n_mels) for clip in clips], pad_to_30s)

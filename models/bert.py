@@ -183,7 +183,8 @@ class BertModel(nn.Module):
             # query sees a pad key. Pad queries still get (meaningless) rows; pooling drops them.
             attend = attention_mask.bool()[:, None, None, :]
         for layer in self.encoder.layer:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # not `self.training`: a frozen tower runs in eval mode yet may carry the gradient to LoRA before it
+            if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, attend, use_reentrant=False)  # recompute in backward: less memory
             else:
                 x = layer(x, attend)

@@ -175,7 +175,8 @@ class BlipVisionModel(nn.Module):
             )
         x = self.embeddings(pixel_values)  # (B, 1 + N, D)
         for layer in self.encoder.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # not `self.training`: a frozen tower runs in eval mode yet may carry the gradient to LoRA before it
+            if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, use_reentrant=False)  # recompute in backward: less memory
             else:
                 x = layer(x)

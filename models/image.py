@@ -17,6 +17,11 @@ Notes:
   `Image.convert("RGB")` drops the alpha channel instead (whatever colour sits under it): the two
   agree on every image without transparency.
 - mean/std are OpenAI CLIP's statistics, which BLIP-2/InstructBLIP reuse for EVA-CLIP.
+- A 16-bit greyscale image (Pillow mode I;16, a 16-bit PNG) is scaled to 8 bits first. Pillow's
+  convert("RGB"), which the references call, clips its 0..65535 values at 255 instead: a nearly
+  white image, trained on without a word.
+- An image over Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) is a bad image
+  like an undecodable one (ValueError), not an error that would stop a run mid-epoch.
 """
 
 from pathlib import Path
@@ -31,11 +36,13 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB, compositing any transparency (an alpha band, or a palette/greyscale transparency key)
-    onto a white background, as transformers' convert_to_rgb."""
+    onto a white background, as transformers' convert_to_rgb; 16-bit greyscale scaled to 8 bits."""
+    if image.mode.startswith("I;16"):  # I;16, I;16L, I;16B: the top byte of each 16-bit value
+        image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))  # (H, W) uint8: mode L
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")  # a no-op copy for RGB; L, P, CMYK, I;16 ... go through Pillow
+    return image.convert("RGB")  # a no-op copy for RGB; L, P, CMYK ... go through Pillow
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -48,6 +55,9 @@ def load_image(path: str | Path) -> Image.Image:
         raise FileNotFoundError(f"no image file at {path}") from error
     except (UnidentifiedImageError, OSError) as error:  # not an image, or a truncated/corrupt one
         raise ValueError(f"cannot decode the image {path}: {error}") from error
+    except Image.DecompressionBombError as error:  # not an OSError: it would stop a run mid-epoch
+        raise ValueError(f"the image {path} is too large to decode safely ({error}); resize it, or raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS if it is trusted") from error
 
 
 def preprocess_images(

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from models.bert import BertConfig, BertModel, bert_prefix, has_pooler
 from models.checkpoint import Checkpoint, load_into, resolve_dtype
 from models.qwen2_audio_encoder import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
-from models.tokenizer import load_t5_tokenizer, load_tokenizer_files
+from models.tokenizer import load_llama_tokenizer, load_t5_tokenizer, load_tokenizer_files
 
 # Where each kind of checkpoint keeps the audio encoder, most common layout first.
 AUDIO_PREFIXES = {
@@ -91,8 +91,9 @@ def load_tokenizer(path_or_hub_id: str | Path, revision: str | None = None) -> T
 
 
 def load_instructblip_tokenizers(path_or_hub_id: str | Path, revision: str | None = None) -> tuple[Tokenizer, Tokenizer]:
-    """(Q-Former tokenizer, T5 tokenizer) of an InstructBLIP checkpoint: `qformer_tokenizer/` (a BERT
-    WordPiece for the instruction) and the root `tokenizer.json` (T5, for the prompt and answers)."""
+    """(Q-Former tokenizer, language-model tokenizer) of an InstructBLIP checkpoint: `qformer_tokenizer/`
+    (a BERT WordPiece for the instruction) and the root `tokenizer.json` for the prompt and answers:
+    T5's (flan-t5, appends </s>) or LLaMA's (Vicuna, prepends a BOS), as `text_config` says."""
     checkpoint = Checkpoint.open(path_or_hub_id, revision=revision, weights=False)
     checkpoint.file("qformer_tokenizer/tokenizer_config.json", required=False)  # casing for a vocab.txt
     qformer_json = checkpoint.file("qformer_tokenizer/tokenizer.json", required=False)
@@ -101,4 +102,10 @@ def load_instructblip_tokenizers(path_or_hub_id: str | Path, revision: str | Non
         raise FileNotFoundError(f"{checkpoint.source} has no qformer_tokenizer/tokenizer.json or qformer_tokenizer/vocab.txt")
     qformer_config = checkpoint.config.get("qformer_config") or {}
     qformer = load_tokenizer_files(qformer_json, qformer_vocab, max_length=int(qformer_config.get("max_position_embeddings", 512)))
-    return qformer, load_t5_tokenizer(checkpoint.file("tokenizer.json"))
+    text_config = checkpoint.config.get("text_config") or {}
+    if text_config.get("model_type") == "llama":  # InstructBLIP-Vicuna
+        language = load_llama_tokenizer(checkpoint.file("tokenizer.json", required=False),
+                                        max_length=int(text_config.get("max_position_embeddings", 2048)))
+    else:
+        language = load_t5_tokenizer(checkpoint.file("tokenizer.json"))
+    return qformer, language

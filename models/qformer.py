@@ -184,7 +184,8 @@ class QFormerModel(nn.Module):
         if image_attention_mask is not None:
             image_attend = image_attention_mask.bool()[:, None, None, :]  # (B, N) -> (B, 1, 1, N)
         for layer in self.encoder.layer:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # not `self.training`: a frozen tower runs in eval mode yet may carry the gradient to LoRA before it
+            if self.gradient_checkpointing and torch.is_grad_enabled():
                 # keep only each block's input; recompute its insides in backward (less memory)
                 x = checkpoint(layer, x, attend, image_embeds, image_attend, Q, use_reentrant=False)
             else:

@@ -203,7 +203,8 @@ class Qwen2AudioEncoder(nn.Module):
             key_mask = (positions[None, :] < valid[:, None])[:, None, None, :]
 
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # not `self.training`: a frozen tower runs in eval mode yet may carry the gradient to LoRA before it
+            if self.gradient_checkpointing and torch.is_grad_enabled():
                 # keep only each block's input; recompute its insides in backward (less memory, ~1/3 more compute)
                 x = checkpoint(layer, x, key_mask, use_reentrant=False)
             else:

@@ -270,7 +270,8 @@ class T5Stack(nn.Module):
     def forward(self, x, self_bias, memory=None, cross_bias=None, cache: list[dict] | None = None) -> torch.Tensor:
         x = F.dropout(x, self.dropout, self.training)
         for i, block in enumerate(self.block):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+            # not `self.training`: a frozen tower runs in eval mode yet may carry the gradient to LoRA before it
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
                 x = checkpoint(block, x, self_bias, memory, cross_bias, use_reentrant=False)  # recompute in backward
             else:
                 x = block(x, self_bias, memory, cross_bias, None if cache is None else cache[i])

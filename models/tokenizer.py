@@ -1,4 +1,5 @@
-"""Text to token ids for the BERT text tower, with the `tokenizers` library only.
+"""Text to token ids for the BERT text tower and the Q-Former, and for InstructBLIP's language
+models (T5, LLaMA/Vicuna: their tokenizer.json as is, checked), with the `tokenizers` library only.
 
 WordPiece as used by BERT (Devlin et al. 2019; Wu et al. 2016, "Google's Neural Machine
 Translation System"). A checkpoint ships either `tokenizer.json` (the whole `tokenizers`
@@ -24,6 +25,7 @@ from tokenizers.models import WordPiece
 
 UNK, CLS, SEP, PAD, MASK = "[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"
 T5_PAD, T5_EOS = "<pad>", "</s>"
+LLAMA_EOS, LLAMA_PADS = "</s>", ("[PAD]", "<pad>", "<unk>")
 MAX_LENGTH = 512  # BERT's max_position_embeddings; pass the model's own value
 
 
@@ -73,6 +75,42 @@ def load_t5_tokenizer(tokenizer_json: Path, max_length: int = MAX_LENGTH) -> Tok
         raise ValueError(f"{tokenizer_json} does not append {T5_EOS} (its post-processor should be the template '$A {T5_EOS}')")
     tok.enable_truncation(max_length)
     tok.enable_padding(pad_id=pad_id, pad_token=T5_PAD)
+    return tok
+
+
+def load_llama_tokenizer(tokenizer_json: Path | None, max_length: int = 2048, eos_token: str = LLAMA_EOS) -> Tokenizer:
+    """A LLaMA-family tokenizer.json (Vicuna: SentencePiece BPE with byte fallback): it must put a
+    BOS in front of every text and no eos after it, since the prompt is continued by the answer in
+    the same sequence; answers get `eos_token` appended by the collate (data/instructblip.py).
+
+    The BOS is whatever the post-processor adds: `<s>` in LLaMA, `</s>` in InstructBLIP-Vicuna (LAVIS
+    made bos = eos = unk = `</s>` and added `[PAD]`; transformers' conversion kept that). Padding uses
+    `[PAD]`, `<pad>` or `<unk>`, the first that exists: its id is never read, the mask hides it.
+
+    Only tokenizer.json is read. A checkpoint that ships only the SentencePiece `tokenizer.model`
+    gets an error saying how to write tokenizer.json once (building the BPE merges from the
+    SentencePiece protobuf here would take a protobuf parser and its own parity tests)."""
+    if tokenizer_json is None or not Path(tokenizer_json).is_file():
+        raise FileNotFoundError(
+            f"no LLaMA tokenizer.json {f'at {tokenizer_json}' if tokenizer_json else 'in the checkpoint'}; if it ships "
+            "only the SentencePiece tokenizer.model, write tokenizer.json once with python -c \"from transformers import "
+            "AutoTokenizer; AutoTokenizer.from_pretrained('MODEL').save_pretrained('DIR')\" (MODEL: its directory or "
+            "hub id) and copy DIR/tokenizer.json beside config.json")
+    tokenizer_json = Path(tokenizer_json)
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    eos_id = tok.token_to_id(eos_token)
+    if eos_id is None:
+        raise ValueError(f"{tokenizer_json} has no {eos_token} token: not a LLaMA tokenizer")
+    encoding = tok.encode("a")
+    if not encoding.special_tokens_mask[:1] == [1]:
+        raise ValueError(f"{tokenizer_json} adds no BOS in front of a text (its post-processor should be the template "
+                         "'<s> $A'); a LLaMA prompt starts with one")
+    if encoding.ids[-1] == eos_id:
+        raise ValueError(f"{tokenizer_json} appends {eos_token} to every text; a decoder-only prompt must not end the "
+                         "sequence before the answer (use the template '<s> $A')")
+    pad = next((t for t in LLAMA_PADS if tok.token_to_id(t) is not None), eos_token)
+    tok.enable_truncation(max_length)
+    tok.enable_padding(pad_id=tok.token_to_id(pad), pad_token=pad)
     return tok
 
 

@@ -1,4 +1,5 @@
-"""Parity of models/audio.py with transformers.WhisperFeatureExtractor, and decoding behaviour.
+"""Parity of models/audio.py with transformers.WhisperFeatureExtractor, per-clip features that
+assemble into exactly the batch's, resampling with soxr, and decoding behaviour.
 
 The reference is called exactly as Qwen2-Audio's processor calls it:
 `WhisperFeatureExtractor(feature_size=n_mels)(clips, sampling_rate=16000, return_tensors="pt",
@@ -20,11 +21,14 @@ from models.audio import (
     N_SAMPLES,
     SAMPLE_RATE,
     AudioDecodeError,
-    resample,
+    _mel_filters_float32,
     audio_to_features,
+    clip_features,
     load_audio,
     log_mel_spectrogram,
     mel_filters,
+    pad_clip_features,
+    resample,
 )
 
 import transformers  # the reference; a missing install must fail, never skip
@@ -150,9 +154,10 @@ def test_clip_longer_than_30s_is_truncated_with_warning():
 
 @pytest.mark.parametrize("orig_sr", [44100, 48000, 22050, 8000])
 def test_resampled_sine_keeps_its_frequency(orig_sr):
+    # the reference is the analytic sine sampled at 16 kHz directly
     ours = resample(torch.from_numpy(sine(1000, 1.0, sr=orig_sr)), orig_sr, SAMPLE_RATE)
     expected = sine(1000, 1.0)
-    assert ours.shape == expected.shape
+    assert ours.dtype == torch.float32 and ours.shape == expected.shape
     edge = 100  # the zero-padded ends of the signal ring through the filter
     assert np.abs(ours.numpy() - expected)[edge:-edge].max() < 1e-3
 
@@ -160,6 +165,62 @@ def test_resampled_sine_keeps_its_frequency(orig_sr):
 def test_resampler_removes_content_above_the_new_nyquist():
     ours = resample(torch.from_numpy(sine(10000, 1.0, sr=44100, amplitude=1.0)), 44100, SAMPLE_RATE)
     assert ours[100:-100].pow(2).mean().sqrt() < 0.01  # a 10 kHz tone would alias to 6 kHz
+
+
+# ---- per-clip features: a clip's share of a batch does not depend on the batch ----------------
+
+
+def batched_log_mel(clips, n_mels, pad_to_30s):
+    """The batch computed as one tensor, as audio_to_features did before per-clip features: every
+    waveform zero-padded to HOP_LENGTH * (T + 2) samples, one STFT, the first T frames."""
+    clips = [torch.as_tensor(c, dtype=torch.float32) for c in clips]
+    valid = torch.tensor([math.ceil(len(c) / HOP_LENGTH) for c in clips])
+    n_frames = N_FRAMES if pad_to_30s else min(N_FRAMES, int(valid.max()) + 2)
+    waveforms = torch.zeros(len(clips), min(N_SAMPLES, HOP_LENGTH * (n_frames + 2)))
+    for i, clip in enumerate(clips):
+        waveforms[i, : len(clip)] = clip
+    mask = torch.arange(n_frames)[None, :] < valid[:, None]
+    return log_mel_spectrogram(waveforms, n_mels)[..., :n_frames], mask
+
+
+def mixed_clips(seed):
+    """Lengths from 1 sample to 30 s, loud and quiet (a quiet clip's floor is the clamp, -10)."""
+    rng = np.random.default_rng(seed)
+    lengths = [1, 159, 160, 161, 4321, int(rng.integers(1, 50000)), N_SAMPLES - int(rng.integers(0, 400)), N_SAMPLES]
+    rng.shuffle(lengths)
+    clips = [(rng.standard_normal(n) * 10.0 ** rng.uniform(-6, 0.5)).astype(np.float32) for n in lengths]
+    clips[0][:] = 0.0  # pure silence
+    return clips
+
+
+@pytest.mark.parametrize("pad_to_30s", [False, True])
+@pytest.mark.parametrize("n_mels", N_MELS)
+def test_per_clip_features_assemble_into_exactly_the_batched_log_mel(n_mels, pad_to_30s):
+    clips = mixed_clips(seed=n_mels)
+    for batch in (clips, clips[:3], clips[3:6], clips[5:]):  # several batches, several longest clips
+        expected, expected_mask = batched_log_mel(batch, n_mels, pad_to_30s)
+        features, mask = pad_clip_features([clip_features(c, n_mels) for c in batch], pad_to_30s)
+        assert torch.equal(features, expected) and torch.equal(mask, expected_mask)  # bit for bit
+        assert torch.equal(audio_to_features(batch, n_mels, pad_to_30s)[0], expected)
+
+
+def test_clip_features_hold_the_valid_frames_plus_two_and_the_silence_value():
+    clip = SIGNALS["tones"][:4321]  # 27 hops and 1 sample: 28 valid frames
+    out = clip_features(clip, 80)
+    assert out.valid_frames == 28 and out.features.shape == (80, 30) and out.features.dtype == torch.float32
+    # the fill is the floor of this clip: its loudest feature value minus 2 (8 log10 units / 4)
+    assert abs(out.fill - (out.features.max().item() - 2.0)) < 1e-5
+    quiet = clip_features(1e-6 * clip, 80)
+    assert quiet.fill == -1.5  # its peak - 8 lies below the clamp floor, so silence stays at -10
+    assert clip_features(np.resize(clip, N_SAMPLES), 80).features.shape == (80, N_FRAMES)
+    with pytest.raises(ValueError, match="1 to 480000 samples"):
+        clip_features(np.zeros(N_SAMPLES + 1, dtype=np.float32), 80)
+
+
+def test_mel_filters_are_built_once_per_setting():
+    assert _mel_filters_float32(80) is _mel_filters_float32(80)
+    assert _mel_filters_float32(128).shape == (201, 128)
+    np.testing.assert_array_equal(_mel_filters_float32(80).numpy(), mel_filters(80).astype(np.float32))
 
 
 def test_stereo_44k_wav_is_downmixed_and_resampled(tmp_path):
@@ -171,8 +232,8 @@ def test_stereo_44k_wav_is_downmixed_and_resampled(tmp_path):
     assert audio.shape == expected.shape and audio.dtype == torch.float32
     assert np.abs(audio.numpy() - expected)[100:-100].max() < 1e-3
     # features of our resampled file against the reference fed the analytic 16 kHz sine: inside
-    # the clip they agree to ~1e-4; the first and last two frames differ (up to ~0.07) because
-    # the sinc filter sees the silence before and after the file, which the analytic sine lacks
+    # the clip they agree to ~1e-4; the first and last two frames differ because the resampling
+    # filter sees the silence before and after the file, which the analytic sine lacks
     feats, mask = audio_to_features(str(path), n_mels=128)
     ref, ref_mask = reference(expected, 128)
     inner = slice(2, int(mask.sum()) - 2)

@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import Unigram, WordPiece
 from torch.utils.data import DataLoader
 
-from data.audio_text import ResumableBatchSampler, Skipped, epoch_order
+from data.audio_text import Skipped
+from data.sampling import GlobalBatchSampler, epoch_order
 from data.instructblip import (
     BadImageError,
     VQADataset,
@@ -258,7 +259,7 @@ def test_dataloader_with_two_workers_carries_both_tokenizers(tmp_path):
     write_images(tmp_path)
     rows = [{"image": i, "prompt": p, "answer": a} for i, p, a in ROWS] + [{**GOOD, "image": n} for n in BAD]
     dataset = VQADataset(read_vqa_manifest(write_manifest(tmp_path, rows)), on_bad_image="skip")
-    sampler = ResumableBatchSampler(len(dataset), batch_size=3, seed=5)
+    sampler = GlobalBatchSampler(len(dataset), global_batch=7, micro_batch=1, seed=5)  # 7 micro-batches of 1
     collate_fn = functools.partial(collate_vqa, image_size=SIZE, qformer_tokenizer=qformer_tokenizer(),
                                    t5_tokenizer=t5_tokenizer(), max_answer_tokens=16)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=2, collate_fn=collate_fn)
@@ -266,9 +267,9 @@ def test_dataloader_with_two_workers_carries_both_tokenizers(tmp_path):
     batches = list(loader)
 
     order = epoch_order(len(dataset), seed=5, epoch=1)
-    assert len(batches) == 3
+    assert len(dataset) == 7 and len(batches) == 7
     for j, batch in enumerate(batches):
-        expected = order[3 * j: 3 * (j + 1)]
+        expected = order[j: j + 1]
         in_process = collate_fn([dataset[i] for i in expected])  # the same batch, built here
         assert batch["index"].tolist() == [i for i in expected if i < len(ROWS)]
         assert [s.line - 1 for s in batch["skipped"]] == [i for i in expected if i >= len(ROWS)]

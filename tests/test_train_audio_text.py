@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import eval as evaluation
+import data.tasks
 import train
+from data.tasks import AudioTextTask
 from data.demo_models import ensure_demo_models
 from data.demo_sounds import ensure_demo_set
 from lora import lora_layers
@@ -49,6 +51,8 @@ def test_short_run_lowers_loss_raises_recall_and_writes_every_output(trained, ti
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 36 and np.mean(losses[-6:]) < np.mean(losses[:6])
+    steps = [r for r in records if "loss" in r]
+    assert all(r["examples_per_s"] > 0 and 0 <= r["data_wait_s"] for r in steps)
 
     def recall(metrics):
         return sum(metrics[d][k] for d in ("text_to_audio", "audio_to_text") for k in ("R@1", "R@5", "R@10"))
@@ -73,7 +77,7 @@ def test_only_lora_and_heads_changed(trained, tiny_demo):
     trained_state = model.state_dict()
     for name, before in fresh.state_dict().items():
         after = trained_state[name]
-        if name.split(".")[0] in train.HEADS:
+        if name.split(".")[0] in AudioTextTask.heads:
             assert not torch.equal(before, after), f"head {name} did not train"
         else:
             assert torch.equal(before, after), f"frozen {name} changed"
@@ -100,7 +104,7 @@ def test_saved_adapter_loads_with_peft_onto_the_same_dual_encoder(trained, tiny_
     from peft import PeftModel
 
     out, _, _ = trained
-    ours, tokenizer, _ = evaluation.load_run(out)
+    ours, tokenizer, _ = evaluation.load_checkpoint(out)
     base = build_audio_text_model(tiny_demo["audio_model"], tiny_demo["text_model"], 256, seed=0)
     load_heads(base, out / "heads.safetensors")
     reference = PeftModel.from_pretrained(base, out).eval()
@@ -141,20 +145,19 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tiny_demo, tmp_path, mo
 
 def test_existing_run_needs_resume_and_bad_targets_stop_before_training(trained, tiny_demo, tmp_path, capsys):
     out, _, _ = trained
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(train.TrainingError, match="--resume"):
         train.train(args_for(tiny_demo, out, "--max-steps", "2"))
     args = args_for(tiny_demo, tmp_path / "x", "--max-steps", "2")
     args.targets = [r"audio_tower.*self_attn\.o_proj"]
-    with pytest.raises(SystemExit, match="out_proj"):
+    with pytest.raises(train.TrainingError, match="out_proj"):
         train.train(args)
     assert not (tmp_path / "x").exists()
 
 
 def test_list_targets_explains_o_proj_and_exits(tiny_demo, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train.train(args_for(tiny_demo, tmp_path / "y", "--list-targets"))
+    code = train.list_targets(args_for(tiny_demo, tmp_path / "y", "--list-targets"))
     printed = capsys.readouterr().out
-    assert exit_info.value.code == 0
+    assert code == 0
     assert "audio_tower.layers.{0..1}.self_attn.{k,q,v}_proj" in printed
     assert "'o_proj'" in printed and "exists nowhere" in printed and "self_attn.out_proj" in printed
     assert not (tmp_path / "y").exists()
@@ -169,7 +172,7 @@ def test_skip_policy_counts_a_missing_file(tiny_demo, tmp_path, capsys):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = args_for(tiny_demo, tmp_path / "run", "--max-steps", "2", "--eval-every", "0")
     args.train_data, args.eval_data = str(manifest), None
-    with pytest.raises(SystemExit, match="--on-bad-audio skip"):
+    with pytest.raises(train.TrainingError, match="--on-bad-audio skip"):
         train.train(copy.copy(args))
     args.on_bad_input = "skip"
     train.train(args)
@@ -199,7 +202,7 @@ def test_half_precision_autocast_keeps_lora_fp32_and_trains(tiny_demo, tmp_path,
 
 def poison_audio_proj(monkeypatch, bad_steps):
     """audio_proj returns NaN in the training forwards of the given (1-based) steps, and in their re-runs."""
-    real_build = train.build_audio_text_model
+    real_build = data.tasks.build_audio_text_model
     state = {"calls": 0, "rerun": False}
 
     def build(*args, **kwargs):
@@ -219,7 +222,7 @@ def poison_audio_proj(monkeypatch, bad_steps):
         model.audio_proj.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(train, "build_audio_text_model", build)
+    monkeypatch.setattr(data.tasks, "build_audio_text_model", build)
     return state
 
 
@@ -235,22 +238,29 @@ def test_nonfinite_step_is_skipped_named_and_training_goes_on(tiny_demo, tmp_pat
     assert len(bad[0]["nonfinite"]["paths"]) == 8
     good = [r for r in records if "loss" in r]
     assert [r["step"] for r in good] == [1, 2, 3, 4, 5] and all(np.isfinite(r["loss"]) for r in good)
-    # the skipped batch did not advance the schedule: step 3's lr is the one step 3 would have had anyway
+    # the skipped batch did not advance the schedule: update i used the lr of update i, skip or not
     lrs = [r["lr"] for r in good]
-    assert lrs[2] == pytest.approx(3e-3 * train.lr_factor(3, 3, 5))
+    assert lrs == pytest.approx([3e-3 * train.lr_factor(i, 3, 5) for i in range(5)], rel=1e-6)
 
 
 def test_too_many_nonfinite_steps_abort_and_keep_the_last_good_checkpoint(tiny_demo, tmp_path, monkeypatch):
     poison_audio_proj(monkeypatch, bad_steps=set(range(3, 100)))
     out = tmp_path / "abort"
-    with pytest.raises(SystemExit, match="3 non-finite steps in a row .*audio_proj.*last good checkpoint is kept"):
+    with pytest.raises(train.TrainingError, match="3 non-finite steps in a row .*audio_proj.*last good checkpoint is kept"):
         train.train(args_for(tiny_demo, out, "--max-steps", "20", "--eval-every", "0", "--save-every", "2", "--max-bad-steps", "3"))
     state = torch.load(out / train.STATE_FILE, weights_only=False)
     assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["trainable"].values())
 
 
 def test_diagnose_flag_exits_zero_on_a_healthy_model(tiny_demo, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train.train(args_for(tiny_demo, tmp_path / "d", "--diagnose"))
-    assert exit_info.value.code == 0
+    assert train.run_diagnosis(args_for(tiny_demo, tmp_path / "d", "--diagnose")) == 0
     assert "LoRA gradient-flow diagnosis: healthy" in capsys.readouterr().out
+
+
+def test_adamw_never_decays_logit_scale_biases_or_norms(trained):
+    _, model, _ = trained
+    decay, no_decay = train.param_groups(model, weight_decay=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == {"audio_proj.bias", "text_proj.bias", "logit_scale"}
+    assert all(names[id(p)].endswith(("lora_A.weight", "lora_B.weight", "proj.weight")) for p in decay["params"])

@@ -1,0 +1,126 @@
+"""Which examples each rank sees: global batches, cut into per-rank micro-batches, resumable.
+
+    --batch-size B          examples per optimizer step, over all ranks and accumulation steps
+    --micro-batch-size m    examples per rank per forward (default B / world_size)
+    accumulation steps      B / (world_size * m), which must be a whole number
+
+Global batch k of epoch e is `epoch_order(n, seed, e)[k*B : (k+1)*B]`, whatever the number of
+ranks. Rank r takes its consecutive slice of B / world_size examples and walks it in m-sized
+micro-batches, so gathering the ranks' rows in rank order rebuilds the global batch in order.
+A run is therefore defined by (seed, B) alone: 1 process taking B at once, or 8 ranks with
+accumulation, see the same global batches; and its position is counted in global batches, so a
+run can resume on another number of ranks or another micro-batch size.
+
+With `lengths` (--bucket-by-length, on by default for audio), batches hold examples of similar
+length, so little of a batch is padding: the epoch order is cut into windows of BUCKET_WINDOW
+global batches, each window is sorted by length and cut into global batches, and those batches
+are shuffled within their window. All of it is a function of (seed, epoch), so bucketing stays
+deterministic and resumable, and composes with the sharding above.
+
+The last partial global batch of an epoch is dropped, so every step has exactly B examples (for
+a contrastive loss the batch is the set of negatives); each epoch reshuffles, so no example is
+left out for good.
+"""
+
+import math
+
+import torch
+
+BUCKET_WINDOW = 50  # global batches sorted together: similar lengths, yet batches far apart in the epoch
+from torch.utils.data import Sampler
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch, a function of (seed, epoch) only."""
+    # the prime stride keeps (seed, epoch) pairs apart for any epoch below 1_000_003
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def bucketed(order: list[int], lengths: list[float], global_batch: int, seed: int, epoch: int) -> list[int]:
+    """`order` (a whole number of global batches) regrouped so each global batch holds examples of
+    similar length; see the module docstring."""
+    window = BUCKET_WINDOW * global_batch
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 7919 + 1)  # apart from epoch_order's
+    regrouped = []
+    for start in range(0, len(order), window):
+        part = sorted(order[start : start + window], key=lambda i: lengths[i])  # stable: ties keep the shuffled order
+        batches = [part[b : b + global_batch] for b in range(0, len(part), global_batch)]
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            regrouped += batches[b]
+    return regrouped
+
+
+def accumulation_steps(global_batch: int, world_size: int, micro_batch: int) -> int:
+    """global_batch / (world_size * micro_batch), refusing sizes that do not divide."""
+    if global_batch < 1 or micro_batch < 1:
+        raise ValueError(f"--batch-size and --micro-batch-size must be >= 1, got {global_batch} and {micro_batch}")
+    per_rank, rest = divmod(global_batch, world_size)
+    if rest:
+        below = global_batch - rest
+        near = [b for b in (below, below + world_size) if b > 0]
+        raise ValueError(f"--batch-size {global_batch} does not split over {world_size} processes; "
+                         f"use a multiple of {world_size}, e.g. {' or '.join(map(str, near))}")
+    if per_rank % micro_batch:
+        divisors = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+        raise ValueError(f"--micro-batch-size {micro_batch} does not divide the {per_rank} examples each of the "
+                         f"{world_size} process(es) takes per step (--batch-size {global_batch}); use one of "
+                         f"{', '.join(map(str, divisors))}")
+    return per_rank // micro_batch
+
+
+class GlobalBatchSampler(Sampler):
+    """This rank's micro-batches, global batch after global batch, from position `batches_done` of
+    `epoch` (see the module docstring). Use as a DataLoader's `batch_sampler`; call set_state
+    before every epoch. Each global batch yields exactly `accumulation` micro-batches."""
+
+    def __init__(self, n: int, global_batch: int, micro_batch: int | None = None, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 lengths: list[float] | None = None):
+        micro_batch = micro_batch or global_batch // world_size
+        self.accumulation = accumulation_steps(global_batch, world_size, micro_batch)
+        if n < global_batch:
+            raise ValueError(f"the training set has {n} examples, fewer than one global batch of {global_batch}; "
+                             "lower --batch-size or add data")
+        self.n, self.global_batch, self.micro_batch = n, global_batch, micro_batch
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} examples")
+        self.lengths = lengths  # None: no bucketing
+        self.epoch, self.batches_done = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Global batches (optimizer steps) per epoch; the partial last one is dropped."""
+        return self.n // self.global_batch
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        return self.n - self.batches_per_epoch * self.global_batch
+
+    def set_state(self, epoch: int, batches_done: int = 0) -> None:
+        if not 0 <= batches_done <= self.batches_per_epoch:
+            raise ValueError(f"batches_done={batches_done} is outside 0..{self.batches_per_epoch}, the global batches "
+                             f"in one epoch of {self.n} examples at batch size {self.global_batch}; was the state saved "
+                             "with another data set or batch size?")
+        self.epoch, self.batches_done = epoch, batches_done
+
+    def order(self) -> list[int]:
+        """This epoch's examples, a whole number of global batches, in the order they are taken."""
+        order = epoch_order(self.n, self.seed, self.epoch)[: self.batches_per_epoch * self.global_batch]
+        return order if self.lengths is None else bucketed(order, self.lengths, self.global_batch, self.seed, self.epoch)
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.batches_done) * self.accumulation
+
+    def __iter__(self):
+        order = self.order()
+        per_rank = self.global_batch // self.world_size
+        for k in range(self.batches_done, self.batches_per_epoch):
+            global_batch = order[k * self.global_batch : (k + 1) * self.global_batch]
+            mine = global_batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+            for i in range(self.accumulation):
+                yield mine[i * self.micro_batch : (i + 1) * self.micro_batch]
+
+
+def steps_for_epochs(epochs: float, batches_per_epoch: int) -> int:
+    return max(1, math.ceil(epochs * batches_per_epoch))

@@ -1,0 +1,375 @@
+"""A decoder-only transformer: LLaMA (Vicuna, InstructBLIP-Vicuna's language model) and Qwen2.
+
+Papers: Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models" (arXiv
+2302.13971) and "Llama 2" (arXiv 2307.09288); Qwen2 is Yang et al. 2024 (arXiv 2407.10671), the
+same architecture with biases on q/k/v. Ported by hand from transformers v5 `LlamaForCausalLM` and
+`Qwen2ForCausalLM` (models/llama/modeling_llama.py, models/qwen2/modeling_qwen2.py), laid out like
+gpt-fast's model.py: training, scoring and greedy decoding only.
+
+    input_ids (B, T) -> model.embed_tokens, or inputs_embeds (B, T, D) given directly
+    -> num_hidden_layers x [x + attn(rmsnorm(x)), x + mlp(rmsnorm(x))]  causal, rotary positions
+    -> model.norm -> last_hidden_state (B, T, D) -> lm_head -> logits (B, T, V)
+
+What differs between the checkpoints is config only (`LlamaConfig.from_hf`): Qwen2 has biases on
+q/k/v (not o), a larger rope_theta and sometimes tied embeddings; LLaMA 3.1 scales its rotary
+frequencies ("llama3"), some fine-tunes stretch positions ("linear").
+
+Quirks of the reference, copied on purpose:
+- RMSNorm squares in fp32 and casts back to the *input's* dtype before the weight multiplies
+  (T5's norm casts to the weight's dtype: a different rounding in bf16).
+- Rotary embeddings rotate the two *halves* of each head (`rotate_half`), not interleaved pairs as
+  in the paper and gpt-fast: the checkpoints' q/k weights were permuted for this layout.
+- Positions come from the attention mask (cumsum - 1), as transformers' generate computes them:
+  padding anywhere in a row shifts no real token. RoPE cannot see a shift of a whole row (left
+  padding), but it sees a gap, and InstructBLIP's [queries; padding; prompt] has one.
+- Grouped-query attention: num_key_value_heads < num_attention_heads, each key/value head serves
+  heads / kv_heads query heads (Ainslie et al. 2023, arXiv 2305.13245).
+
+Tied weights: when tie_word_embeddings is set, save_pretrained writes only
+`model.embed_tokens.weight`; this module then has `lm_head = None` and multiplies by the embedding
+table, so its state_dict is exactly the file's keys (as models/t5.py does with `shared`).
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.checkpoint import Checkpoint, load_into, resolve_dtype
+
+ROPE_TYPES = ("default", "linear", "llama3")
+MODEL_TYPES = ("llama", "qwen2")
+# Written by transformers before 4.31 (an arange-derived buffer, not a weight); safe to drop.
+LEGACY_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0  # base wavelength; LLaMA 1/2 and Vicuna 1e4, LLaMA 3 5e5, Qwen2 1e6
+    type: str = "default"  # "linear": frequencies / factor; "llama3": long wavelengths / factor, smoothed
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3 only: wavelengths above original / low_freq_factor are scaled
+    high_freq_factor: float = 4.0  # llama3 only: wavelengths below original / high_freq_factor are kept
+    original_max_position_embeddings: int = 8192  # llama3 only: the pre-training context
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    # Defaults are transformers' LlamaConfig (LLaMA-7B); Vicuna-7B is exactly this with vocab 32001
+    vocab_size: int = 32000
+    hidden_size: int = 4096  # D, width of the residual stream
+    intermediate_size: int = 11008  # SwiGLU hidden width
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32  # < heads: grouped-query attention (Qwen2-7B: 4 for 28 heads)
+    head_dim: int = 128  # hidden_size // heads unless the config says otherwise
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    qkv_bias: bool = False  # Qwen2: True
+    o_bias: bool = False  # LLaMA's attention_bias covers o_proj too; Qwen2 has none there
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False  # lm_head is embed_tokens (Qwen2-0.5B/1.5B)
+    attention_dropout: float = 0.0
+    bos_token_id: int | None = 1
+    eos_token_id: tuple[int, ...] = (2,)  # generation stops at any of these
+    pad_token_id: int | None = None  # fills finished rows in generate; None: the first eos, as transformers
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "LlamaConfig":
+        """Read a llama or qwen2 config.json (or InstructBLIP's / Qwen2-Audio's `text_config`)."""
+        model_type = cfg.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r}: models/llama.py reads {' and '.join(MODEL_TYPES)} configs")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg['hidden_act']!r}: LLaMA and Qwen2 use SwiGLU with silu; nothing else is ported")
+        layer_types = cfg.get("layer_types") or []
+        if cfg.get("use_sliding_window") or "sliding_attention" in layer_types:
+            raise ValueError("this qwen2 config turns on sliding-window attention (use_sliding_window / layer_types); "
+                             "only full attention is ported, as every released Qwen2 checkpoint uses")
+        # transformers 5 writes rope_parameters; older config.json files have rope_theta and rope_scaling
+        params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope type {rope_type!r} is not ported; supported: {', '.join(ROPE_TYPES)}")
+        if params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError("partial_rotary_factor != 1 (rotary on part of each head) is not ported")
+        rope = RopeConfig(
+            theta=float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))), type=rope_type,
+            factor=float(params.get("factor", 1.0)), low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(params.get("original_max_position_embeddings",
+                                                            cfg.get("max_position_embeddings", 8192))),
+        )
+        heads = cfg.get("num_attention_heads", 32)
+        hidden = cfg.get("hidden_size", 4096)
+        bias = cfg.get("attention_bias", False)
+        eos = cfg.get("eos_token_id", 2)
+        pad = cfg.get("pad_token_id")
+        return cls(
+            vocab_size=cfg.get("vocab_size", 32000), hidden_size=hidden, intermediate_size=cfg.get("intermediate_size", 11008),
+            num_hidden_layers=cfg.get("num_hidden_layers", 32), num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads, head_dim=cfg.get("head_dim") or hidden // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope=rope,
+            qkv_bias=True if model_type == "qwen2" else bias, o_bias=False if model_type == "qwen2" else bias,
+            mlp_bias=cfg.get("mlp_bias", False), tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_dropout=float(cfg.get("attention_dropout", 0.0)), bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+            pad_token_id=None if pad is None or pad < 0 else pad,  # decapoda-era LLaMA configs say -1
+        )
+
+
+def rope_inverse_frequencies(cfg: LlamaConfig) -> torch.Tensor:
+    """(head_dim / 2,) float32 angular frequencies theta^(-2i/d), rescaled for "linear" / "llama3"."""
+    rope, dim = cfg.rope, cfg.head_dim
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope.type == "linear":  # positions / factor, folded into the frequencies
+        return inv_freq / rope.factor
+    if rope.type == "llama3":  # Llama 3.1: slow rotations stretched by factor, fast ones kept, smooth between
+        wavelength = 2 * math.pi / inv_freq
+        low_wavelength = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_wavelength = rope.original_max_position_embeddings / rope.high_freq_factor
+        scaled = torch.where(wavelength > low_wavelength, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position_embeddings / wavelength - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        between = (wavelength >= high_wavelength) & (wavelength <= low_wavelength)
+        return torch.where(between, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (x1, x2) -> (-x2, x1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, d) rotated by position; cos, sin (B, T, d) broadcast over heads."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019); no mean, no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()  # in fp32: half-precision squares overflow
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)  # back to the input's dtype first, as the reference
+
+
+class KVCache:
+    """Keys and values of the positions decoded so far, one preallocated (B, H_kv, max_len, d) buffer
+    per layer (gpt-fast's static cache); `length` positions are filled."""
+
+    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0  # advanced by LlamaModel.forward once every layer has written
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H_kv, T, d) after the cached positions; return all of them (B, H_kv, length + T, d)."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.layer = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, layer
+        self.dropout = cfg.attention_dropout
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, T, H*d) -> (B, H, T, d)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, d)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, H_kv, S, d), S = cached + T
+        groups = self.heads // self.kv_heads  # each key/value head serves this many query heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H_kv, S, d) -> (B, H, S, d)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))  # (B, H, T, d) -> (B, T, H*d); explicit: B may be 0
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask_and_positions(attention_mask: torch.Tensor | None, batch: int, start: int, T: int, device):
+    """(B, 1, T, S) bool mask (True = may attend) and (B, T) positions for T new tokens after `start`
+    cached ones; attention_mask (B, S = start + T), 1 on real tokens, or None (all real)."""
+    S = start + T
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, S, dtype=torch.long, device=device)
+    if attention_mask.shape != (batch, S):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; it must cover the cached and the "
+                         f"new positions: ({batch}, {S})")
+    real = attention_mask.bool()
+    # positions count real tokens only, so padding on either side shifts nothing (transformers' generate)
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~real, 0)[:, start:]  # (B, T)
+    query = torch.arange(start, S, device=device)[:, None]  # (T, 1) index of each new token in the sequence
+    key = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = (key <= query) & real[:, None, :]  # (B, T, S): causal, and no padding keys
+    # A padding query would see no key at all (a NaN row); let it see itself. Its output is never used.
+    allowed = allowed | (key == query)
+    return allowed[:, None], positions  # (B, 1, T, S)
+
+
+class LlamaModel(nn.Module):
+    """`model.*` of the checkpoint: embeddings, decoder layers, final norm."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False  # train.py --grad-checkpointing
+
+    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
+        """inputs_embeds (B, T, D) -> last hidden state (B, T, D), normed."""
+        B, T, _ = inputs_embeds.shape
+        start = 0 if cache is None else cache.length
+        mask, positions = attention_mask_and_positions(attention_mask, B, start, T, inputs_embeds.device)
+        positions = positions if position_ids is None else position_ids
+        inv_freq = rope_inverse_frequencies(self.config).to(inputs_embeds.device)
+        angles = positions[..., None].float() * inv_freq  # (B, T, d/2), in fp32 as the reference
+        angles = torch.cat([angles, angles], dim=-1)  # (B, T, d): one angle per half, see rotate_half
+        cos, sin = angles.cos().to(inputs_embeds.dtype), angles.sin().to(inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            # not `self.training`: a frozen LM runs in eval mode yet carries the gradient to LoRA before it
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)  # recompute in backward
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None  # mean next-token cross entropy over labels != -100
+    last_hidden_state: torch.Tensor | None = None  # (B, T, D), after the final norm
+
+    def __getitem__(self, key: str):  # out["logits"], as with transformers' outputs
+        return getattr(self, key)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        # tied: no module at all, logits use model.embed_tokens.weight (see the module docstring)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)  # (B, T, D) -> (B, T, V)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, labels=None, position_ids=None,
+                cache: KVCache | None = None) -> CausalLMOutput:
+        """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, cached + T), 1 = real token,
+        padding on either side; labels (B, T) aligned with the inputs (-100 ignored): logits at t
+        are scored against labels at t + 1, as transformers' ForCausalLMLoss."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        hidden = self.model(x, attention_mask, position_ids, cache)
+        logits = self.logits(hidden)  # (B, T, V)
+        loss = None
+        if labels is not None:  # in fp32, as the reference; the last position predicts nothing
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss, last_hidden_state=hidden)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens: int = 20,
+                 eos_token_id: int | tuple[int, ...] | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Greedy decoding -> (B, n) long: only the n <= max_new_tokens new tokens, not the prompt. A row that
+        emits eos keeps it and is padded after it (pad_token_id, else the first eos); decoding stops when every
+        row has, as transformers' generate(do_sample=False, num_beams=1). Pad the prompt on the left: every row's
+        next token then follows its last real one. eos_token_id (default: the config's) may be overridden."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        mask = torch.ones(B, T, dtype=torch.long, device=x.device) if attention_mask is None else attention_mask
+        eos_ids = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=x.device).flatten()
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else int(eos[0]) if len(eos) else 0
+        cache = KVCache(self.config, B, T + max_new_tokens, x.dtype, x.device) if use_cache else None
+        tokens = torch.zeros(B, 0, dtype=torch.long, device=x.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=x.device)
+        step_input = x  # with a cache: the prompt, then one new token a step; without: everything so far
+        for _ in range(max_new_tokens):
+            hidden = self.model(step_input, mask, cache=cache)  # (B, T', D)
+            next_token = self.logits(hidden[:, -1]).argmax(-1).masked_fill(finished, pad)  # (B,)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            finished |= torch.isin(next_token, eos)
+            if finished.all():
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # the new token is real in every row
+            new = self.model.embed_tokens(next_token[:, None]).to(x.dtype)  # (B, 1, D)
+            step_input = new if use_cache else torch.cat([step_input, new], dim=1)
+        return tokens
+
+
+def load_llama(checkpoint: Checkpoint | str, prefix: str = "", config: dict | None = None,
+               dtype: str | torch.dtype | None = None) -> LlamaForCausalLM:
+    """LlamaForCausalLM (llama or qwen2) from the keys under `prefix` of a checkpoint (or its directory or hub
+    id), in eval mode. config: the LM's config dict (default: config.json; InstructBLIP: its `text_config`
+    with prefix 'language_model.'; Qwen2-Audio the same). dtype: cast floating tensors (default: the file's)."""
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = Checkpoint.open(checkpoint)
+    cfg = LlamaConfig.from_hf(checkpoint.config if config is None else config)
+    state = checkpoint.load_prefix(prefix, resolve_dtype(dtype) if dtype is not None else None)
+    source = f"{checkpoint.source} [{prefix or '(no prefix)'}*]"
+    for key in [k for k in state if k.endswith(LEGACY_SUFFIXES)]:
+        del state[key]
+    if cfg.tie_word_embeddings and "lm_head.weight" in state:  # some savers write the tied copy anyway
+        if not torch.equal(state["lm_head.weight"], state.get("model.embed_tokens.weight", torch.empty(0))):
+            raise ValueError(f"{source}: tie_word_embeddings is true but lm_head.weight differs from "
+                             "model.embed_tokens.weight; fix the config's tie_word_embeddings")
+        del state["lm_head.weight"]
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    return load_into(model, state, source).eval()
