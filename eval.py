@@ -35,16 +35,13 @@ All numbers are percentages.
 import argparse
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -54,8 +51,9 @@ from data.audio_qa import AudioQADataset, check_audio, collate_audio_qa, read_au
 from data.audio_text import captions_flat, precheck
 from data.instructblip import LLAMA_EOS, VQADataset, check_images, collate_vqa, read_vqa_manifest
 from data.manifest import read_manifest
+from data.feature_cache import FeatureCache
+from data.search_index import default_index_path, save_npz, search_index, unreadable
 from lora import load_adapter
-from lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora.atomic import atomic_write, atomic_write_text
 from models import load_instructblip, load_instructblip_tokenizers, load_qwen2_audio, load_qwen2_audio_tokenizer
 from models.qwen2_audio import IM_END
@@ -122,19 +120,22 @@ def format_metrics(metrics: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def encode_clips(model, tokenizer, clips, batch_size=32, pad_to_30s=None, device=None, workers=0, autocast_dtype=None, progress=True):
+def encode_clips(model, tokenizer, clips, batch_size=32, pad_to_30s=None, device=None, workers=0, autocast_dtype=None, progress=True,
+                 feature_cache=None, text_cache=None):
     """Embed every clip and every caption: (audio (N_audio, E), text (N_text, E), text_audio_index (N_text,)).
 
     Exactly `model.embed_audio` / `model.embed_text` (models/audio_text.py), so the Python API and
     eval.py give the same numbers. autocast_dtype None and pad_to_30s None mean the model's own (a
     load_run model: its run's; a model built in memory: fp32, no padding). The model's device is
-    used; `device` is accepted for train.py's calls. Every caption of every clip is a query
+    used; `device` is accepted for train.py's calls. The caches (data/feature_cache.py,
+    models/text_cache.py) serve what they hold. Every caption of every clip is a query
     (captions_flat); a bad file is an error here, since a dropped clip would shift the caption-to-clip index.
     """
     audio = model.embed_audio([clip.audio for clip in clips], batch_size=batch_size, progress=None if progress else False,
-                              workers=workers, precision=autocast_dtype, pad_to_30s=pad_to_30s)
+                              workers=workers, precision=autocast_dtype, pad_to_30s=pad_to_30s, feature_cache=feature_cache)
     texts, text_audio_index = captions_flat(clips)
-    text = model.embed_text(texts, batch_size=batch_size, progress=None if progress else False, precision=autocast_dtype, tokenizer=tokenizer)
+    text = model.embed_text(texts, progress=None if progress else False, precision=autocast_dtype, tokenizer=tokenizer,
+                            text_cache=text_cache)  # in canonical chunks: no batch size to agree on
     return audio.numpy(), text.numpy(), np.asarray(text_audio_index)
 
 
@@ -239,103 +240,13 @@ def format_vqa(metrics: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def save_npz(path, **arrays):
-    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
-        np.savez(f, **arrays)
-
-
 # ---- search: a library of clips embedded once, ranked against a text query ------------------------
-
-INDEX_VERSION = 1  # bump when the index's layout or meaning changes: older indexes are rebuilt
-
-
-def checkpoint_identity(model, with_adapter: bool) -> str:
-    """What a search index's embeddings depend on besides the audio: the run's files by content
-    (run_config.json, heads, adapter), the precision, the front end and whether LoRA is on."""
-    digest = hashlib.sha256(f"v{INDEX_VERSION} precision={model.precision} pad_to_30s={model.pad_to_30s} "
-                            f"adapter={with_adapter}".encode())
-    for name in [RUN_CONFIG, HEADS_FILE] + ([ADAPTER_CONFIG, ADAPTER_WEIGHTS] if with_adapter else []):
-        digest.update(name.encode() + b"\0" + (Path(model.run_dir) / name).read_bytes())
-    return digest.hexdigest()
-
-
-def unreadable(path: Path) -> str | None:
-    """Why soundfile cannot open this file (reading its header only), or None when it can."""
-    try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        sf.info(str(path))
-    except (OSError, RuntimeError) as error:  # soundfile's LibsndfileError is a RuntimeError
-        return str(error)
-    return None
-
-
-def read_index(path: Path) -> dict | None:
-    """A saved search index, or None when it is absent, damaged or of another version (then it is rebuilt)."""
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            index = {key: saved[key] for key in ("version", "identity", "paths", "sizes", "mtimes", "embeddings")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
-    n = len(index["paths"])
-    if int(index["version"]) != INDEX_VERSION or not len(index["sizes"]) == len(index["mtimes"]) == len(index["embeddings"]) == n:
-        return None
-    return index
-
-
-def search_index(model, files: list[Path], root: Path, index_path: Path, with_adapter: bool, batch_size=32, workers=0):
-    """(embeddings (N, E) float32, names (N,)) of `files`, reusing and updating the index at `index_path`.
-
-    A file is unchanged when its path relative to `root`, its size and its modification time (ns) are
-    those the index recorded: its embedding is reused. New and changed files are embedded, vanished ones
-    dropped, and the index rewritten (atomically) when anything changed. Another checkpoint_identity
-    rebuilds the whole index. Files soundfile cannot open are left out with a message (and tried again
-    next time).
-    """
-    identity = checkpoint_identity(model, with_adapter)
-    names = [Path(os.path.relpath(path, root)).as_posix() for path in files]
-    stamps = [(path.stat().st_size, path.stat().st_mtime_ns) for path in files]
-    old = read_index(index_path) if index_path.exists() else None
-    known = {}  # name -> (size, mtime_ns, row in the old index)
-    if old is not None and str(old["identity"]) == identity:
-        known = {name: (int(size), int(mtime), row) for row, (name, size, mtime)
-                 in enumerate(zip(old["paths"].tolist(), old["sizes"], old["mtimes"]))}
-    elif old is not None:
-        print(f"index {index_path}: made with another checkpoint or precision; rebuilding it", file=sys.stderr)
-    todo = [i for i, name in enumerate(names) if known.get(name, (None, None))[:2] != stamps[i]]
-    bad = {i: reason for i in todo if (reason := unreadable(files[i]))}
-    for i, reason in list(bad.items())[:10]:
-        print(f"skipping {files[i]}: {reason}", file=sys.stderr)
-    keep = [i for i in range(len(files)) if i not in bad]
-    if not keep:
-        raise ValueError(f"none of the {len(files)} audio files under {root} can be read")
-    embed = [i for i in todo if i not in bad]
-    fresh = model.embed_audio([files[i] for i in embed], batch_size=batch_size, workers=workers).numpy() if embed else None
-    fresh_row = {i: row for row, i in enumerate(embed)}
-    embeddings = np.stack([fresh[fresh_row[i]] if i in fresh_row else old["embeddings"][known[names[i]][2]] for i in keep])
-    dropped = len(set(known) - {names[i] for i in keep})
-    if embed or dropped or not known:
-        arrays = dict(version=np.array(INDEX_VERSION), identity=np.array(identity), root=np.array(str(root)),
-                      paths=np.array([names[i] for i in keep]), sizes=np.array([stamps[i][0] for i in keep], dtype=np.int64),
-                      mtimes=np.array([stamps[i][1] for i in keep], dtype=np.int64), embeddings=embeddings.astype(np.float32))
-        index_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(index_path, functools.partial(save_npz, **arrays))
-    print(f"index {index_path}: {len(keep) - len(embed)} clips reused, {len(embed)} embedded, {dropped} dropped"
-          + (f", {len(bad)} unreadable skipped" if bad else ""), file=sys.stderr)
-    return embeddings.astype(np.float32), [names[i] for i in keep]
-
 
 def rank_clips(audio: np.ndarray, query: np.ndarray, top: int) -> list[tuple[int, float]]:
     """(row, cosine similarity) of the `top` clips closest to the query, best first; ties keep file order."""
     scores = audio @ query  # (N,)
     order = np.argsort(-scores, kind="stable")[:top]
     return [(int(row), float(scores[row])) for row in order]
-
-
-def default_index_path(checkpoint: str, source: Path, with_adapter: bool) -> Path:
-    """search-index-<hash of the searched folder or manifest>.npz inside the run directory."""
-    key = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:12]
-    return Path(checkpoint) / f"search-index-{key}{'' if with_adapter else '-no-adapter'}.npz"
 
 
 def search_command(args, model) -> list[dict]:
@@ -351,7 +262,7 @@ def search_command(args, model) -> list[dict]:
         if not files:
             raise ValueError(f"{root} holds no audio files (looked recursively for {', '.join(sorted(AUDIO_SUFFIXES))})")
     index_path = Path(args.index) if args.index else default_index_path(args.checkpoint, source, not args.no_adapter)
-    audio, names = search_index(model, files, root, index_path, not args.no_adapter, args.batch_size, args.workers)
+    audio, names = search_index(model, files, root, index_path, not args.no_adapter, args.batch_size, args.workers, feature_cache(args))
     query = model.embed_text([args.search]).numpy()[0]  # (E,)
     results = [{"rank": rank, "score": score, "path": names[row]}
                for rank, (row, score) in enumerate(rank_clips(audio, query, args.top), start=1)]
@@ -414,7 +325,8 @@ def zero_shot_command(args, model) -> dict:
         raise ValueError(f"{len(problems)} clip(s) of {args.zero_shot} cannot be read (listed above); evaluation needs every clip")
     classes = sorted({label for _, label in pairs})
     truth = np.array([classes.index(label) for _, label in pairs])  # (N,)
-    audio = model.embed_audio([path for path, _ in pairs], batch_size=args.batch_size, workers=args.workers).numpy()
+    audio = model.embed_audio([path for path, _ in pairs], batch_size=args.batch_size, workers=args.workers,
+                              feature_cache=feature_cache(args)).numpy()
     text = class_embeddings(model, classes, templates, args.batch_size)
     metrics = zero_shot_metrics(audio @ text.T, truth, classes) | {"templates": templates}
     counts = {name: int((truth == c).sum()) for c, name in enumerate(classes)}
@@ -422,6 +334,11 @@ def zero_shot_command(args, model) -> dict:
             f"prompt{'s' if len(templates) > 1 else ''} {', '.join(map(repr, templates))}"
     print(format_zero_shot(metrics, counts, title))
     return metrics
+
+
+def feature_cache(args) -> FeatureCache | None:
+    """The log-mel cache train.py fills (data/feature_cache.py), unless --no-feature-cache."""
+    return None if args.no_feature_cache else FeatureCache(Path(args.cache_dir) / "features")
 
 
 # ---- the command ------------------------------------------------------------------------------------
@@ -447,11 +364,15 @@ def main(argv=None):
                         "with filename,label columns; labels become prompts with '_' and '-' read as spaces")
     parser.add_argument("--template", action="append", help=f"--zero-shot: the prompt, {{label}} standing for the class name "
                         f"(default {DEFAULT_TEMPLATE!r}); repeat to average several prompts per class")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, help="clips or examples a forward (default: the run's --batch-size, as its "
+                        "training-time evaluations used: padding to a batch's longest clip rounds differently in another batch)")
     parser.add_argument("--max-new-tokens", type=int, help="instructblip, audio-qa: longest generated answer (default: what "
                         "training evaluated with, 10 and 16)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding audio or images")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cache-dir", default=os.environ.get("LORA_MM_CACHE", str(Path.home() / ".cache" / "lora-mm")),
+                        help="audio-text: the log-mel of each clip is read from (or kept in) <cache-dir>/features, as train.py does")
+    parser.add_argument("--no-feature-cache", action="store_true", help="compute every clip's log-mel afresh (the same numbers)")
     args = parser.parse_args(argv)
     if args.search and args.zero_shot:
         parser.error("--search and --zero-shot are separate modes: give one of them")
@@ -459,6 +380,7 @@ def main(argv=None):
         parser.error("--search needs the clips to search: --audio-dir DIR or --data MANIFEST")
 
     model, tokenizers, run = load_checkpoint(args.checkpoint, with_adapter=not args.no_adapter, precision=args.precision, device=args.device)
+    args.batch_size = args.batch_size or run.get("batch_size", 32)
     if (args.search or args.zero_shot) and run["task"] != "audio-text":
         parser.error(f"--search and --zero-shot need an audio-text run; {args.checkpoint} is a {run['task']} run")
     try:
@@ -504,7 +426,8 @@ def main(argv=None):
             for clip, reason in problems[:10]:
                 print(f"{clip.where}: {reason}: {clip.audio}", file=sys.stderr)
             sys.exit(f"{len(problems)} clip(s) of {data} cannot be read; fix the manifest (evaluation needs every clip)")
-        audio, text, text_audio_index = encode_clips(model, tokenizers, clips, batch_size=args.batch_size, workers=args.workers)
+        audio, text, text_audio_index = encode_clips(model, tokenizers, clips, batch_size=args.batch_size, workers=args.workers,
+                                                     feature_cache=feature_cache(args))
         metrics = retrieval_metrics(text @ audio.T, text_audio_index)
         print(format_metrics(metrics, label))
         if args.save_embeddings:

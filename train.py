@@ -28,17 +28,13 @@ models saved as real checkpoints (data/demo_sounds.py, data/demo_shapes.py, data
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import itertools
 import json
-import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +47,14 @@ from tqdm import tqdm
 
 from data.audio_text import BadAudioError
 from data.instructblip import BadImageError
-from data.manifest import ManifestError, read_manifest  # noqa: F401 (tests reach read_manifest as train.read_manifest)
+from data.manifest import ManifestError
 from data.sampling import GlobalBatchSampler, accumulation_steps, steps_for_epochs
-from data.tasks import TASKS, StepEnv, TrainingError, unwrap
-from models.contrastive import host_group, host_sum
+from data.tasks import TASKS
 from lora import LoRAConfig, cast_frozen, inject_lora, mark_only_lora_trainable, save_adapter, trainable_summary
 from lora.atomic import atomic_write, atomic_write_text
 from lora.diagnose import blame_nonfinite, diagnose
+from lora.distributed import Distributed, barrier, host_group, host_sum, init_distributed, main_first, rng_states, set_rng_states
+from lora.training import LaunchedStep, StepEnv, StepResult, TrainingError, TrainState, WarmupCosine, param_groups, set_train_mode, train_step
 from lora.summary import lora_placement
 from lora.targets import check_target_alternatives, format_preview, preview_targets
 from models.audio_text import ENCODING_STRATEGIES, save_heads
@@ -140,242 +137,6 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cache-dir", default=os.environ.get("LORA_MM_CACHE", str(Path.home() / ".cache" / "lora-mm")), help="where the demo set and towers are made")
     return p.parse_args(argv)
-
-
-# --- processes -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in the run. A plain `python train.py` is rank 0 of 1."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> Distributed:
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on CUDA (one GPU per process), gloo on CPU."""
-    if "RANK" not in os.environ:
-        return Distributed(device=torch.device(device))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-    # a long timeout: rank 0 evaluates alone while the others wait at a barrier
-    dist.init_process_group(backend, timeout=timedelta(hours=2))
-    host_group()  # created now, by every rank in the same order, as new_group requires
-    return Distributed(dist.get_rank(), dist.get_world_size(), torch.device(device))
-
-
-@contextlib.contextmanager
-def main_first(env: Distributed):
-    """Rank 0 runs the block first (building demo data, filling caches), then the others."""
-    if env.world_size > 1 and not env.main:
-        dist.barrier()
-    yield
-    if env.world_size > 1 and env.main:
-        dist.barrier()
-
-
-def barrier(env: Distributed):
-    if env.world_size > 1:
-        dist.barrier()
-
-
-def rng_states(device: torch.device) -> dict:
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                numpy=np.random.get_state(), python=random.getstate())
-
-
-def set_rng_states(states: dict, device: torch.device):
-    torch.set_rng_state(states["torch"]), np.random.set_state(states["numpy"]), random.setstate(states["python"])
-    if states.get("cuda") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
-
-
-# --- the state of a run ----------------------------------------------------------------------
-
-
-@dataclass
-class TrainState:
-    """Everything that makes a resume exact, in units of global batches so the number of processes
-    may change: counters, trained tensors, optimizer, schedule, scaler, and every rank's RNG."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: "WarmupCosine"
-    scaler: torch.amp.GradScaler
-    fingerprint: dict  # the FINGERPRINT fields of this run
-    world_size: int = 1
-    step: int = 0  # optimizer updates done
-    epoch: int = 0
-    batches_done: int = 0  # global batches of this epoch taken from the sampler (skipped ones included)
-    elapsed: float = 0.0  # training seconds before this process started
-    history: dict = field(default_factory=dict)  # "before"/"after" evaluations
-    skipped: dict = field(default_factory=dict)  # file -> {"manifest", "line", "reason"}: each bad file once
-    bad_in_a_row: int = 0
-    rng: list = field(default_factory=list)  # per rank, gathered at save time
-    saved_world_size: int = 0  # processes of the run that wrote the state being resumed
-
-    def state_dict(self) -> dict:
-        trainable = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        return dict(step=self.step, epoch=self.epoch, batches_done=self.batches_done, elapsed=self.elapsed,
-                    history=self.history, skipped=self.skipped, world_size=self.world_size, fingerprint=self.fingerprint,
-                    rng=self.rng, trainable=trainable, optimizer=self.optimizer.state_dict(),
-                    schedule=self.schedule.state_dict(), scaler=self.scaler.state_dict())
-
-    def load_state_dict(self, state: dict):
-        """Restore a saved run; refuses one whose defining settings differ, naming each."""
-        changed = [f"{name}: saved {state['fingerprint'].get(name)!r}, now {self.fingerprint.get(name)!r}"
-                   for name in FINGERPRINT if state["fingerprint"].get(name) != self.fingerprint.get(name)]
-        if changed:
-            raise TrainingError("--resume refused: these settings differ from the saved run's (start a new --output-dir to "
-                                "change them):\n  " + "\n  ".join(changed))
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in state["trainable"].items():
-                params[name].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.scaler.load_state_dict(state["scaler"])
-        for name in ("step", "epoch", "batches_done", "elapsed", "history", "skipped", "rng"):
-            setattr(self, name, state[name])
-        self.saved_world_size = state["world_size"]
-
-
-# --- one optimizer step ----------------------------------------------------------------------
-
-
-@dataclass
-class StepResult:
-    status: str  # "updated", "nonfinite" (skipped: NaN/inf loss or gradient), "overflow" (fp16 scaler), "empty" (too few readable examples)
-    examples: int  # examples of the global batch that reached the model
-    loss: float | None = None
-    grad_norm: float | None = None
-    lr: float | None = None
-
-
-@dataclass
-class LaunchedStep:
-    """An optimizer step sent to the device. Whether it was applied is decided on the device, so the
-    host goes on to the next batch at once and reads what happened later, in groups (--log-every)."""
-
-    examples: int
-    micro_batches: list[dict]  # kept until the step is read, for the non-finite guard's blame
-    fp16: bool = False
-    stats: torch.Tensor | None = None  # [loss, grad norm, loss finite, gradients finite, lr], copied to the host
-    ready: object = None  # a CUDA event recorded after that copy; None on the CPU
-    data_wait: float = 0.0  # seconds spent waiting for the batch
-    seconds: float = 0.0  # wall time since the previous step was launched, data wait included
-
-    def result(self) -> StepResult:
-        if self.stats is None:
-            return StepResult("empty", 0)  # every example of the global batch was unreadable
-        if self.ready is not None:
-            self.ready.synchronize()
-        loss, grad_norm, loss_ok, grads_ok, lr = self.stats.tolist()
-        if not loss_ok or (not grads_ok and not self.fp16):
-            status = "nonfinite"
-        else:  # fp16: inf gradients with a finite loss are the scaler's business (it skipped the update)
-            status = "updated" if grads_ok else "overflow"
-        return StepResult(status, self.examples, loss, grad_norm, lr)
-
-
-class WarmupCosine:
-    """The learning rate, peak x lr_factor(updates applied), as a device tensor computed from a
-    device-side count of applied updates: a skipped (non-finite) step adds 0 to the count without
-    the host having to look, so the schedule never advances on it and nothing waits for the GPU."""
-
-    def __init__(self, peak: float, warmup: int, total: int, device: torch.device):
-        self.peak, self.warmup, self.total = peak, warmup, total
-        self.updates = torch.zeros((), dtype=torch.float64, device=device)
-
-    def lr(self) -> torch.Tensor:
-        s = self.updates
-        progress = ((s - self.warmup) / max(1, self.total - self.warmup)).clamp(max=1.0)
-        factor = torch.where(s < self.warmup, (s + 1) / (self.warmup + 1), 0.5 * (1 + torch.cos(math.pi * progress)))
-        return (self.peak * factor).float()
-
-    def count(self, applied: torch.Tensor):
-        self.updates += applied
-
-    def state_dict(self) -> dict:
-        return {"updates": int(self.updates)}
-
-    def load_state_dict(self, state: dict):
-        self.updates.fill_(state["updates"])
-
-
-def train_step(task, model, micro_batches, optimizer, schedule, scaler, env: StepEnv, grad_clip: float) -> LaunchedStep:
-    """Forward and backward every micro-batch of one global batch, then the update, applied on the
-    device only if the loss and the gradients are finite (fp16: the scaler judges the gradients)."""
-    step = LaunchedStep(host_sum(sum(b["index"].numel() for b in micro_batches)), micro_batches, scaler.is_enabled())
-    if step.examples < task.min_examples:  # e.g. a contrastive batch of one clip has no negative: nothing to learn
-        step.examples = 0
-        return step
-    loss = task.forward_backward(model, micro_batches, env)
-    trainable = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
-    off_path = [n for n, p in trainable if p.grad is None]
-    if off_path:
-        raise TrainingError(f"trainable parameter(s) received no gradient, so they sit off the forward path: "
-                            f"{', '.join(off_path[:8])}{' ...' if len(off_path) > 8 else ''}. Run `python train.py --diagnose` "
-                            "with the same flags to see where LoRA sits and what the forward reaches")
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], grad_clip if grad_clip > 0 else float("inf"))
-    loss_ok, grads_ok = torch.isfinite(loss), torch.isfinite(grad_norm)
-    applied = loss_ok & grads_ok
-    lr = schedule.lr()
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if scaler.is_enabled():
-        scaler.step(optimizer)  # skips, on the device, an update with inf gradients
-        scaler.update()
-    else:
-        optimizer.found_inf = (~applied).float()  # fused AdamW: 1 turns the update into a no-op, on the device
-        optimizer.step()
-        del optimizer.found_inf
-    schedule.count(applied)
-    optimizer.zero_grad(set_to_none=True)
-    stats = torch.stack([loss.detach().float(), grad_norm.float(), loss_ok.float(), grads_ok.float(), lr])
-    if stats.is_cuda:  # an asynchronous copy into pinned memory, read when the loop next looks
-        step.stats = torch.empty(stats.shape, pin_memory=True).copy_(stats, non_blocking=True)
-        step.ready = torch.cuda.Event()
-        step.ready.record()
-    else:
-        step.stats = stats
-    return step
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup from 0 to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay for matrices (LoRA A/B, projections); none for biases, norm weights and
-    logit_scale (the CLIP/open_clip convention: decaying logit_scale pulls the temperature to 1)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or name.endswith("logit_scale") else decay).append(param)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-
-
-def set_train_mode(model: nn.Module):
-    """Train mode where something trains (LoRA dropout is on); eval mode for a fully frozen tower,
-    whose dropout would only add noise to fixed features."""
-    model.train()
-    for child in model.children():
-        if not any(p.requires_grad for p in child.parameters()):
-            child.eval()
 
 
 # --- outputs ---------------------------------------------------------------------------------
@@ -467,16 +228,53 @@ class Recipe:
             tqdm.write(" ".join(map(str, text)), **kwargs)
 
     def setup(self):
+        """Output folder, task, model with LoRA, data, optimizer and state (resumed if asked), DDP."""
         args, env = self.args, self.env
         random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-        out = Path(args.output_dir or (f"runs/demo{'' if args.task == 'audio-text' else '-' + args.task}" if is_demo(args) else f"runs/{args.task}"))
-        self.out = out.resolve()
+        default_out = f"runs/demo{'' if args.task == 'audio-text' else '-' + args.task}" if is_demo(args) else f"runs/{args.task}"
+        self.out = Path(args.output_dir or default_out).resolve()
         if (self.out / STATE_FILE).exists() and not args.resume:
             raise TrainingError(f"{self.out} already holds a run: pass --resume to continue it, or another --output-dir")
         if args.resume and not (self.out / STATE_FILE).exists():
             raise TrainingError(f"--resume: no {STATE_FILE} in {self.out}")
         self.task, targets, defaults = build_task(args, env, self.say)
-        model = self.task.model
+        self.model = self.setup_model(targets)
+        lengths = self.setup_data()
+        per_epoch = self.sampler.batches_per_epoch
+        self.max_steps = args.max_steps or (steps_for_epochs(args.epochs, per_epoch) if args.epochs else defaults.get("max_steps", 1000))
+        self.warmup = args.warmup_steps if args.warmup_steps is not None else defaults.get("warmup_steps", min(100, self.max_steps // 10))
+        self.eval_every = args.eval_every if args.eval_every is not None else defaults.get("eval_every", 500)
+        self.save_every = args.save_every if args.save_every is not None else defaults.get("save_every", 500)
+        self.run = dict(self.task.run, targets=targets, rank=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora,
+                        train_also=args.train_also, precision=args.precision, seed=args.seed, batch_size=args.batch_size,
+                        micro_batch_size=self.sampler.micro_batch, world_size=env.world_size, lr=args.lr,
+                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, max_steps=self.max_steps, warmup_steps=self.warmup,
+                        bucket_by_length=lengths is not None, train_data_sha256=file_sha256(self.task.run["train_data"]))
+        self.state = self.setup_optimization()
+        set_train_mode(self.model)
+        self.task.prepare(self.step_env, self.say)
+        self.metrics_path = self.out / "metrics.jsonl"
+        if args.resume:
+            self.resume()
+        elif env.main and self.metrics_path.exists():
+            self.metrics_path.unlink()
+        # find_unused_parameters=False: every trainable parameter must get a gradient in every step;
+        # train_step names any that does not, before DDP's own (index-only) error could
+        self.ddp = self.model if env.world_size == 1 else DistributedDataParallel(
+            self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=False)
+
+        self.say(trainable_summary(self.model))
+        self.say(lora_placement(self.model))
+        self.say(f"{self.max_steps} steps of {args.batch_size} examples ({per_epoch} per epoch) = {env.world_size} process(es) x "
+                 f"{self.sampler.accumulation} micro-batch(es) of {self.sampler.micro_batch}; output {self.out}")
+        if self.sampler.dropped_per_epoch:
+            self.say(f"each epoch leaves out its last {self.sampler.dropped_per_epoch} example(s) (a partial global batch; the next "
+                     "epoch reshuffles)")
+
+    def setup_model(self, targets: list[str]) -> nn.Module:
+        """The task's model with LoRA injected where the targets say, only LoRA and heads trainable."""
+        args, model = self.args, self.task.model
         strategy = self.task.forward_strategy(targets)
         if strategy is not None and strategy.misplaced:  # the seeds' failure, caught before anything runs
             raise TrainingError("\n".join(strategy.findings()))
@@ -493,14 +291,17 @@ class Recipe:
             raise TrainingError(f"--targets: {error}") from error
         if args.precision == "bf16":
             cast_frozen(model, torch.bfloat16)  # frozen towers held in bf16; LoRA and heads stay fp32
-        model.to(env.device)
+        model.to(self.env.device)
         for module in model.modules():  # every ported tower has the switch
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = args.grad_checkpointing
-        self.model = model
+        return model
 
+    def setup_data(self) -> list[float] | None:
+        """This rank's sampler and loader; returns the lengths batches are bucketed by (None: no bucketing)."""
+        args, env = self.args, self.env
         try:
-            lengths = self.task.lengths() if args.bucket_by_length else None  # None: the task has no lengths to bucket
+            lengths = self.task.lengths() if args.bucket_by_length else None  # None too when the task has no lengths
             self.sampler = GlobalBatchSampler(len(self.task.dataset), args.batch_size, args.micro_batch_size, env.world_size, env.rank,
                                               seed=args.seed, lengths=lengths)
         except ValueError as error:
@@ -508,54 +309,22 @@ class Recipe:
         self.loader_generator = torch.Generator()  # worker seeds come from here, never from the global RNG
         self.loader = DataLoader(self.task.dataset, batch_sampler=self.sampler, num_workers=args.workers, generator=self.loader_generator,
                                  collate_fn=self.task.collate, pin_memory=env.device.type == "cuda")
-        per_epoch = self.sampler.batches_per_epoch
-        self.max_steps = args.max_steps or (steps_for_epochs(args.epochs, per_epoch) if args.epochs else defaults.get("max_steps", 1000))
-        self.warmup = args.warmup_steps if args.warmup_steps is not None else defaults.get("warmup_steps", min(100, self.max_steps // 10))
-        self.eval_every = args.eval_every if args.eval_every is not None else defaults.get("eval_every", 500)
-        self.save_every = args.save_every if args.save_every is not None else defaults.get("save_every", 500)
+        return lengths
 
+    def setup_optimization(self) -> TrainState:
+        """AdamW, the schedule, the fp16 scaler, the autocast of --precision, and the state holding them."""
+        args, env = self.args, self.env
         # fused: one kernel for all tensors, and it can skip an update on the device (found_inf)
-        optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=True)
+        optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), lr=args.lr, fused=True)
         schedule = WarmupCosine(args.lr, self.warmup, self.max_steps, env.device)
-        amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-        self.amp_dtype = amp_dtype
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
         scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")  # fp16 gradients underflow without it
-        autocast = (lambda: torch.autocast(env.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        autocast = (lambda: torch.autocast(env.device.type, dtype=self.amp_dtype)) if self.amp_dtype else contextlib.nullcontext
         self.step_env = StepEnv(env.device, autocast, lambda loss: scaler.scale(loss).backward(), env.world_size)
-
-        self.run = dict(self.task.run, targets=targets, rank=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora,
-                        train_also=args.train_also, precision=args.precision, seed=args.seed, batch_size=args.batch_size,
-                        micro_batch_size=self.sampler.micro_batch, world_size=env.world_size, lr=args.lr,
-                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, max_steps=self.max_steps, warmup_steps=self.warmup,
-                        bucket_by_length=lengths is not None,
-                        train_data_sha256=file_sha256(self.task.run["train_data"]))
-        fingerprint = {name: self.run.get(name) for name in FINGERPRINT}
-        set_train_mode(model)
-        self.task.prepare(self.step_env, self.say)
-        self.state = TrainState(model, optimizer, schedule, scaler, fingerprint, world_size=env.world_size)
-        self.state.skipped.update({s.path: dict(manifest=self.run["train_data"], line=s.line, reason=s.reason)
-                                   for s in self.task.skipped_up_front})
-        self.metrics_path = self.out / "metrics.jsonl"
-        if args.resume:
-            self.resume()
-        elif env.main and self.metrics_path.exists():
-            self.metrics_path.unlink()
-        if env.world_size > 1:
-            # find_unused_parameters=False: every trainable parameter must get a gradient in every step;
-            # train_step names any that does not, before DDP's own (index-only) error could
-            self.ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                                               broadcast_buffers=False, find_unused_parameters=False)
-        else:
-            self.ddp = model
-
-        self.say(trainable_summary(model))
-        self.say(lora_placement(model))
-        accumulation = self.sampler.accumulation
-        self.say(f"{self.max_steps} steps of {args.batch_size} examples ({per_epoch} per epoch) = {env.world_size} process(es) x "
-                 f"{accumulation} micro-batch(es) of {self.sampler.micro_batch}; output {self.out}")
-        if self.sampler.dropped_per_epoch:
-            self.say(f"each epoch leaves out its last {self.sampler.dropped_per_epoch} example(s) (a partial global batch; the next "
-                     "epoch reshuffles)")
+        state = TrainState(self.model, optimizer, schedule, scaler, {name: self.run.get(name) for name in FINGERPRINT},
+                           world_size=env.world_size)
+        state.skipped.update({s.path: dict(manifest=self.run["train_data"], line=s.line, reason=s.reason) for s in self.task.skipped_up_front})
+        return state
 
     def resume(self):
         state = None

@@ -36,7 +36,8 @@ from torch.utils.data import Dataset
 
 from data.audio_text import BAD_AUDIO_POLICIES, BadAudioError, Skipped, audio_problem, split_skipped
 from data.feature_cache import CACHE_STATUSES, FeatureCache
-from data.manifest import JSON_SUFFIXES, ManifestError, file_problem, json_lines, read_utf8, resolve_path
+from data.manifest import (JSON_SUFFIXES, BadLine, BadRow, ManifestError, file_problem, json_lines, read_utf8, refuse_or_collect,
+                           resolve_path, text_problem)
 from models.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, AudioDecodeError, ClipFeatures, clip_features, load_audio, pad_clip_features
 from models.qwen2_audio import AUDIO, IM_END, audio_token_count, chat_prompt, expand_audio_placeholder
 
@@ -59,10 +60,12 @@ class AudioQAExample:
         return f"{self.source}:{self.line}"
 
 
-def read_audio_qa_manifest(path, audio_dir=None) -> list[AudioQAExample]:
+def read_audio_qa_manifest(path, audio_dir=None, bad_lines: list[BadLine] | None = None) -> list[AudioQAExample]:
     """Parse a JSON Lines manifest into examples, one a line, in file order. Relative audio paths are
     resolved against `audio_dir`, default the manifest's folder. Lines naming the same clip stay separate
-    examples (each asks its own question); other keys are ignored."""
+    examples (each asks its own question); other keys are ignored. A line that cannot be read (invalid
+    JSON, a missing key, a blank, invisible or non-string value) is a ManifestError naming it, or, given a
+    `bad_lines` list (a run under --on-bad-audio skip), a BadLine appended there."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
@@ -70,20 +73,32 @@ def read_audio_qa_manifest(path, audio_dir=None) -> list[AudioQAExample]:
         raise ManifestError(f"{path}: unknown manifest suffix {path.suffix!r}; an audio-qa manifest is .jsonl with one "
                             f"JSON object a line, such as {EXAMPLE_LINE}")
     base = Path(audio_dir) if audio_dir is not None else path.parent
+    skipped_before = len(bad_lines) if bad_lines is not None else 0
     examples = []
-    for line_no, where, row in json_lines(path, read_utf8(path), EXAMPLE_LINE):
-        missing = [key for key in REQUIRED_KEYS if key not in row]
-        if missing:
-            hint = ' (rename "question" to "prompt")' if "prompt" in missing and "question" in row else ""
-            raise ManifestError(f"{where}: missing {', '.join(map(json.dumps, missing))}{hint}; every line needs the keys "
-                                f"{', '.join(map(json.dumps, REQUIRED_KEYS))}, as in {EXAMPLE_LINE}")
-        for key in REQUIRED_KEYS:
-            if not isinstance(row[key], str) or not row[key].strip():
-                raise ManifestError(f'{where}: "{key}" must be a non-empty string, got {row[key]!r:.60}')
-        examples.append(AudioQAExample(resolve_path(base, row["audio"]), row["prompt"], row["answer"], str(path), line_no))
+    for line_no, _, row in json_lines(path, read_utf8(path), EXAMPLE_LINE, bad_lines):
+        try:
+            examples.append(_parse_row(row, base, str(path), line_no))
+        except BadRow as problem:
+            refuse_or_collect(bad_lines, path, line_no, str(problem))
     if not examples:
-        raise ManifestError(f"{path}: the manifest holds no examples; add lines such as {EXAMPLE_LINE}")
+        skipped = bad_lines[skipped_before:] if bad_lines is not None else []
+        raise ManifestError(f"{path}: the manifest holds no examples; add lines such as {EXAMPLE_LINE}" if not skipped else
+                            f"{path}: none of its {len(skipped)} lines can be read (the first, {skipped[0].where}: "
+                            f"{skipped[0].reason})")
     return examples
+
+
+def _parse_row(row: dict, base: Path, source: str, line_no: int) -> AudioQAExample:
+    missing = [key for key in REQUIRED_KEYS if key not in row]
+    if missing:
+        hint = ' (rename "question" to "prompt")' if "prompt" in missing and "question" in row else ""
+        raise BadRow(f"missing {', '.join(map(json.dumps, missing))}{hint}; every line needs the keys "
+                     f"{', '.join(map(json.dumps, REQUIRED_KEYS))}, as in {EXAMPLE_LINE}")
+    for key in REQUIRED_KEYS:
+        problem = text_problem(row[key], f'"{key}"')
+        if problem:
+            raise BadRow(f"{problem}; fill it in or remove the line")
+    return AudioQAExample(resolve_path(base, row["audio"]), row["prompt"], row["answer"], source, line_no)
 
 
 def check_audio(examples: list[AudioQAExample]) -> list[tuple[AudioQAExample, str]]:

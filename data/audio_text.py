@@ -57,24 +57,13 @@ from models.audio import (
     load_audio,
     pad_clip_features,
 )
-from models.qwen2_audio_encoder import Qwen2AudioEncoder
+from models.qwen2_audio_encoder import Qwen2AudioEncoder, min_valid_frames
 from models.tokenizer import tokenize
 
 BAD_AUDIO_POLICIES = ("fail", "skip")
 
 
-def min_valid_frames(output_lengths=Qwen2AudioEncoder.output_lengths) -> int:
-    """The fewest valid log-mel frames for which the audio tower gives one output. For the
-    Qwen2-Audio tower, V frames give ((V - 1) // 2 + 1 - 2) // 2 + 1 outputs (stride-2 conv,
-    then the pool keeps whole pairs): 0 for V <= 2, so a clip needs V >= 3 (over 20 ms); with
-    none, its pooled embedding would be a silent zero vector."""
-    frames = 1
-    while output_lengths(torch.ones(1, frames, dtype=torch.bool)).item() < 1:
-        frames += 1
-    return frames
-
-
-MIN_VALID_FRAMES = min_valid_frames()  # 3
+MIN_VALID_FRAMES = min_valid_frames(Qwen2AudioEncoder.output_lengths)  # 3
 
 
 def audio_problem(audio: torch.Tensor) -> str | None:

@@ -18,17 +18,12 @@ Each reaches the result a single process would get by taking the whole global ba
 `forward_backward` returns the global batch's loss (detached, the same on every rank).
 """
 
-import contextlib
 import functools
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from data.audio_qa import AudioQADataset, check_audio, collate_audio_qa, read_audio_qa_manifest
 from data.audio_qa import check_texts as check_audio_qa_texts
@@ -38,55 +33,14 @@ from data.instructblip import VQADataset, check_images, check_texts, collate_vqa
 from data.manifest import BadLine, load_manifest
 from eval import evaluate, evaluate_audio_qa, evaluate_vqa, format_audio_qa, format_metrics, format_vqa
 from lora.diagnose import ForwardStrategy
+from lora.distributed import all_reduce_sum, device_rng_state, host_sum, set_device_rng_state, unwrap
+from lora.training import StepEnv, TrainingError
 from models import load_instructblip, load_instructblip_tokenizers, load_qwen2_audio, load_qwen2_audio_tokenizer, load_tokenizer
 from models.audio_text import build_audio_text_model
 from models.checkpoint import Checkpoint
 from models.qwen2_audio import AUDIO, language_side_linear_paths
-from models.contrastive import cached_loss_and_gradients, caption_keys, distributed, global_contrastive_loss, host_sum, pad_columns
+from models.contrastive import cached_loss_and_gradients, caption_keys, global_contrastive_loss, pad_columns
 from models.text_cache import FrozenTextCache
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on as configured; the message says what to change. train.py's main()
-    prints it and exits, nothing below it exits the process."""
-
-
-@dataclass
-class StepEnv:
-    """What a task needs to run the forwards and backwards of one optimizer step."""
-
-    device: torch.device
-    autocast: Callable  # () -> context manager: the run's --precision
-    backward: Callable[[torch.Tensor], None]  # scaler.scale(loss).backward()
-    world_size: int = 1
-
-    def sync(self, model: nn.Module, last: bool):
-        """DDP all-reduces the gradients in one backward a step: the last micro-batch's."""
-        if isinstance(model, DistributedDataParallel) and not last:
-            return model.no_sync()
-        return contextlib.nullcontext()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks of a device tensor (asynchronous on the GPU: nothing waits for it)."""
-    if distributed():
-        value = value.clone()
-        dist.all_reduce(value)
-    return value
-
-
-def rng_state(device: torch.device):
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def set_rng_state(state, device: torch.device):
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 def resolved(path: str | None) -> str | None:
@@ -181,7 +135,7 @@ class AudioTextTask:
                                         feature_cache=self.feature_cache)
         # tokenized in the workers too: the main process only moves tensors and runs the model
         self.collate = functools.partial(collate_audio_text, n_mels=self.n_mels, pad_to_30s=args.pad_to_30s, tokenizer=self.tokenizer)
-        self.text_cache = FrozenTextCache()
+        self.text_cache, self.eval_text_cache = FrozenTextCache(), FrozenTextCache()
 
     def lengths(self) -> list[float]:
         """Each clip's duration, for --bucket-by-length."""
@@ -215,7 +169,8 @@ class AudioTextTask:
         if self.text_tower_frozen():
             with torch.no_grad(), env.autocast():
                 n = self.text_cache.fill(self.model.text_tower, captions_flat(self.dataset.clips)[0], self.tokenizer, env.device)
-            say(f"text tower frozen: pooled features of {n} distinct captions computed once, reused every step")
+            say(f"text tower frozen: pooled features of {n} distinct captions computed once, reused by every step "
+                "(and those of the eval captions by every evaluation)")
 
     def inputs(self, batch: dict, device: torch.device) -> dict:
         """A collated micro-batch -> the model's keyword arguments, on the device."""
@@ -250,19 +205,19 @@ class AudioTextTask:
         states, audio, text, keys = [], [], [], []
         with torch.no_grad():  # pass 1: only the (B, E) embeddings survive each micro-batch
             for x in inputs:
-                states.append(rng_state(env.device))  # replayed in pass 2: the same dropout masks
+                states.append(device_rng_state(env.device))  # replayed in pass 2: the same dropout masks
                 with env.autocast():
                     out = model(**x)
                 audio.append(out.audio_embeds.float())
                 text.append(out.text_embeds.float())
                 keys.append(caption_keys(x["input_ids"], x["attention_mask"]))
-        after = rng_state(env.device)
+        after = device_rng_state(env.device)
         width = max(k.shape[1] for k in keys)
         cached = cached_loss_and_gradients(torch.cat(audio), torch.cat(text), unwrap(model).logit_scale,
                                            torch.cat([pad_columns(k, width) for k in keys]))
         start = 0
         for i, x in enumerate(inputs):  # pass 2
-            set_rng_state(states[i], env.device)
+            set_device_rng_state(states[i], env.device)
             last = i == len(inputs) - 1
             with env.sync(model, last):
                 with env.autocast():
@@ -276,13 +231,15 @@ class AudioTextTask:
                 if last:  # logit_scale's gradient is the same on every rank, which the average keeps
                     surrogate = surrogate + cached.scale_grad * out.logit_scale
                 env.backward(surrogate)
-        set_rng_state(after, env.device)
+        set_device_rng_state(after, env.device)
         return cached.loss
 
     def evaluate(self, model: nn.Module, **kwargs) -> dict | None:
         if self.eval_clips is None:
             return None
-        return evaluate(model, self.tokenizer, self.eval_clips, pad_to_30s=self.pad_to_30s, **kwargs)
+        # its own text cache: eval.py computes the eval captions alone, in the same canonical chunks
+        return evaluate(model, self.tokenizer, self.eval_clips, pad_to_30s=self.pad_to_30s, feature_cache=self.feature_cache,
+                        text_cache=self.eval_text_cache if self.text_tower_frozen() else None, **kwargs)
 
     format = staticmethod(format_metrics)
 
@@ -440,14 +397,18 @@ class AudioQATask:
             raise TrainingError(f"{src['model']}: the tokenizer's {AUDIO} is id {self.tokenizer.token_to_id(AUDIO)} but config.json's "
                                 f"audio_token_index is {self.model.config.audio_token_id}: tokenizer and model disagree")
 
-        def problems_of(examples):  # missing audio, and prompts or answers over the token budgets
-            return [(e, f"{r}: {e.audio}") for e, r in check_audio(examples)] + check_audio_qa_texts(examples, self.tokenizer)
+        def problems_of(examples):  # missing audio, and prompts or answers over the token budgets (listed by their line)
+            return ([(e, f"{r}: {e.audio}") for e, r in check_audio(examples)]
+                    + [(BadLine(e.source, e.line, r), r) for e, r in check_audio_qa_texts(examples, self.tokenizer)])
 
-        examples = read_audio_qa_manifest(src["train_data"], args.train_audio_dir)
-        problems = problems_of(examples)
+        bad_lines = []  # lines that cannot be read: skipped and listed under --on-bad-audio skip, else an error
+        examples = read_audio_qa_manifest(src["train_data"], args.train_audio_dir, bad_lines)
+        problems = [(line, line.reason) for line in bad_lines] + problems_of(examples)
         self.skipped_up_front = report_problems(problems, src["train_data"], args.on_bad_input, "train", "example", self.input_flag, say)
-        bad = {example for example, _ in problems}
-        examples = [e for e in examples if e not in bad]
+        bad = {item.line for item, _ in problems}  # one example a line
+        examples = [e for e in examples if e.line not in bad]
+        if not examples:
+            raise TrainingError(f"no example of {src['train_data']} is left to train on: every one was skipped (listed above)")
         self.eval_examples = None
         if src["eval_data"]:
             self.eval_examples = read_audio_qa_manifest(src["eval_data"], args.eval_audio_dir)

@@ -170,7 +170,10 @@ def clip_features(audio, n_mels):
     # zeros up to frame n_frames + 1, as audio_to_features explains (capped at 30 s)
     waveform = torch.zeros(min(N_SAMPLES, HOP_LENGTH * (n_frames + 2)))
     waveform[: audio.numel()] = audio
-    features, silence = _log_mel_and_silence(waveform, n_mels)  # (n_mels, >= n_frames), (1, 1)
+    # fp32 whatever the caller's autocast: a bf16 mel matmul would give other numbers than the
+    # reference's (and than a cache entry made outside autocast)
+    with torch.autocast("cpu", enabled=False):
+        features, silence = _log_mel_and_silence(waveform, n_mels)  # (n_mels, >= n_frames), (1, 1)
     return ClipFeatures(features[:, :n_frames].contiguous(), valid_frames, silence.item())
 
 
@@ -195,7 +198,7 @@ def pad_clip_features(clips, pad_to_30s=False):
     return features, frame_mask
 
 
-def _clip_to_tensor(item, index):
+def clip_waveform(item, index):
     """One batch element (path, numpy array or tensor, 16 kHz mono) -> 1-D float32 tensor."""
     is_path = isinstance(item, (str, os.PathLike))
     name = f"clip {index}" + (f" ({os.fspath(item)!r})" if is_path else "")
@@ -251,5 +254,5 @@ def audio_to_features(audio, n_mels=128, pad_to_30s=False):
     clips = audio if isinstance(audio, (list, tuple)) else [audio]
     if len(clips) == 0:
         raise ValueError("audio_to_features got an empty list of clips")
-    clips = [_clip_to_tensor(item, i) for i, item in enumerate(clips)]
+    clips = [clip_waveform(item, i) for i, item in enumerate(clips)]
     return pad_clip_features([clip_features(clip, n_mels) for clip in clips], pad_to_30s)

@@ -33,7 +33,6 @@ Two encoding strategies for the audio side (train.py --encoding-strategy):
 """
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -51,12 +50,13 @@ from tqdm import tqdm
 from lora.adapter import load_adapter
 from lora.atomic import atomic_write
 from lora.inject import cast_frozen
-from models.audio import audio_to_features
+from models.audio import ClipFeatures, clip_features, clip_waveform, pad_clip_features
 from models.bert import mean_pool
 from models.contrastive import caption_keys, contrastive_loss, contrastive_targets
 from models.loading import load_audio_encoder, load_text_encoder, load_tokenizer
 from models.qwen2_audio import (AUDIO_BOS, Qwen2AudioForConditionalGeneration, chat_prompt, load_qwen2_audio,
                                 load_qwen2_audio_tokenizer, place_audio, project_audio)
+from models.text_cache import TEXT_CHUNK, canonical_chunks
 from models.tokenizer import tokenize
 
 INIT_TEMPERATURE = 0.07  # CLIP's initial softmax temperature
@@ -161,22 +161,24 @@ class AudioTextModel(nn.Module):
 
     @torch.no_grad()
     def embed_audio(self, items, batch_size: int = 32, progress: bool | None = None, workers: int = 0,
-                    precision=None, pad_to_30s: bool | None = None) -> torch.Tensor:
+                    precision=None, pad_to_30s: bool | None = None, feature_cache=None) -> torch.Tensor:
         """Audio files or 1-D 16 kHz waveforms (numpy or torch) -> (N, E) unit-length embeddings, fp32 on the CPU.
 
         `batch_size` clips at a time are decoded (in `workers` DataLoader processes when > 0), turned
         into log-mel padded to the batch's longest clip (models/audio.py), and encoded in eval mode
         under the run's precision; `precision` ("fp32", "bf16", "fp16") and `pad_to_30s` override the
         run's. eval.py scores exactly these numbers. `progress`: None shows a bar on a terminal when
-        there are more than a few batches, True / False force it on / off.
+        there are more than a few batches, True / False force it on / off. A `feature_cache`
+        (data/feature_cache.py) serves the log-mel of files it holds, and keeps new ones. A clip whose
+        features are non-finite, or too short for one tower output, is an error naming it.
         """
         single = isinstance(items, (str, os.PathLike)) or (isinstance(items, (np.ndarray, torch.Tensor)) and items.ndim == 1)
         items = [items] if single else list(items)  # a 2-D array is a batch of equal-length waveforms
         if not items:
             raise ValueError("embed_audio got no clips")
-        front_end = functools.partial(audio_to_features, n_mels=self.audio_tower.config.num_mel_bins,
-                                      pad_to_30s=self.pad_to_30s if pad_to_30s is None else pad_to_30s)
-        loader = DataLoader(items, batch_size=batch_size, num_workers=workers, collate_fn=front_end)
+        front_end = BatchFeatures(self.audio_tower.config.num_mel_bins, self.pad_to_30s if pad_to_30s is None else pad_to_30s,
+                                  feature_cache, min_frames=self.audio_tower.min_valid_frames())
+        loader = DataLoader(list(enumerate(items)), batch_size=batch_size, num_workers=workers, collate_fn=front_end)
         device = next(self.parameters()).device
         embeddings = []
         with self.inference_context(precision):
@@ -185,10 +187,15 @@ class AudioTextModel(nn.Module):
         return torch.cat(embeddings)  # (N, E)
 
     @torch.no_grad()
-    def embed_text(self, texts, batch_size: int = 32, progress: bool | None = None, precision=None,
-                   tokenizer=None) -> torch.Tensor:
-        """Texts -> (N, E) unit-length embeddings, fp32 on the CPU: `batch_size` texts at a time, eval
-        mode, the run's precision (or `precision`), the tokenizer load_run attached (or `tokenizer`)."""
+    def embed_text(self, texts, batch_size: int = TEXT_CHUNK, progress: bool | None = None, precision=None,
+                   tokenizer=None, text_cache=None) -> torch.Tensor:
+        """Texts -> (N, E) unit-length embeddings, fp32 on the CPU, in eval mode, the run's precision (or
+        `precision`), with the tokenizer load_run attached (or `tokenizer`).
+
+        Each distinct text is embedded once, in chunks of `batch_size` fixed by the texts themselves
+        (models/text_cache.py `canonical_chunks`), so the numbers do not depend on the order of
+        `texts`: train.py's evaluations and eval.py get the same bits. A `text_cache` (a frozen text
+        tower only) keeps the pooled features, so a text tower run once serves every evaluation."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         tokenizer = self.tokenizer if tokenizer is None else tokenizer
         if tokenizer is None:
@@ -197,13 +204,15 @@ class AudioTextModel(nn.Module):
         if not texts:
             raise ValueError("embed_text got no texts")
         device = next(self.parameters()).device
-        starts = range(0, len(texts), batch_size)
-        embeddings = []
+        chunks = canonical_chunks(texts, tokenizer, batch_size)
+        row = {}  # text -> its embedding
         with self.inference_context(precision):
-            for start in tqdm(starts, desc="embed text", unit="batch", leave=False, disable=quiet(progress, len(starts))):
-                input_ids, attention_mask = tokenize(tokenizer, texts[start : start + batch_size])  # (B, L) each
-                embeddings.append(self.encode_text(input_ids.to(device), attention_mask.to(device)).float().cpu())
-        return torch.cat(embeddings)  # (N, E)
+            for chunk in tqdm(chunks, desc="embed text", unit="batch", leave=False, disable=quiet(progress, len(chunks))):
+                input_ids, attention_mask = (t.to(device) for t in tokenize(tokenizer, chunk))  # (B, L) each
+                pooled = (self.pool_text(input_ids, attention_mask) if text_cache is None
+                          else text_cache.pooled(self.text_tower, chunk, input_ids, attention_mask))  # (B, D_text)
+                row.update(zip(chunk, self.project_text(pooled).float().cpu()))
+        return torch.stack([row[text] for text in texts])  # (N, E)
 
     @contextlib.contextmanager
     def inference_context(self, precision=None):
@@ -289,6 +298,32 @@ RUN_CONFIG = "run_config.json"  # everything needed to rebuild the model (train.
 HEADS_FILE = "heads.safetensors"  # the fully trained tensors (save_heads)
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHORT_INPUT_BATCHES = 4  # embed_* show no progress bar for this many batches or fewer
+
+
+class BatchFeatures:
+    """A DataLoader collate_fn for embed_audio: (index, path or waveform) items -> the batch's
+    log-mel and frame mask, each clip's features read from or kept in a feature cache when it is a
+    file, and checked (a picklable object, so workers can run it)."""
+
+    def __init__(self, n_mels: int, pad_to_30s: bool, feature_cache=None, min_frames: int = 1):
+        self.n_mels, self.pad_to_30s, self.feature_cache, self.min_frames = n_mels, pad_to_30s, feature_cache, min_frames
+
+    def clip(self, index: int, item) -> ClipFeatures:
+        def compute() -> ClipFeatures:
+            features = clip_features(clip_waveform(item, index), self.n_mels)
+            name = f"clip {index}" + (f" ({os.fspath(item)!r})" if isinstance(item, (str, os.PathLike)) else "")
+            if not (torch.isfinite(features.features).all() and math.isfinite(features.fill)):
+                raise ValueError(f"{name}: its log-mel is non-finite (NaN/inf samples, or samples far outside [-1, 1])")
+            if features.valid_frames < self.min_frames:
+                raise ValueError(f"{name} is too short for one output of the audio tower ({features.valid_frames} log-mel frames)")
+            return features  # checked before any cache keeps it
+
+        if self.feature_cache is not None and isinstance(item, (str, os.PathLike)):
+            return self.feature_cache.load_or_compute(item, self.n_mels, compute)[0]
+        return compute()
+
+    def __call__(self, batch: list[tuple[int, object]]):
+        return pad_clip_features([self.clip(index, item) for index, item in batch], self.pad_to_30s)
 
 
 def quiet(progress: bool | None, n_batches: int) -> bool | None:

@@ -37,39 +37,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lora.distributed import distributed, host_all_gather
+
 MAX_LOGIT_SCALE = math.log(100)  # CLIP/CLAP cap the scale at 100 so the logits cannot explode
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-_HOST_GROUP = None
-
-
-def host_group():
-    """A gloo group for small host-side numbers (row counts, token counts): a collective on it
-    never waits for the GPU, where reading a count back from an NCCL collective would. The
-    default group when it already is gloo (CPU runs). Create it on every rank at start-up."""
-    global _HOST_GROUP
-    if not distributed() or dist.get_backend() == "gloo":
-        return None
-    if _HOST_GROUP is None:
-        _HOST_GROUP = dist.new_group(backend="gloo")
-    return _HOST_GROUP
-
-
-def host_all_gather(value: int) -> list[int]:
-    """Every rank's value of a host-side int, in rank order."""
-    if not distributed():
-        return [value]
-    values = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(values, torch.tensor([value]), group=host_group())
-    return [int(v) for v in values]
-
-
-def host_sum(value: int) -> int:
-    return sum(host_all_gather(value))
 
 
 def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:

@@ -286,6 +286,7 @@ def export_run(run_dir, out_dir, link: bool = True) -> dict:
 
 
 def main(argv=None):
+    """`python -m models.export --checkpoint RUN_DIR --out NEW_DIR [--copy]`: export_run, then a report."""
     parser = argparse.ArgumentParser(description="Merge a train.py run's LoRA into its base and write a Hugging Face checkpoint "
                                      "in the base's own layout (see the module docstring of models/export.py).")
     parser.add_argument("--checkpoint", required=True, help="an output directory of train.py")

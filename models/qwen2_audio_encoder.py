@@ -96,6 +96,17 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> torch
     return torch.cat([scaled_time.sin(), scaled_time.cos()], dim=1)  # (length, channels)
 
 
+def min_valid_frames(output_lengths) -> int:
+    """The fewest valid log-mel frames for which `output_lengths` (a tower's) gives one output. For
+    the Qwen2-Audio tower, V frames give ((V - 1) // 2 + 1 - 2) // 2 + 1 outputs (stride-2 conv,
+    then the pool keeps whole pairs): 0 for V <= 2, so a clip needs V >= 3 (over 20 ms); with
+    none, its pooled embedding would be a silent zero vector."""
+    frames = 1
+    while output_lengths(torch.ones(1, frames, dtype=torch.bool)).item() < 1:
+        frames += 1
+    return frames
+
+
 def conv_output_lengths(n_frames: torch.Tensor) -> torch.Tensor:
     """Valid conv2 frames for n_frames valid log-mel frames (kernel 3, stride 2, padding 1)."""
     return (n_frames - 1) // 2 + 1
@@ -174,6 +185,10 @@ class Qwen2AudioEncoder(nn.Module):
         conv frames. Only the first output_lengths[b] outputs of row b are meaningful.
         """
         return (conv_output_lengths(frame_mask.long().sum(-1)) - 2) // 2 + 1
+
+    def min_valid_frames(self) -> int:
+        """The fewest valid log-mel frames that give one output (3: see output_lengths)."""
+        return min_valid_frames(self.output_lengths)
 
     def forward(self, input_features: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_features (B, n_mels, T), frame_mask (B, T) bool or None -> (B, T_out, d_model).

@@ -19,9 +19,10 @@ a few ulps, for a MiniLM-sized tower). The uncached numbers vary that much betwe
 
 A run that fills the cache as batches come would hold values that depend on which batch a
 caption met first, so a resumed run (empty cache, other first batches) would drift by those
-ulps. `fill` instead computes every caption of a data set before training, in an order fixed by
-the captions alone (by token count, then text, in chunks of a fixed size): the same numbers
-whenever and however often the run starts, which keeps a resume bit-exact.
+ulps. `fill` instead computes every caption of a data set before training, in `canonical_chunks`
+(by token count, then text, in chunks of a fixed size): the same numbers whenever and however
+often the run starts, which keeps a resume bit-exact. `AudioTextModel.embed_text` computes in the
+same chunks, so evaluation gives the same numbers with or without a cache, in train.py or eval.py.
 
 Guards, so a cache can never serve stale features:
 - `pooled` refuses (raises) a text tower in train mode or with any parameter requiring grad;
@@ -35,6 +36,17 @@ import torch
 from torch import nn
 
 from models.bert import mean_pool
+
+
+TEXT_CHUNK = 256  # texts a canonical chunk holds (a batch through the text tower)
+
+
+def canonical_chunks(texts: list[str], tokenizer, chunk: int = TEXT_CHUNK) -> list[list[str]]:
+    """The distinct `texts`, sorted by token count then text, cut into chunks of `chunk`: an order
+    fixed by the set of texts alone (not by their order, nor a batch size), so features computed
+    chunk by chunk are the same numbers whoever asks, whenever (little padding, too)."""
+    ordered = sorted(set(texts), key=lambda text: (len(tokenizer.encode(text).ids), text))
+    return [ordered[start : start + chunk] for start in range(0, len(ordered), chunk)]
 
 
 class TextTowerTrainsError(RuntimeError):
@@ -73,20 +85,19 @@ class FrozenTextCache:
         return len(self._pooled)
 
     @torch.no_grad()
-    def fill(self, text_tower: nn.Module, captions: list[str], tokenizer, device, chunk: int = 256) -> int:
-        """Compute every caption not cached yet, in an order fixed by the captions themselves, under
-        the caller's autocast (see the module docstring). Returns how many were computed."""
+    def fill(self, text_tower: nn.Module, captions: list[str], tokenizer, device, chunk: int = TEXT_CHUNK) -> int:
+        """Compute every caption not cached yet, in canonical chunks (`canonical_chunks`), under the
+        caller's autocast (see the module docstring). Returns how many were computed."""
         from models.tokenizer import tokenize  # the text tower's own tokenizer, padding to a chunk's longest
 
         autocast = torch.get_autocast_dtype(torch.device(device).type) if torch.is_autocast_enabled(torch.device(device).type) else None
         self._check(text_tower)
-        new = sorted({c for c in captions if (str(torch.device(device)), autocast, c) not in self._pooled},
-                     key=lambda c: (len(tokenizer.encode(c).ids), c))
-        for start in range(0, len(new), chunk):
-            texts = new[start : start + chunk]
+        new = [c for c in captions if (str(torch.device(device)), autocast, c) not in self._pooled]
+        chunks = canonical_chunks(new, tokenizer, chunk)
+        for texts in chunks:
             ids, mask = tokenize(tokenizer, texts)
             self.pooled(text_tower, texts, ids.to(device), mask.to(device))
-        return len(new)
+        return sum(map(len, chunks))
 
     def _check(self, text_tower: nn.Module):
         check_frozen(text_tower)

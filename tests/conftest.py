@@ -1,4 +1,4 @@
-"""Suite-wide guard: no test may ever reach the Hugging Face hub."""
+"""Suite-wide guards: no test may ever reach the Hugging Face hub, nor write into ~/.cache."""
 
 import pytest
 from huggingface_hub import constants
@@ -11,3 +11,5 @@ def never_reach_the_hub(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    # train.py's and eval.py's --cache-dir default (the feature cache, demo sets): the test's own folder
+    monkeypatch.setenv("LORA_MM_CACHE", str(tmp_path / "lora-mm-cache"))

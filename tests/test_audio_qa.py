@@ -83,8 +83,13 @@ def test_manifest_errors_and_token_budgets(tmp_path):
     with pytest.raises(ManifestError, match=r'm.jsonl:1: missing "prompt" \(rename "question" to "prompt"\)'):
         read_audio_qa_manifest(path)
     path.write_text('\n{"audio": "a.wav", "prompt": "how many?", "answer": 2}\n')
-    with pytest.raises(ManifestError, match='m.jsonl:2: "answer" must be a non-empty string'):
+    with pytest.raises(ManifestError, match='m.jsonl:2: "answer" must be a string, got int 2'):
         read_audio_qa_manifest(path)
+    # under --on-bad-audio skip the bad lines are collected, named and left out, the good ones kept
+    path.write_text('{"audio": "a.wav", "prompt": "how many?", "answer": "two"}\nnot json\n{"audio": "b.wav", "prompt": " "}\n')
+    bad_lines = []
+    assert [e.line for e in read_audio_qa_manifest(path, bad_lines=bad_lines)] == [1]
+    assert [(b.line, b.reason.split(" (")[0].split(";")[0]) for b in bad_lines] == [(2, "invalid JSON"), (3, 'missing "answer"')]
     path.write_text('{"audio": "a.wav", "prompt": "what do you hear", "answer": "loud noise"}\n'
                     '{"audio": "a.wav", "prompt": "what <|AUDIO|> do you hear", "answer": "loud"}\n'
                     '{"audio": "a.wav", "prompt": "what do you hear", "answer": "loud noise loud noise"}\n')

@@ -74,11 +74,19 @@ def test_kills_at_random_moments_then_resume_give_the_uninterrupted_run(tiny):
     for attempt in range(6):
         args = flags(tiny, out, cache) + (["--resume"] if (out / train.STATE_FILE).exists() else [])
         in_write = attempt % 2 == 0  # alternate: inside a file write, or at a random moment of training
-        env["KILL_AT_REPLACE"] = str(rng.randint(1, 70) if in_write else 0)
+        # a kill within the first 12 renames always lands: a run does 5 a checkpoint, 1 a new cache entry
+        env["KILL_AT_REPLACE"] = str(rng.randint(1, 12) if in_write else 0)
         process = subprocess.Popen([sys.executable, "-c", KILLABLE, *args], cwd=REPO, env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        if not in_write:
-            time.sleep(rng.uniform(2.5, 6.0))  # a few seconds go to starting Python and torch
+        if not in_write:  # a moment of training: after a random number of newly logged steps, plus up to 0.2 s
+            metrics = out / "metrics.jsonl"
+            logged = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            target, deadline = logged + rng.randint(1, 6), time.monotonic() + 120
+            while process.poll() is None and time.monotonic() < deadline:
+                if metrics.exists() and len(metrics.read_text().splitlines()) >= target:
+                    time.sleep(rng.uniform(0, 0.2))
+                    break
+                time.sleep(0.01)
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
         _, stderr = process.communicate(timeout=240)

@@ -59,12 +59,19 @@ def test_contract_names_exist_with_docstrings():
 
     import lora
     import models
+    import models.audio_text
+    import models.export
 
     names = {
         lora: ["LoRAConfig", "LinearWithLoRA", "inject_lora", "mark_only_lora_trainable", "lora_state_dict", "merge_lora",
-               "unmerge_lora", "trainable_summary", "save_adapter", "load_adapter", "diagnose"],
-        models: ["load_audio_encoder", "audio_to_features", "load_text_encoder", "load_tokenizer", "load_instructblip"],
+               "unmerge_lora", "trainable_summary", "save_adapter", "load_adapter", "diagnose", "cast_frozen"],
+        models: ["load_audio_encoder", "audio_to_features", "load_text_encoder", "load_tokenizer", "load_instructblip",
+                 "load_qwen2_audio", "load_llama"],
+        models.audio_text: ["load_run", "AudioTextModel"],
+        models.export: ["main", "export_run"],
     }
     missing = [f"{module.__name__}.{name}" for module, listed in names.items() for name in listed
                if not inspect.getdoc(getattr(module, name, None)) or getattr(module, name, None) is None]
     assert missing == []
+    for method in ("embed_audio", "embed_text"):  # the Python API of a trained run (issue "Use what was trained")
+        assert inspect.getdoc(getattr(models.audio_text.AudioTextModel, method)), method

@@ -11,7 +11,9 @@ import torch
 import eval as evaluation
 import data.tasks
 import train
+from data.manifest import read_manifest
 from data.tasks import AudioTextTask
+from lora.training import lr_factor
 from data.demo_models import ensure_demo_models
 from data.demo_sounds import ensure_demo_set
 from lora import lora_layers
@@ -108,7 +110,7 @@ def test_saved_adapter_loads_with_peft_onto_the_same_dual_encoder(trained, tiny_
     base = build_audio_text_model(tiny_demo["audio_model"], tiny_demo["text_model"], 256, seed=0)
     load_heads(base, out / "heads.safetensors")
     reference = PeftModel.from_pretrained(base, out).eval()
-    clips = train.read_manifest(tiny_demo["eval"])[:4]
+    clips = read_manifest(tiny_demo["eval"])[:4]
     ours_audio, ours_text, _ = evaluation.encode_clips(ours, tokenizer, clips, progress=False)
     ref_audio, ref_text, _ = evaluation.encode_clips(reference.base_model.model, tokenizer, clips, progress=False)
     np.testing.assert_allclose(ours_audio, ref_audio, atol=1e-6)
@@ -240,7 +242,7 @@ def test_nonfinite_step_is_skipped_named_and_training_goes_on(tiny_demo, tmp_pat
     assert [r["step"] for r in good] == [1, 2, 3, 4, 5] and all(np.isfinite(r["loss"]) for r in good)
     # the skipped batch did not advance the schedule: update i used the lr of update i, skip or not
     lrs = [r["lr"] for r in good]
-    assert lrs == pytest.approx([3e-3 * train.lr_factor(i, 3, 5) for i in range(5)], rel=1e-6)
+    assert lrs == pytest.approx([3e-3 * lr_factor(i, 3, 5) for i in range(5)], rel=1e-6)
 
 
 def test_too_many_nonfinite_steps_abort_and_keep_the_last_good_checkpoint(tiny_demo, tmp_path, monkeypatch):

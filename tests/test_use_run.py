@@ -66,7 +66,7 @@ def api_recall(run_dir, manifest, **load_kwargs):
     clips = read_manifest(manifest)
     texts, text_audio_index = captions_flat(clips)
     audio = model.embed_audio([clip.audio for clip in clips], batch_size=BATCH)
-    text = model.embed_text(texts, batch_size=BATCH)
+    text = model.embed_text(texts)  # canonical chunks, as eval.py and training compute
     return evaluation.retrieval_metrics((text @ audio.T).numpy(), np.asarray(text_audio_index))
 
 
@@ -111,7 +111,9 @@ def test_embed_takes_paths_and_arrays_and_returns_unit_rows(fp32_run, tiny_demo)
     text = model.embed_text(["a rising chirp", "two short high beeps", "silence"], batch_size=2)
     assert text.shape == (3, 256)
     torch.testing.assert_close(text.norm(dim=-1), torch.ones(3))
-    assert torch.equal(model.embed_text("silence"), text[2:])
+    # the same texts in another order, duplicated: the same canonical chunks, so the same bits
+    again = model.embed_text(["silence", "two short high beeps", "a rising chirp", "silence"], batch_size=2)
+    assert torch.equal(again, text[[2, 1, 0, 2]])
     model.train()
     model.embed_text(["silence"])
     assert model.training  # the caller's mode is restored
