@@ -336,6 +336,13 @@ def zero_shot_command(args, model) -> dict:
     return metrics
 
 
+def unreadable_error(problems: list, data: str, what: str) -> str:
+    """Evaluation needs every example: the unreadable ones listed (up to 10) on stderr, and the error."""
+    for item, reason in problems[:10]:
+        print(f"{item.where}: {reason}: {getattr(item, what)}", file=sys.stderr)
+    return f"error: {len(problems)} example(s) of {data} cannot be read (listed above); fix the manifest: evaluation needs every {what} file"
+
+
 def feature_cache(args) -> FeatureCache | None:
     """The log-mel cache train.py fills (data/feature_cache.py), unless --no-feature-cache."""
     return None if args.no_feature_cache else FeatureCache(Path(args.cache_dir) / "features")
@@ -400,21 +407,15 @@ def main(argv=None):
     label = f"{Path(data).name}, {'no adapter' if args.no_adapter else 'with adapter'}" + ("" if run["precision"] == "fp32" else f", {run['precision']}")
     if run["task"] == "instructblip":
         examples = read_vqa_manifest(data)
-        problems = check_images(examples)
-        if problems:
-            for example, reason in problems[:10]:
-                print(f"{example.where}: {reason}: {example.image}", file=sys.stderr)
-            sys.exit(f"{len(problems)} example(s) of {data} cannot be read; fix the manifest (evaluation needs every image)")
+        if problems := check_images(examples):
+            sys.exit(unreadable_error(problems, data, "image"))
         metrics = evaluate_vqa(model, tokenizers, examples, batch_size=args.batch_size, device=args.device, workers=args.workers,
                                autocast_dtype=autocast_dtype(run["precision"]), max_new_tokens=args.max_new_tokens or 10)
         print(format_vqa(metrics, label))
     elif run["task"] == "audio-qa":
         examples = read_audio_qa_manifest(data, args.audio_dir)
-        problems = check_audio(examples)
-        if problems:
-            for example, reason in problems[:10]:
-                print(f"{example.where}: {reason}: {example.audio}", file=sys.stderr)
-            sys.exit(f"{len(problems)} example(s) of {data} cannot be read; fix the manifest (evaluation needs every clip)")
+        if problems := check_audio(examples):
+            sys.exit(unreadable_error(problems, data, "audio"))
         metrics = evaluate_audio_qa(model, tokenizers, examples, batch_size=args.batch_size, device=args.device, workers=args.workers,
                                     autocast_dtype=autocast_dtype(run["precision"]), max_new_tokens=args.max_new_tokens or 16,
                                     pad_to_30s=bool(run.get("pad_to_30s")))
@@ -423,9 +424,7 @@ def main(argv=None):
         audio_dir = args.audio_dir or (None if args.data else run.get("eval_audio_dir"))  # where training found them
         clips, problems = precheck(read_manifest(data, audio_dir=audio_dir))
         if problems:
-            for clip, reason in problems[:10]:
-                print(f"{clip.where}: {reason}: {clip.audio}", file=sys.stderr)
-            sys.exit(f"{len(problems)} clip(s) of {data} cannot be read; fix the manifest (evaluation needs every clip)")
+            sys.exit(unreadable_error(problems, data, "audio"))
         audio, text, text_audio_index = encode_clips(model, tokenizers, clips, batch_size=args.batch_size, workers=args.workers,
                                                      feature_cache=feature_cache(args))
         metrics = retrieval_metrics(text @ audio.T, text_audio_index)

@@ -26,19 +26,16 @@ Bad audio follows `on_bad_audio` as in data/audio_text.py: "fail" raises BadAudi
 in batch["skipped"]. `check_audio` and `check_texts` find missing files and over-long texts before training.
 """
 
-import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from data.audio_text import BAD_AUDIO_POLICIES, BadAudioError, Skipped, audio_problem, split_skipped
+from data.audio_text import BAD_AUDIO_POLICIES, BadAudioError, Skipped, checked_clip_features, split_skipped
 from data.feature_cache import CACHE_STATUSES, FeatureCache
-from data.manifest import (JSON_SUFFIXES, BadLine, BadRow, ManifestError, file_problem, json_lines, read_utf8, refuse_or_collect,
-                           resolve_path, text_problem)
-from models.audio import CHUNK_LENGTH, N_SAMPLES, SAMPLE_RATE, AudioDecodeError, ClipFeatures, clip_features, load_audio, pad_clip_features
+from data.manifest import BadLine, file_problem, missing_keys, read_examples, resolve_path
+from models.audio import AudioDecodeError, ClipFeatures, pad_clip_features
 from models.qwen2_audio import AUDIO, IM_END, audio_token_count, chat_prompt, expand_audio_placeholder
 
 REQUIRED_KEYS = ("audio", "prompt", "answer")
@@ -66,39 +63,13 @@ def read_audio_qa_manifest(path, audio_dir=None, bad_lines: list[BadLine] | None
     examples (each asks its own question); other keys are ignored. A line that cannot be read (invalid
     JSON, a missing key, a blank, invisible or non-string value) is a ManifestError naming it, or, given a
     `bad_lines` list (a run under --on-bad-audio skip), a BadLine appended there."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    if path.suffix.lower() not in JSON_SUFFIXES:
-        raise ManifestError(f"{path}: unknown manifest suffix {path.suffix!r}; an audio-qa manifest is .jsonl with one "
-                            f"JSON object a line, such as {EXAMPLE_LINE}")
-    base = Path(audio_dir) if audio_dir is not None else path.parent
-    skipped_before = len(bad_lines) if bad_lines is not None else 0
-    examples = []
-    for line_no, _, row in json_lines(path, read_utf8(path), EXAMPLE_LINE, bad_lines):
-        try:
-            examples.append(_parse_row(row, base, str(path), line_no))
-        except BadRow as problem:
-            refuse_or_collect(bad_lines, path, line_no, str(problem))
-    if not examples:
-        skipped = bad_lines[skipped_before:] if bad_lines is not None else []
-        raise ManifestError(f"{path}: the manifest holds no examples; add lines such as {EXAMPLE_LINE}" if not skipped else
-                            f"{path}: none of its {len(skipped)} lines can be read (the first, {skipped[0].where}: "
-                            f"{skipped[0].reason})")
-    return examples
+    base = Path(audio_dir) if audio_dir is not None else Path(path).parent
 
+    def parse_row(row: dict, line_no: int) -> AudioQAExample:
+        missing_keys(row, REQUIRED_KEYS, EXAMPLE_LINE)
+        return AudioQAExample(resolve_path(base, row["audio"]), row["prompt"], row["answer"], str(path), line_no)
 
-def _parse_row(row: dict, base: Path, source: str, line_no: int) -> AudioQAExample:
-    missing = [key for key in REQUIRED_KEYS if key not in row]
-    if missing:
-        hint = ' (rename "question" to "prompt")' if "prompt" in missing and "question" in row else ""
-        raise BadRow(f"missing {', '.join(map(json.dumps, missing))}{hint}; every line needs the keys "
-                     f"{', '.join(map(json.dumps, REQUIRED_KEYS))}, as in {EXAMPLE_LINE}")
-    for key in REQUIRED_KEYS:
-        problem = text_problem(row[key], f'"{key}"')
-        if problem:
-            raise BadRow(f"{problem}; fill it in or remove the line")
-    return AudioQAExample(resolve_path(base, row["audio"]), row["prompt"], row["answer"], source, line_no)
+    return read_examples(path, parse_row, EXAMPLE_LINE, "an audio-qa", bad_lines)
 
 
 def check_audio(examples: list[AudioQAExample]) -> list[tuple[AudioQAExample, str]]:
@@ -156,16 +127,7 @@ class AudioQADataset(Dataset):
         return len(self.examples)
 
     def compute_features(self, example: AudioQAExample) -> ClipFeatures:
-        """Decode, check and transform one clip; AudioDecodeError (or OSError) for bad audio."""
-        audio = load_audio(example.audio)
-        if len(audio) > N_SAMPLES:
-            warnings.warn(f"{example.where}: {example.audio} is {len(audio) / SAMPLE_RATE:.2f} s long; truncating it to "
-                          f"{CHUNK_LENGTH} s as the Whisper feature extractor does")
-            audio = audio[:N_SAMPLES]
-        problem = audio_problem(audio)
-        if problem:
-            raise AudioDecodeError(f"audio file {str(example.audio)!r}: {problem}")
-        return clip_features(audio, self.n_mels)
+        return checked_clip_features(example.audio, example.where, self.n_mels)
 
     def __getitem__(self, index: int):
         example = self.examples[index]

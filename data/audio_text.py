@@ -80,6 +80,25 @@ def audio_problem(audio: torch.Tensor) -> str | None:
     return None
 
 
+def checked_clip_features(path, where: str, n_mels: int) -> ClipFeatures:
+    """Decode, check and transform one clip: AudioDecodeError (or OSError) for bad audio. A clip over
+    30 s is cut there with a warning naming `where` (its manifest line)."""
+    audio = load_audio(path)
+    if len(audio) > N_SAMPLES:
+        warnings.warn(f"{where}: {path} is {len(audio) / SAMPLE_RATE:.2f} s long; "
+                      f"truncating it to {CHUNK_LENGTH} s as the Whisper feature extractor does")
+        audio = audio[:N_SAMPLES]
+    problem = audio_problem(audio)
+    if problem:
+        raise AudioDecodeError(f"audio file {str(path)!r}: {problem}")
+    features = clip_features(audio, n_mels)
+    if not (torch.isfinite(features.features).all() and math.isfinite(features.fill)):
+        # finite samples whose power overflows float32 (|x| ~ 1e17 and up in a float file): a NaN loss otherwise
+        raise AudioDecodeError(f"audio file {str(path)!r}: its log-mel is non-finite, its samples reach "
+                               f"{audio.abs().max().item():.3g} (audio lies in [-1, 1]); re-export it normalised")
+    return features
+
+
 class BadAudioError(RuntimeError):
     """An audio file that cannot be used, with on_bad_audio="fail"."""
 
@@ -139,21 +158,7 @@ class AudioTextDataset(Dataset):
         return captions[rng.randrange(len(captions))]
 
     def compute_features(self, clip: Clip) -> ClipFeatures:
-        """Decode, check and transform one clip; AudioDecodeError (or OSError) for bad audio."""
-        audio = load_audio(clip.audio)
-        if len(audio) > N_SAMPLES:
-            warnings.warn(f"{clip.where}: {clip.audio} is {len(audio) / SAMPLE_RATE:.2f} s long; "
-                          f"truncating it to {CHUNK_LENGTH} s as the Whisper feature extractor does")
-            audio = audio[:N_SAMPLES]
-        problem = audio_problem(audio)
-        if problem:
-            raise AudioDecodeError(f"audio file {str(clip.audio)!r}: {problem}")
-        features = clip_features(audio, self.n_mels)
-        if not (torch.isfinite(features.features).all() and math.isfinite(features.fill)):
-            # finite samples whose power overflows float32 (|x| ~ 1e17 and up in a float file): a NaN loss otherwise
-            raise AudioDecodeError(f"audio file {str(clip.audio)!r}: its log-mel is non-finite, its samples reach "
-                                   f"{audio.abs().max().item():.3g} (audio lies in [-1, 1]); re-export it normalised")
-        return features
+        return checked_clip_features(clip.audio, clip.where, self.n_mels)
 
     def __getitem__(self, index: int):
         clip = self.clips[index]

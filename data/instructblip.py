@@ -32,7 +32,6 @@ raises BadImageError naming `manifest:line` and the way to skip; "skip" turns th
 training loop to count and print. Batch order and resuming: data/sampling.py `GlobalBatchSampler`.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +40,7 @@ from torch.utils.data import Dataset
 
 from data.audio_text import Skipped, split_skipped
 # the manifest helpers are shared on purpose: the same UTF-8 errors and path rules for both tasks
-from data.manifest import (JSON_SUFFIXES, BadLine, BadRow, ManifestError, file_problem, json_lines, read_utf8,
-                           refuse_or_collect, resolve_path, text_problem)
+from data.manifest import BadLine, file_problem, missing_keys, read_examples, resolve_path
 from models.image import load_image, preprocess_images
 from models.tokenizer import tokenize
 
@@ -79,39 +77,13 @@ def read_vqa_manifest(path, image_dir=None, bad_lines: list[BadLine] | None = No
     are ignored; whitespace-only lines are layout and skipped. A line that cannot be read (invalid
     JSON, a missing key, a blank, invisible or non-string value) is a ManifestError naming it, or,
     given a `bad_lines` list (a run under --on-bad-image skip), a BadLine appended there."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    if path.suffix.lower() not in JSON_SUFFIXES:
-        raise ManifestError(f"{path}: unknown manifest suffix {path.suffix!r}; an InstructBLIP manifest "
-                            f"is .jsonl (or .json) with one JSON object a line, such as {EXAMPLE_LINE}")
-    base = Path(image_dir) if image_dir is not None else path.parent
-    skipped_before = len(bad_lines) if bad_lines is not None else 0
-    examples = []
-    for line_no, _, row in json_lines(path, read_utf8(path), EXAMPLE_LINE, bad_lines):
-        try:
-            examples.append(_parse_row(row, base, str(path), line_no))
-        except BadRow as problem:
-            refuse_or_collect(bad_lines, path, line_no, str(problem))
-    if not examples:
-        skipped = bad_lines[skipped_before:] if bad_lines is not None else []
-        raise ManifestError(f"{path}: the manifest holds no examples; add lines such as {EXAMPLE_LINE}" if not skipped else
-                            f"{path}: none of its {len(skipped)} lines can be read (the first, {skipped[0].where}: "
-                            f"{skipped[0].reason})")
-    return examples
+    base = Path(image_dir) if image_dir is not None else Path(path).parent
 
+    def parse_row(row: dict, line_no: int) -> VQAExample:
+        missing_keys(row, REQUIRED_KEYS, EXAMPLE_LINE)
+        return VQAExample(resolve_path(base, row["image"]), row["prompt"], row["answer"], str(path), line_no)
 
-def _parse_row(row: dict, base: Path, source: str, line_no: int) -> VQAExample:
-    missing = [key for key in REQUIRED_KEYS if key not in row]
-    if missing:
-        hint = ' (rename "question" to "prompt")' if "prompt" in missing and "question" in row else ""
-        raise BadRow(f"missing {', '.join(map(json.dumps, missing))}{hint}; every line needs "
-                     f"the keys {', '.join(map(json.dumps, REQUIRED_KEYS))}, as in {EXAMPLE_LINE}")
-    for key in REQUIRED_KEYS:
-        problem = text_problem(row[key], f'"{key}"')
-        if problem:
-            raise BadRow(f"{problem}; fill it in or remove the line")
-    return VQAExample(resolve_path(base, row["image"]), row["prompt"], row["answer"], source, line_no)
+    return read_examples(path, parse_row, EXAMPLE_LINE, "an InstructBLIP", bad_lines)
 
 
 def check_images(examples: list[VQAExample]) -> list[tuple[VQAExample, str]]:

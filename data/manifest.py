@@ -225,6 +225,45 @@ def json_lines(path: Path, text: str, example: str, bad_lines: list[BadLine] | N
         yield line_no, f"{path}:{line_no}", row
 
 
+def read_examples(path, parse_row, example: str, kind: str, bad_lines: list[BadLine] | None = None) -> list:
+    """The examples of a JSON Lines manifest with one example a line (InstructBLIP, audio-qa), in file
+    order: `parse_row(row, line)` makes one or raises BadRow, which is an error naming the line, or,
+    given a `bad_lines` list, a BadLine appended there. `example` shows a good line; `kind` names the
+    manifest in messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    if path.suffix.lower() not in JSON_SUFFIXES:
+        raise ManifestError(f"{path}: unknown manifest suffix {path.suffix!r}; {kind} manifest is .jsonl (or .json) "
+                            f"with one JSON object a line, such as {example}")
+    skipped_before = len(bad_lines) if bad_lines is not None else 0
+    examples = []
+    for line_no, _, row in json_lines(path, read_utf8(path), example, bad_lines):
+        try:
+            examples.append(parse_row(row, line_no))
+        except BadRow as problem:
+            refuse_or_collect(bad_lines, path, line_no, str(problem))
+    if not examples:
+        skipped = bad_lines[skipped_before:] if bad_lines is not None else []
+        raise ManifestError(f"{path}: the manifest holds no examples; add lines such as {example}" if not skipped else
+                            f"{path}: none of its {len(skipped)} lines can be read (the first, {skipped[0].where}: "
+                            f"{skipped[0].reason})")
+    return examples
+
+
+def missing_keys(row: dict, required: tuple[str, ...], example: str) -> None:
+    """BadRow naming the required keys a row lacks (and the usual misnaming, "question")."""
+    missing = [key for key in required if key not in row]
+    if missing:
+        hint = ' (rename "question" to "prompt")' if "prompt" in missing and "question" in row else ""
+        raise BadRow(f"missing {', '.join(map(json.dumps, missing))}{hint}; every line needs the keys "
+                     f"{', '.join(map(json.dumps, required))}, as in {example}")
+    for key in required:
+        problem = text_problem(row[key], f'"{key}"')
+        if problem:
+            raise BadRow(f"{problem}; fill it in or remove the line")
+
+
 def _add(entries: dict, key, line: int, names: list[str], captions: list[str]):
     """Rows with one key are one clip: the first row's line, every row's names and captions in order."""
     entry = entries.setdefault(key, _Entry(line, [], []))

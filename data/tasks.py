@@ -254,15 +254,56 @@ class AudioTextTask:
         return "recall (%)", "retrieval on the eval set", values
 
 
-class InstructBlipTask:
+class AnswerTask:
+    """What the two answer-generating tasks share (InstructBLIP, the whole Qwen2-Audio): a language
+    model's cross-entropy on the answer tokens, accumulated token-weighted over the global batch."""
+
+    heads: list[str] = []  # nothing trained from scratch: LoRA, and --train-also modules
+    min_examples = 1
+
+    def prepare(self, env: StepEnv, say=print):
+        """Nothing to precompute before the first step."""
+
+    def lengths(self) -> None:
+        """No bucketing by length."""
+        return None
+
+    def forward_strategy(self, targets: list[str]) -> None:
+        """One forward path: --diagnose check 7's own findings suffice."""
+        return None
+
+    def micro_batch_loss(self, model: nn.Module, batch: dict, env: StepEnv) -> torch.Tensor:
+        with env.autocast():
+            return model(**self.inputs(batch, env.device)).loss
+
+    def forward_backward(self, model: nn.Module, micro_batches: list[dict], env: StepEnv) -> torch.Tensor:
+        """Gradients of the mean answer-token loss over the whole global batch; returns that loss.
+
+        Each micro-batch's mean loss is weighted by its answer tokens over the global batch's, so the
+        sum is the mean over every answer token of the global batch, as one big batch would give."""
+        # counted on the host copies: no wait for the device; the sum over ranks through host_sum
+        tokens = [0 if b["labels"] is None else int((b["labels"] != -100).sum()) for b in micro_batches]
+        total = host_sum(sum(tokens))
+        inputs = [self.inputs(batch, env.device) for batch in micro_batches]
+        loss = torch.zeros((), device=env.device)
+        for i, (x, n) in enumerate(zip(inputs, tokens)):
+            with env.sync(model, last=i == len(inputs) - 1):
+                with env.autocast():
+                    out = model(**x)
+                # a micro-batch without answer tokens still runs backward (with a zero loss) for DDP
+                share = out.loss * (n / total) if n else out.logits.sum() * 0.0
+                env.backward(share * env.world_size)  # DDP averages over ranks; the shares already sum to the mean
+            loss += share.detach().float()
+        return all_reduce_sum(loss)
+
+
+class InstructBlipTask(AnswerTask):
     """InstructBLIP with LoRA on the Q-Former (models/instructblip.py) on image-prompt-answer manifests."""
 
     name = "instructblip"
-    heads: list[str] = []
     default_targets = [r"qformer.*\.(query|key|value)"]
     input_flag = "--on-bad-image"
     input_key = "pixel_values"
-    min_examples = 1
     batch_keys = ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask", "labels")
 
     def __init__(self, args, demo: bool, say=print):
@@ -308,47 +349,12 @@ class InstructBlipTask:
         self.collate = functools.partial(collate_vqa, image_size=self.image_size, qformer_tokenizer=self.tokenizers[0],
                                          lm_tokenizer=self.tokenizers[1], decoder_only=decoder_only)
 
-    def prepare(self, env: StepEnv, say=print):
-        """Nothing to precompute: the frozen ViT sees a new image every step."""
-
-    def lengths(self) -> None:
-        """Images are all resized to one size: nothing to bucket."""
-        return None
-
-    def forward_strategy(self, targets: list[str]) -> None:
-        """One forward path: check 7's own findings suffice."""
-        return None
-
     def inputs(self, batch: dict, device: torch.device) -> dict:
         if batch["pixel_values"] is None:  # every image skipped: zero rows keep this rank in DDP's collectives
             empty = torch.zeros(0, 1, dtype=torch.long, device=device)
             return dict(pixel_values=torch.zeros(0, 3, self.image_size, self.image_size, device=device), qformer_input_ids=empty,
                         qformer_attention_mask=empty, input_ids=empty, attention_mask=empty, labels=empty - 100)
         return {key: batch[key].to(device) for key in self.batch_keys}
-
-    def micro_batch_loss(self, model: nn.Module, batch: dict, env: StepEnv) -> torch.Tensor:
-        with env.autocast():
-            return model(**self.inputs(batch, env.device)).loss
-
-    def forward_backward(self, model: nn.Module, micro_batches: list[dict], env: StepEnv) -> torch.Tensor:
-        """Gradients of the mean answer-token loss over the whole global batch; returns that loss.
-
-        Each micro-batch's mean loss is weighted by its answer tokens over the global batch's, so the
-        sum is the mean over every answer token of the global batch, as one big batch would give."""
-        # counted on the host copies: no wait for the device; the sum over ranks through host_sum
-        tokens = [0 if b["labels"] is None else int((b["labels"] != -100).sum()) for b in micro_batches]
-        total = host_sum(sum(tokens))
-        inputs = [self.inputs(batch, env.device) for batch in micro_batches]
-        loss = torch.zeros((), device=env.device)
-        for i, (x, n) in enumerate(zip(inputs, tokens)):
-            with env.sync(model, last=i == len(inputs) - 1):
-                with env.autocast():
-                    out = model(**x)
-                # a micro-batch without answer tokens still runs backward (with a zero loss) for DDP
-                share = out.loss * (n / total) if n else out.logits.sum() * 0.0
-                env.backward(share * env.world_size)  # DDP averages over ranks; the shares already sum to the mean
-            loss += share.detach().float()
-        return all_reduce_sum(loss)
 
     def evaluate(self, model: nn.Module, **kwargs) -> dict | None:
         if self.eval_examples is None:
@@ -366,16 +372,14 @@ class InstructBlipTask:
         return "exact match (%)", "answers on the eval set", {"exact match": lambda e: e["exact_match"]}
 
 
-class AudioQATask:
+class AudioQATask(AnswerTask):
     """The whole Qwen2-Audio (models/qwen2_audio.py) tuned to answer questions about clips: audio-prompt-answer
     manifests (data/audio_qa.py), LoRA on the language model and/or the audio tower, loss on the answer tokens."""
 
     name = "audio-qa"
-    heads: list[str] = []
     default_targets = [r"language_model.*self_attn\.(q|k|v|o)_proj"]
     input_flag = "--on-bad-audio"
     input_key = "input_features"
-    min_examples = 1
     batch_keys = ("input_ids", "attention_mask", "input_features", "feature_attention_mask", "labels")
 
     def __init__(self, args, demo: bool, say=print):
@@ -420,17 +424,6 @@ class AudioQATask:
         self.dataset = AudioQADataset(examples, on_bad_audio=args.on_bad_input, n_mels=self.n_mels, feature_cache=self.feature_cache)
         self.collate = functools.partial(collate_audio_qa, tokenizer=self.tokenizer, pad_to_30s=args.pad_to_30s)
 
-    def prepare(self, env: StepEnv, say=print):
-        """Nothing to precompute: the clips' log-mel is cached on disk by the dataset."""
-
-    def lengths(self) -> None:
-        """Not bucketed: an example's length is its clip's and its texts' together."""
-        return None
-
-    def forward_strategy(self, targets: list[str]) -> None:
-        """The whole model runs: check 7's own findings suffice."""
-        return None
-
     def inputs(self, batch: dict, device: torch.device) -> dict:
         if batch["input_ids"] is None:  # every clip skipped: zero rows keep this rank in DDP's collectives
             empty = torch.zeros(0, 1, dtype=torch.long, device=device)
@@ -440,8 +433,6 @@ class AudioQATask:
 
     # the same token-weighted accumulation over the global batch as InstructBLIP's: these functions read only
     # self.inputs and the micro-batches' labels
-    micro_batch_loss = InstructBlipTask.micro_batch_loss
-    forward_backward = InstructBlipTask.forward_backward
 
     def evaluate(self, model: nn.Module, **kwargs) -> dict | None:
         if self.eval_examples is None:
