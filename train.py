@@ -29,6 +29,7 @@ models saved as real checkpoints (data/demo_sounds.py, data/demo_shapes.py, data
 import argparse
 import contextlib
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -70,7 +71,7 @@ DEMO = {  # steps that fit a few CPU minutes
 # What defines a run: resuming with any of these changed would continue a different run, so it is refused.
 FINGERPRINT = ("task", "audio_model", "text_model", "model", "train_data", "train_data_sha256", "targets", "rank", "alpha",
                "dropout", "rslora", "train_also", "embed_dim", "lr", "weight_decay", "batch_size", "warmup_steps",
-               "max_steps", "grad_clip", "seed", "precision", "pad_to_30s", "language_model_dtype", "bucket_by_length",
+               "max_steps", "grad_clip", "seed", "precision", "pad_to_30s", "language_model_dtype", "bucket_across_batches",
                "encoding_strategy")
 
 
@@ -129,7 +130,11 @@ def parse_args(argv=None):
                    "over-long prompt: stop with an error naming its manifest line, or skip it, counted once and listed in "
                    "skipped.jsonl (evaluation manifests are always strict)")
     p.add_argument("--bucket-by-length", action=argparse.BooleanOptionalAction, default=True,
-                   help="audio-text: batches of clips of similar length, so little of a batch is padding (default: on)")
+                   help="audio-text: sort each global batch by clip length before cutting it into micro-batches, so a forward "
+                   "pads little; the batch itself (the negatives) stays a random sample (default: on)")
+    p.add_argument("--bucket-across-batches", action="store_true", help="audio-text: draw each global batch from "
+                   "length-sorted windows of the epoch, so even one micro-batch a step pads little; changes the negatives "
+                   "(clips of one length together) and cost the demo recall: see the README")
     p.add_argument("--no-feature-cache", action="store_true", help="compute the log-mel of every clip on every read "
                    "instead of once (cached under --cache-dir/features); the numbers are the same")
     p.add_argument("--pad-to-30s", action="store_true", help="pad every clip to 30 s as the reference does (slower)")
@@ -211,7 +216,7 @@ def build_task(args, env: Distributed, say):
     except ValueError as error:
         raise TrainingError(str(error)) from error
     torch.manual_seed(args.seed)
-    with main_first(env):
+    with main_first(env), contextlib.redirect_stdout(sys.stdout if env.main else io.StringIO()):  # only rank 0 prints
         task = TASKS[args.task](args, demo, say)
     return task, args.targets or task.default_targets, defaults
 
@@ -249,7 +254,8 @@ class Recipe:
                         train_also=args.train_also, precision=args.precision, seed=args.seed, batch_size=args.batch_size,
                         micro_batch_size=self.sampler.micro_batch, world_size=env.world_size, lr=args.lr,
                         weight_decay=args.weight_decay, grad_clip=args.grad_clip, max_steps=self.max_steps, warmup_steps=self.warmup,
-                        bucket_by_length=lengths is not None, train_data_sha256=file_sha256(self.task.run["train_data"]))
+                        bucket_by_length=lengths is not None, bucket_across_batches=self.sampler.across_batches,
+                        train_data_sha256=file_sha256(self.task.run["train_data"]))
         self.state = self.setup_optimization()
         set_train_mode(self.model)
         self.task.prepare(self.step_env, self.say)
@@ -261,7 +267,7 @@ class Recipe:
         # find_unused_parameters=False: every trainable parameter must get a gradient in every step;
         # train_step names any that does not, before DDP's own (index-only) error could
         self.ddp = self.model if env.world_size == 1 else DistributedDataParallel(
-            self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False,
+            self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None, forward_sync_buffers=False,
             find_unused_parameters=False)
 
         self.say(trainable_summary(self.model))
@@ -301,9 +307,10 @@ class Recipe:
         """This rank's sampler and loader; returns the lengths batches are bucketed by (None: no bucketing)."""
         args, env = self.args, self.env
         try:
-            lengths = self.task.lengths() if args.bucket_by_length else None  # None too when the task has no lengths
+            bucket = args.bucket_by_length or args.bucket_across_batches
+            lengths = self.task.lengths() if bucket else None  # None too when the task has no lengths
             self.sampler = GlobalBatchSampler(len(self.task.dataset), args.batch_size, args.micro_batch_size, env.world_size, env.rank,
-                                              seed=args.seed, lengths=lengths)
+                                              seed=args.seed, lengths=lengths, across_batches=args.bucket_across_batches and lengths is not None)
         except ValueError as error:
             raise TrainingError(f"{self.task.run['train_data']}: {error}") from error
         self.loader_generator = torch.Generator()  # worker seeds come from here, never from the global RNG
@@ -451,7 +458,7 @@ class Recipe:
 
     def end_of_epoch(self):
         hits, misses, recomputed = (host_sum(self.cache_counts[k]) for k in ("hit", "miss", "recomputed"))
-        if hits + misses + recomputed:
+        if misses + recomputed or (hits and self.state.epoch == 0):  # once a warm cache is plain, say so only once
             self.say(f"epoch {self.state.epoch} done; feature cache: {hits} hits, {misses} computed, {recomputed} damaged "
                      "entries recomputed")
         self.cache_counts = dict(hit=0, miss=0, recomputed=0)

@@ -11,11 +11,22 @@ A run is therefore defined by (seed, B) alone: 1 process taking B at once, or 8 
 accumulation, see the same global batches; and its position is counted in global batches, so a
 run can resume on another number of ranks or another micro-batch size.
 
-With `lengths` (--bucket-by-length, on by default for audio), batches hold examples of similar
-length, so little of a batch is padding: the epoch order is cut into windows of BUCKET_WINDOW
-global batches, each window is sorted by length and cut into global batches, and those batches
-are shuffled within their window. All of it is a function of (seed, epoch), so bucketing stays
-deterministic and resumable, and composes with the sharding above.
+Bucketing by length, so little of a forward is padding (audio clips of 1 to 30 s):
+
+- `lengths` (--bucket-by-length, on by default for audio): each global batch is sorted by length
+  before it is cut into micro-batches, and the micro-batches are dealt to the ranks in turn (rank r
+  takes micro-batches r, r + N, ...), so every rank gets short and long ones. The global batch, and
+  so a contrastive loss's set of negatives, is the same random sample as without bucketing: only
+  how it is split changes. It saves padding when there are several micro-batches a step.
+- `across_batches` (--bucket-across-batches, off by default): global batches themselves are drawn
+  from length-sorted windows: the epoch order is cut into windows of BUCKET_WINDOW global batches,
+  each window is sorted by length and cut into global batches, and those are shuffled within their
+  window. Padding almost vanishes even with one micro-batch a step, but a batch then holds clips of
+  one length, whose captions are alike: for contrastive training that changes the negatives, and
+  it cost the offline demo a third of its recall (README, "Speed"), so it is opt-in.
+
+All of it is a function of (seed, epoch), so bucketing stays deterministic and resumable, and
+composes with the sharding above.
 
 The last partial global batch of an epoch is dropped, so every step has exactly B examples (for
 a contrastive loss the batch is the set of negatives); each epoch reshuffles, so no example is
@@ -25,9 +36,9 @@ left out for good.
 import math
 
 import torch
+from torch.utils.data import Sampler
 
 BUCKET_WINDOW = 50  # global batches sorted together: similar lengths, yet batches far apart in the epoch
-from torch.utils.data import Sampler
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -75,7 +86,7 @@ class GlobalBatchSampler(Sampler):
     before every epoch. Each global batch yields exactly `accumulation` micro-batches."""
 
     def __init__(self, n: int, global_batch: int, micro_batch: int | None = None, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 lengths: list[float] | None = None):
+                 lengths: list[float] | None = None, across_batches: bool = False):
         micro_batch = micro_batch or global_batch // world_size
         self.accumulation = accumulation_steps(global_batch, world_size, micro_batch)
         if n < global_batch:
@@ -85,7 +96,10 @@ class GlobalBatchSampler(Sampler):
         self.world_size, self.rank, self.seed = world_size, rank, seed
         if lengths is not None and len(lengths) != n:
             raise ValueError(f"{len(lengths)} lengths for {n} examples")
+        if across_batches and lengths is None:
+            raise ValueError("bucketing across batches needs the examples' lengths")
         self.lengths = lengths  # None: no bucketing
+        self.across_batches = across_batches
         self.epoch, self.batches_done = 0, 0
 
     @property
@@ -107,19 +121,25 @@ class GlobalBatchSampler(Sampler):
     def order(self) -> list[int]:
         """This epoch's examples, a whole number of global batches, in the order they are taken."""
         order = epoch_order(self.n, self.seed, self.epoch)[: self.batches_per_epoch * self.global_batch]
-        return order if self.lengths is None else bucketed(order, self.lengths, self.global_batch, self.seed, self.epoch)
+        return bucketed(order, self.lengths, self.global_batch, self.seed, self.epoch) if self.across_batches else order
+
+    def micro_batches(self, global_batch: list[int]) -> list[list[int]]:
+        """This rank's micro-batches of one global batch, in the order it runs them."""
+        m, per_rank = self.micro_batch, self.global_batch // self.world_size
+        if self.lengths is None:  # rank r: the r-th consecutive slice, in m-sized pieces
+            mine = global_batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+            return [mine[i * m : (i + 1) * m] for i in range(self.accumulation)]
+        ordered = sorted(global_batch, key=lambda i: self.lengths[i])  # stable: ties keep the shuffled order
+        micro = [ordered[j * m : (j + 1) * m] for j in range(len(ordered) // m)]
+        return micro[self.rank :: self.world_size]  # dealt in turn: short and long ones on every rank
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.batches_done) * self.accumulation
 
     def __iter__(self):
         order = self.order()
-        per_rank = self.global_batch // self.world_size
         for k in range(self.batches_done, self.batches_per_epoch):
-            global_batch = order[k * self.global_batch : (k + 1) * self.global_batch]
-            mine = global_batch[self.rank * per_rank : (self.rank + 1) * per_rank]
-            for i in range(self.accumulation):
-                yield mine[i * self.micro_batch : (i + 1) * self.micro_batch]
+            yield from self.micro_batches(order[k * self.global_batch : (k + 1) * self.global_batch])
 
 
 def steps_for_epochs(epochs: float, batches_per_epoch: int) -> int:
