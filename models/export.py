@@ -91,6 +91,11 @@ def bases_of(run: dict) -> list[Base]:
         prefix = instructblip_prefix(checkpoint)
         prefixes = {child: f"{prefix}{child}." for child in INSTRUCTBLIP_CHILDREN} | {"query_tokens": f"{prefix}query_tokens"}
         return [Base(checkpoint, ".", prefixes)]
+    if run.get("task") == "audio-qa":  # the whole Qwen2-Audio, its parts under the hub layout's names
+        checkpoint = Checkpoint.open(run["model"])
+        prefixes = {"audio_tower": audio_tower_prefix(checkpoint), "multi_modal_projector": "multi_modal_projector.",
+                    "language_model": "language_model."}
+        return [Base(checkpoint, ".", prefixes)]
     audio, text = Checkpoint.open(run["audio_model"]), Checkpoint.open(run["text_model"])
     audio_prefixes = {"audio_tower": audio_tower_prefix(audio)}
     if run.get("encoding_strategy") == "full_forward":  # the whole Qwen2-Audio, its parts under the hub layout's names

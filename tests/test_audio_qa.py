@@ -19,7 +19,7 @@ from data.demo_audio_qa import ensure_demo_audio_qa
 from data.manifest import ManifestError
 from lora import lora_layers
 from models.audio import clip_features
-from models.qwen2_audio import audio_token_count, chat_prompt, load_qwen2_audio_tokenizer
+from models.qwen2_audio import audio_token_count, chat_prompt, load_qwen2_audio, load_qwen2_audio_tokenizer
 from tests.qwen2_audio_fixtures import tokenizer_for
 from tests.test_distributed import assert_same_run, torchrun
 
@@ -155,6 +155,29 @@ def test_eval_reproduces_the_final_answers_and_no_adapter_differs(trained, tmp_p
     assert metrics["loss"] == pytest.approx(history["after"]["loss"], abs=1e-5)
     assert f"exact match {metrics['exact_match']:.2f}%, WER" in result.stdout
     assert evaluation.main(["--checkpoint", str(out), "--no-adapter"])["loss"] != pytest.approx(metrics["loss"], abs=1e-3)
+
+
+def test_export_of_an_audio_qa_run_loads_in_transformers_and_equals_ours_with_the_adapter(trained, demo, tmp_path):
+    """The whole Qwen2-Audio, LoRA merged into its language model (and the trained projector written
+    in): transformers' Qwen2AudioForConditionalGeneration computes what our run with its adapter does."""
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from models.export import export_run
+
+    out, _, _ = trained
+    export_run(out, tmp_path / "export")
+    reference = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    ours, tokenizer, _ = evaluation.load_checkpoint(out)
+    dataset = AudioQADataset(read_audio_qa_manifest(demo["eval_data"])[:3], n_mels=ours.audio_tower.config.num_mel_bins)
+    batch = collate_audio_qa([dataset[i] for i in range(3)], tokenizer, pad_to_30s=True)  # the reference wants 30 s
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "input_features", "feature_attention_mask")}
+    with torch.no_grad():
+        theirs = reference(**inputs).logits
+        mine = ours(**inputs).logits
+        base = load_qwen2_audio(demo["model"])(**inputs).logits  # the base alone: the export must differ from it
+    real = inputs["attention_mask"].bool()  # right padding: the logits at pad positions mean nothing
+    torch.testing.assert_close(mine[real], theirs[real], atol=1e-4, rtol=1e-4)
+    assert (base[real] - theirs[real]).abs().max() > 1e-2
 
 
 def run_of(demo, out, *extra):
