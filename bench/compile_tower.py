@@ -8,13 +8,16 @@ compiled graph is reused; bucketed training would see many shapes and recompile 
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from lora import LoRAConfig, inject_lora, mark_only_lora_trainable
-from models.qwen2_audio_encoder import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lora import LoRAConfig, inject_lora, mark_only_lora_trainable  # noqa: E402
+from models.qwen2_audio_encoder import Qwen2AudioEncoder, Qwen2AudioEncoderConfig  # noqa: E402
 
 
 class Holder(nn.Module):
