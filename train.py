@@ -49,7 +49,7 @@ from tqdm import tqdm
 from data.audio_text import BadAudioError
 from data.instructblip import BadImageError
 from data.manifest import ManifestError
-from data.sampling import GlobalBatchSampler, accumulation_steps, steps_for_epochs
+from data.sampling import GlobalBatchSampler, WithEpoch, accumulation_steps, steps_for_epochs
 from data.tasks import TASKS
 from lora import LoRAConfig, cast_frozen, inject_lora, mark_only_lora_trainable, save_adapter, trainable_summary
 from lora.atomic import atomic_write, atomic_write_text
@@ -314,8 +314,11 @@ class Recipe:
         except ValueError as error:
             raise TrainingError(f"{self.task.run['train_data']}: {error}") from error
         self.loader_generator = torch.Generator()  # worker seeds come from here, never from the global RNG
-        self.loader = DataLoader(self.task.dataset, batch_sampler=self.sampler, num_workers=args.workers, generator=self.loader_generator,
-                                 collate_fn=self.task.collate, pin_memory=env.device.type == "cuda")
+        # persistent workers: forked once (a fork of the training process at every epoch costs a step's worth
+        # of copy-on-write page faults); each index carries its epoch instead (WithEpoch)
+        self.loader = DataLoader(self.task.dataset, batch_sampler=WithEpoch(self.sampler), num_workers=args.workers,
+                                 generator=self.loader_generator, collate_fn=self.task.collate, pin_memory=env.device.type == "cuda",
+                                 persistent_workers=args.workers > 0)
         return lengths
 
     def setup_optimization(self) -> TrainState:
@@ -443,8 +446,8 @@ class Recipe:
         and the seconds spent waiting for them."""
         state = self.state
         while True:
-            if self.batches is None:  # workers copy the dataset when the iterator starts: set the epoch first
-                self.task.dataset.set_epoch(state.epoch)
+            if self.batches is None:  # a new epoch (or a resume): the sampler starts at its position
+                self.task.dataset.set_epoch(state.epoch)  # for the main process's own reads (workers get it with each index)
                 self.sampler.set_state(state.epoch, state.batches_done)
                 self.loader_generator.manual_seed(self.args.seed * 1_000_003 + state.epoch)
                 self.batches = iter(self.loader)

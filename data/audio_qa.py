@@ -129,7 +129,8 @@ class AudioQADataset(Dataset):
     def compute_features(self, example: AudioQAExample) -> ClipFeatures:
         return checked_clip_features(example.audio, example.where, self.n_mels)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index = key[1] if isinstance(key, tuple) else key  # (epoch, index) from WithEpoch: nothing here varies by epoch
         example = self.examples[index]
         try:
             if self.feature_cache is None:

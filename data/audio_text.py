@@ -27,11 +27,12 @@ What the training loop (train.py) does with them:
 2. a micro-batch whose every clip was skipped (batch["features"] is None) still reaches the model
    as zero rows (data/tasks.py), so DDP ranks stay in step; a global batch with nothing readable
    at all is skipped;
-3. for epoch e resumed after k global batches: `dataset.set_epoch(e)` and `sampler.set_state(e, k)`
-   (data/sampling.py `GlobalBatchSampler`), then `iter(loader)`. Workers copy the dataset when the
-   iterator is created, so set the epoch first, and leave `persistent_workers` off (persistent
-   workers keep the epoch they started with). It saves (epoch, global batches taken), not the
-   optimizer step.
+3. for epoch e resumed after k global batches: `sampler.set_state(e, k)` (data/sampling.py
+   `GlobalBatchSampler`, wrapped in `WithEpoch`, which sends (epoch, index) keys), then
+   `iter(loader)`. The epoch travels with each index because the workers are persistent: forked
+   once, they keep the dataset copy they started with (forking a big training process again at
+   every epoch cost a step's worth of copy-on-write page faults). It saves (epoch, global batches
+   taken), not the optimizer step.
 """
 
 import math
@@ -149,18 +150,22 @@ class AudioTextDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def caption(self, index: int) -> str:
-        """The caption clip `index` trains on this epoch, a function of (seed, epoch, index) only."""
+    def caption(self, index: int, epoch: int | None = None) -> str:
+        """The caption clip `index` trains on in `epoch` (default: set_epoch's), a function of
+        (seed, epoch, index) only."""
         captions = self.clips[index].captions
         # `random` hashes a str seed with SHA-512, the same in every process; Python's hash() of
         # a str is salted per process
-        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+        rng = random.Random(f"{self.seed}:{self.epoch if epoch is None else epoch}:{index}")
         return captions[rng.randrange(len(captions))]
 
     def compute_features(self, clip: Clip) -> ClipFeatures:
         return checked_clip_features(clip.audio, clip.where, self.n_mels)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        """`key` is an index, or (epoch, index) from data/sampling.py `WithEpoch`: persistent workers
+        keep their copy of the dataset, so the epoch whose caption to draw travels with the index."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         clip = self.clips[index]
         try:
             if self.feature_cache is None:
@@ -174,7 +179,7 @@ class AudioTextDataset(Dataset):
             raise BadAudioError(f"{clip.where}: {e}. Fix or remove this manifest line, or pass "
                                 "on_bad_audio='skip' (train.py --on-bad-audio skip) to leave such "
                                 "clips out and report them") from e
-        return {"index": index, "features": features, "caption": self.caption(index),
+        return {"index": index, "features": features, "caption": self.caption(index, epoch),
                 "path": str(clip.audio), "line": clip.line, "cache": status}
 
 

@@ -175,7 +175,8 @@ class VQADataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index = key[1] if isinstance(key, tuple) else key  # (epoch, index) from WithEpoch: nothing here varies by epoch
         example = self.examples[index]
         try:
             image = load_image(example.image)

@@ -142,5 +142,20 @@ class GlobalBatchSampler(Sampler):
             yield from self.micro_batches(order[k * self.global_batch : (k + 1) * self.global_batch])
 
 
+class WithEpoch(Sampler):
+    """A batch sampler whose indices carry its epoch, [(epoch, index), ...]: DataLoader workers that
+    persist across epochs (forked once) still know which epoch an item belongs to."""
+
+    def __init__(self, sampler: GlobalBatchSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ([(epoch, index) for index in batch] for batch in self.sampler)
+
+
 def steps_for_epochs(epochs: float, batches_per_epoch: int) -> int:
     return max(1, math.ceil(epochs * batches_per_epoch))

@@ -266,3 +266,31 @@ def test_adamw_never_decays_logit_scale_biases_or_norms(trained):
     assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
     assert {names[id(p)] for p in no_decay["params"]} == {"audio_proj.bias", "text_proj.bias", "logit_scale"}
     assert all(names[id(p)].endswith(("lora_A.weight", "lora_B.weight", "proj.weight")) for p in decay["params"])
+
+
+def test_feature_cache_cold_warm_and_off_give_the_same_losses(tiny_demo, tmp_path):
+    """The feature cache is an optimisation with no visible effect: the same bits, cold or warm or off."""
+    steps = ["--max-steps", "4", "--eval-every", "0", "--save-every", "0", "--dropout", "0", "--cache-dir", str(tmp_path / "cache")]
+    train.train(args_for(tiny_demo, tmp_path / "cold", *steps))
+    assert list((tmp_path / "cache" / "features").rglob("*.safetensors"))  # the first run filled it
+    train.train(args_for(tiny_demo, tmp_path / "warm", *steps))
+    train.train(args_for(tiny_demo, tmp_path / "off", *steps, "--no-feature-cache"))
+    assert losses_of(tmp_path / "cold") == losses_of(tmp_path / "warm") == losses_of(tmp_path / "off")
+
+
+def test_text_cache_serves_a_frozen_text_tower_only_and_changes_nothing(tiny_demo, tmp_path, monkeypatch):
+    from models.text_cache import FrozenTextCache
+
+    calls, real, frozen = [], FrozenTextCache.pooled, AudioTextTask.text_tower_frozen
+    monkeypatch.setattr(FrozenTextCache, "pooled", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    steps = ["--max-steps", "3", "--eval-every", "0", "--save-every", "0", "--dropout", "0"]
+    train.train(args_for(tiny_demo, tmp_path / "cached", *steps))
+    assert calls  # frozen text tower: every step read the cache
+    monkeypatch.setattr(AudioTextTask, "text_tower_frozen", lambda self: False)  # as if it trained: recompute
+    train.train(args_for(tiny_demo, tmp_path / "recomputed", *steps))
+    np.testing.assert_allclose(losses_of(tmp_path / "cached"), losses_of(tmp_path / "recomputed"), rtol=0, atol=1e-5)
+
+    calls.clear()
+    monkeypatch.setattr(AudioTextTask, "text_tower_frozen", frozen)
+    model, _ = train.train(args_for(tiny_demo, tmp_path / "text-lora", *steps, "--targets", r"text_tower.*\.(query|value)"))
+    assert any(p.requires_grad for p in model.text_tower.parameters()) and not calls  # a training text tower is never cached
