@@ -54,7 +54,8 @@ from data.tasks import TASKS
 from lora import LoRAConfig, cast_frozen, inject_lora, mark_only_lora_trainable, save_adapter, trainable_summary
 from lora.atomic import atomic_write, atomic_write_text
 from lora.diagnose import blame_nonfinite, diagnose
-from lora.distributed import Distributed, barrier, host_group, host_sum, init_distributed, main_first, rng_states, set_rng_states
+from lora.distributed import (Distributed, barrier, host_group, host_sum, init_distributed, main_first, rng_states, set_rng_states,
+                              shutdown_distributed)
 from lora.training import LaunchedStep, StepEnv, StepResult, TrainingError, TrainState, WarmupCosine, param_groups, set_train_mode, train_step
 from lora.summary import lora_placement
 from lora.targets import check_target_alternatives, format_preview, preview_targets
@@ -597,14 +598,16 @@ def train(args) -> tuple[nn.Module, dict]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     env = init_distributed(args.device)
+    recipe = None
     try:
         recipe = Recipe(args, env)
         recipe.setup()
         history = recipe.train()
         return recipe.model, history
     finally:
-        if env.world_size > 1 or dist.is_initialized():
-            dist.destroy_process_group()
+        if recipe is not None:  # let go of what holds the process group and the DataLoader workers
+            recipe.ddp = recipe.batches = recipe.loader = None
+        shutdown_distributed()
 
 
 def main(argv=None) -> int:

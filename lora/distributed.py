@@ -13,6 +13,7 @@ processes. What it adds:
 """
 
 import contextlib
+import gc
 import os
 import random
 from dataclasses import dataclass
@@ -47,6 +48,11 @@ def init_distributed(device: str) -> Distributed:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    # torch.distributed.nn.functional is imported before the group exists: its functions default to
+    # `group=group.WORLD`, evaluated at import, so imported later (DDP imports it, through
+    # torch._dynamo) it would hold the default group for good, and shutdown_distributed could never
+    # tear that group down.
+    from torch.distributed.nn import functional  # noqa: F401
     # a long timeout: rank 0 evaluates alone while the others wait at a barrier
     dist.init_process_group(backend, timeout=timedelta(hours=2))
     host_group()  # created now, by every rank in the same order, as new_group requires
@@ -66,6 +72,21 @@ def main_first(env: Distributed):
 def barrier(env: Distributed):
     if env.world_size > 1:
         dist.barrier()
+
+
+def shutdown_distributed():
+    """Destroy the process groups at the end of a run, on every rank, once the DDP wrapper (which
+    holds the default group) is dropped. A group is torn down (its worker threads joined) only when
+    its last holder lets it go; one left alive until the interpreter exits can have a gloo thread
+    free a collective's tensors while Python is being torn down, which aborts a run that went well
+    ("terminate called without an active exception"). See also the import in init_distributed."""
+    global _HOST_GROUP
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    _HOST_GROUP = None
+    gc.collect()  # the DDP wrapper sits in reference cycles: collect it, so only the registry holds a group
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def rng_states(device: torch.device) -> dict:

@@ -45,11 +45,11 @@ def flags(tiny, out, *extra):
             "--save-every", "0", "--dropout", "0", "--lr", "1e-3", "--warmup-steps", "1", *extra]
 
 
-def torchrun(args, nproc=2, log=None):
+def torchrun(args, nproc=2, log=None, script="train.py"):
     """`torchrun --standalone` of train.py in a subprocess: a free port, one thread per process.
     With a log file, start it in its own session and return the Popen (to be killed)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
     if log:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
@@ -125,6 +125,21 @@ def test_resume_after_a_kill_on_another_number_of_processes(tiny, whole_batch):
     with pytest.raises(train.TrainingError, match=r"lr: saved 0\.001, now 0\.002") as error:
         train.train(train.parse_args(flags(tiny, out, "--resume", "--lr", "2e-3", "--rank", "8")))
     assert "rank: saved 16, now 8" in str(error.value)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux's /proc")
+def test_a_finished_run_tears_its_process_group_down(tiny, tmp_path):
+    """When train() returns, no gloo thread is left alive: one left to interpreter shutdown can free a
+    collective's tensors while Python is torn down and abort a run that went well (seen in CI)."""
+    script = tmp_path / "train_then_list_threads.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(REPO)!r})\nimport train\n"
+                      "train.train(train.parse_args(sys.argv[1:]))\n"
+                      "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+                      "print('threads after train():', sorted(names), flush=True)\n")
+    result = torchrun(flags(tiny, tmp_path / "out", "--max-steps", "1"), script=script)
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = [line for line in result.stdout.splitlines() if line.startswith("threads after train():")]
+    assert len(listed) == 2 and not any("gloo" in line for line in listed), listed
 
 
 def test_a_trainable_parameter_off_the_forward_path_is_named_under_ddp(tiny):
