@@ -272,6 +272,25 @@ class AnswerTask:
         """One forward path: --diagnose check 7's own findings suffice."""
         return None
 
+    def read_examples(self, read, problems_of, src: dict, policy: str, say):
+        """Read the train and eval manifests with `read(path, role, bad_lines)`, check them with `problems_of`
+        (before training, for every line), and keep what can be used: a train line that cannot be
+        read or used is an error, or under `policy` skip a counted skip (self.skipped_up_front); any
+        eval problem is an error. Returns (train examples, eval examples or None)."""
+        bad_lines = []  # lines that cannot be read: all reported, an error under fail, skipped under skip
+        examples = read(src["train_data"], "train", bad_lines)
+        problems = [(line, line.reason) for line in bad_lines] + problems_of(examples)
+        self.skipped_up_front = report_problems(problems, src["train_data"], policy, "train", "example", self.input_flag, say)
+        bad = {item.line for item, _ in problems}  # one example a line
+        examples = [e for e in examples if e.line not in bad]
+        if not examples:
+            raise TrainingError(f"no example of {src['train_data']} is left to train on: every one was skipped (listed above)")
+        eval_examples = None
+        if src["eval_data"]:
+            eval_examples = read(src["eval_data"], "eval", None)
+            report_problems(problems_of(eval_examples), src["eval_data"], "fail", "eval", "example", self.input_flag, say)
+        return examples, eval_examples
+
     def micro_batch_loss(self, model: nn.Module, batch: dict, env: StepEnv) -> torch.Tensor:
         with env.autocast():
             return model(**self.inputs(batch, env.device)).loss
@@ -330,19 +349,8 @@ class InstructBlipTask(AnswerTask):
             return ([(e, f"{r}: {e.image}") for e, r in check_images(examples)]
                     + [(BadLine(e.source, e.line, r), r) for e, r in check_texts(examples, *self.tokenizers, decoder_only=decoder_only)])
 
-        bad_lines = []  # lines that cannot be read: all reported below, an error under fail, skipped under skip
-        examples = read_vqa_manifest(src["train_data"], bad_lines=bad_lines)
-        problems = [(b, b.reason) for b in bad_lines] + problems_of(examples)
-        self.skipped_up_front = report_problems(problems, src["train_data"], args.on_bad_input, "train", "example",
-                                                self.input_flag, say)
-        bad = {item.line for item, _ in problems}  # one example a line
-        examples = [e for e in examples if e.line not in bad]
-        if not examples:
-            raise TrainingError(f"no example of {src['train_data']} is left to train on: every one was skipped (listed above)")
-        self.eval_examples = None
-        if src["eval_data"]:
-            self.eval_examples = read_vqa_manifest(src["eval_data"])
-            report_problems(problems_of(self.eval_examples), src["eval_data"], "fail", "eval", "example", self.input_flag, say)
+        examples, self.eval_examples = self.read_examples(lambda path, role, bad_lines: read_vqa_manifest(path, bad_lines=bad_lines),
+                                                          problems_of, src, args.on_bad_input, say)
         self.run = dict(task=self.name, demo=demo, **src, language_model_dtype=args.language_model_dtype)
         self.dataset = VQADataset(examples, on_bad_image=args.on_bad_input)
         self.image_size = self.model.config.vision.image_size
@@ -405,18 +413,9 @@ class AudioQATask(AnswerTask):
             return ([(e, f"{r}: {e.audio}") for e, r in check_audio(examples)]
                     + [(BadLine(e.source, e.line, r), r) for e, r in check_audio_qa_texts(examples, self.tokenizer)])
 
-        bad_lines = []  # lines that cannot be read: skipped and listed under --on-bad-audio skip, else an error
-        examples = read_audio_qa_manifest(src["train_data"], args.train_audio_dir, bad_lines)
-        problems = [(line, line.reason) for line in bad_lines] + problems_of(examples)
-        self.skipped_up_front = report_problems(problems, src["train_data"], args.on_bad_input, "train", "example", self.input_flag, say)
-        bad = {item.line for item, _ in problems}  # one example a line
-        examples = [e for e in examples if e.line not in bad]
-        if not examples:
-            raise TrainingError(f"no example of {src['train_data']} is left to train on: every one was skipped (listed above)")
-        self.eval_examples = None
-        if src["eval_data"]:
-            self.eval_examples = read_audio_qa_manifest(src["eval_data"], args.eval_audio_dir)
-            report_problems(problems_of(self.eval_examples), src["eval_data"], "fail", "eval", "example", self.input_flag, say)
+        audio_dirs = dict(train=args.train_audio_dir, eval=args.eval_audio_dir)
+        examples, self.eval_examples = self.read_examples(lambda path, role, bad_lines: read_audio_qa_manifest(path, audio_dirs[role], bad_lines),
+                                                          problems_of, src, args.on_bad_input, say)
         self.pad_to_30s = args.pad_to_30s
         self.n_mels = self.model.audio_tower.config.num_mel_bins
         self.run = dict(task=self.name, demo=demo, **src, language_model_dtype=args.language_model_dtype, pad_to_30s=args.pad_to_30s)
