@@ -54,12 +54,12 @@ from data.tasks import TASKS
 from lora import LoRAConfig, cast_frozen, inject_lora, mark_only_lora_trainable, save_adapter, trainable_summary
 from lora.atomic import atomic_write, atomic_write_text
 from lora.diagnose import blame_nonfinite, diagnose
-from lora.distributed import (Distributed, barrier, host_group, host_sum, init_distributed, main_first, rng_states, set_rng_states,
-                              shutdown_distributed)
+from lora.distributed import (Distributed, barrier, host_all_gather_object, host_sum, init_distributed, main_first, rng_states,
+                              set_rng_states, shutdown_distributed)
 from lora.training import LaunchedStep, StepEnv, StepResult, TrainingError, TrainState, WarmupCosine, param_groups, set_train_mode, train_step
 from lora.summary import lora_placement
 from lora.targets import check_target_alternatives, format_preview, preview_targets
-from models.audio_text import ENCODING_STRATEGIES, save_heads
+from models.audio_text import ENCODING_STRATEGIES, autocast_dtype, save_heads
 
 STATE_FILE = "training_state.pt"
 DEMO = {  # steps that fit a few CPU minutes
@@ -328,7 +328,7 @@ class Recipe:
         # fused: one kernel for all tensors, and it can skip an update on the device (found_inf)
         optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), lr=args.lr, fused=True)
         schedule = WarmupCosine(args.lr, self.warmup, self.max_steps, env.device)
-        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        self.amp_dtype = autocast_dtype(args.precision)
         scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")  # fp16 gradients underflow without it
         autocast = (lambda: torch.autocast(env.device.type, dtype=self.amp_dtype)) if self.amp_dtype else contextlib.nullcontext
         self.step_env = StepEnv(env.device, autocast, lambda loss: scaler.scale(loss).backward(), env.world_size)
@@ -386,14 +386,7 @@ class Recipe:
         """Every rank's RNG is gathered (a collective); rank 0 writes."""
         self.last_save = self.state.step
         self.state.elapsed = time.perf_counter() - started
-        rng = rng_states(self.env.device)
-        if self.env.world_size > 1:
-            gathered = [None] * self.env.world_size
-            dist.all_gather_object(gathered, rng)
-            rng = gathered
-        else:
-            rng = [rng]
-        self.state.rng = rng
+        self.state.rng = host_all_gather_object(rng_states(self.env.device))
         if self.env.main:
             save_outputs(self.out, self.model, self.lora_config, self.run, self.state.state_dict())
         barrier(self.env)
@@ -404,16 +397,12 @@ class Recipe:
             for key, count in (batch.get("cache") or {}).items():
                 self.cache_counts[key] += count
         local = [tuple(s) for batch in micro_batches for s in batch["skipped"]]
-        if self.env.world_size > 1:
-            gathered = [None] * self.env.world_size
-            dist.all_gather_object(gathered, local, group=host_group())
-            local = [s for part in gathered for s in part]
-        for path, line, reason in local:
+        for path, line, reason in [s for part in host_all_gather_object(local) for s in part]:
             if path not in self.state.skipped:
                 self.state.skipped[path] = dict(manifest=self.run["train_data"], line=line, reason=reason)
                 self.say(f"skipped {path} (manifest line {line}): {reason}")
 
-    def blame(self, micro_batches: list[dict]) -> tuple[str, list[str]]:
+    def blame(self, micro_batches: list[dict]) -> tuple[str, list[tuple[str, int]]]:
         """Re-run this rank's micro-batches with hooks: where the first NaN/inf appeared, and the files
         to blame (the rows holding it when the batch itself is non-finite, else the whole micro-batch)."""
         for batch in micro_batches:
@@ -422,22 +411,20 @@ class Recipe:
                                         {self.task.input_key: batch[self.task.input_key]})
                 if blame.found:
                     rows = blame.rows if blame.kind == "batch" else range(len(batch["paths"]))
-                    return blame.message, [f"{batch['paths'][r]} (line {batch['lines'][r]})" for r in rows]
+                    return blame.message, [(batch["paths"][r], batch["lines"][r]) for r in rows]
         return "not reproduced by a re-run of the forward on this rank (the backward, or dropout)", []
 
     def on_nonfinite(self, result: StepResult, micro_batches: list[dict]):
         state = self.state
         state.bad_in_a_row += 1
-        culprit, where = self.blame(micro_batches)
-        if self.env.world_size > 1:
-            gathered = [None] * self.env.world_size
-            dist.all_gather_object(gathered, (culprit, where), group=host_group())
-            culprit = next((c for c, w in gathered if w), gathered[0][0])
-            where = [w for _, ws in gathered for w in ws]
+        gathered = host_all_gather_object(self.blame(micro_batches))
+        culprit = next((c for c, w in gathered if w), gathered[0][0])  # a rank that found the bad rows, else rank 0's account
+        where = [w for _, ws in gathered for w in ws]
         self.say(f"step {state.step + 1}: non-finite loss {result.loss:.4g} / grad norm {result.grad_norm:.4g}; first non-finite "
-                 f"output: {culprit}; step skipped ({state.bad_in_a_row} in a row); batch: {', '.join(where)}")
+                 f"output: {culprit}; step skipped ({state.bad_in_a_row} in a row); batch: "
+                 + ", ".join(f"{path} (line {line})" for path, line in where))
         self.log({"step": state.step, "nonfinite": {"loss": str(result.loss), "first_module": culprit,
-                                                     "paths": [w.rsplit(' (line', 1)[0] for w in where]}})
+                                                     "paths": [path for path, _ in where]}})
         if state.bad_in_a_row >= self.args.max_bad_steps:
             raise TrainingError(f"aborting: {state.bad_in_a_row} non-finite steps in a row (first non-finite output: {culprit}); "
                                 f"the last good checkpoint is kept in {self.out}")
@@ -448,7 +435,6 @@ class Recipe:
         state = self.state
         while True:
             if self.batches is None:  # a new epoch (or a resume): the sampler starts at its position
-                self.task.dataset.set_epoch(state.epoch)  # for the main process's own reads (workers get it with each index)
                 self.sampler.set_state(state.epoch, state.batches_done)
                 self.loader_generator.manual_seed(self.args.seed * 1_000_003 + state.epoch)
                 self.batches = iter(self.loader)
@@ -580,7 +566,7 @@ def run_diagnosis(args) -> int:
         raise TrainingError(f"--targets: {error}") from error
     model.to(env.device)
     set_train_mode(model)
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    amp_dtype = autocast_dtype(args.precision)
     autocast = (lambda: torch.autocast(env.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     step_env = StepEnv(env.device, autocast, lambda loss: loss.backward())
     task.prepare(step_env, print)

@@ -120,9 +120,6 @@ class AudioQADataset(Dataset):
             raise ValueError("AudioQADataset got no examples; check the manifest (and check_audio's report)")
         self.examples, self.on_bad_audio, self.n_mels, self.feature_cache = list(examples), on_bad_audio, n_mels, feature_cache
 
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing varies by epoch (one fixed answer per example); the training loop calls it on every dataset."""
-
     def __len__(self) -> int:
         return len(self.examples)
 

@@ -42,13 +42,11 @@ from data.audio_text import Skipped, split_skipped
 # the manifest helpers are shared on purpose: the same UTF-8 errors and path rules for both tasks
 from data.manifest import BadLine, file_problem, missing_keys, read_examples, resolve_path
 from models.image import load_image, preprocess_images
-from models.tokenizer import tokenize
+from models.tokenizer import LLAMA_EOS, T5_EOS, tokenize  # each answer ends with its EOS, or generation never learns to stop
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
 REQUIRED_KEYS = ("image", "prompt", "answer")
 EXAMPLE_LINE = '{"image": "images/a.png", "prompt": "What colour is the shape?", "answer": "red"}'
-T5_EOS = "</s>"  # T5's end of sequence: the labels must end with it, or generation never learns to stop
-LLAMA_EOS = "</s>"  # LLaMA's (and Vicuna's): appended to every answer, where generation stops
 # LAVIS's InstructBLIP limits (max_txt_len, max_output_txt_len); LAVIS truncates silently, we refuse
 MAX_PROMPT_TOKENS = 128
 MAX_ANSWER_TOKENS = 256
@@ -168,10 +166,6 @@ class VQADataset(Dataset):
         self.examples = list(examples)
         self.on_bad_image = on_bad_image
 
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing varies by epoch here (one fixed answer per example); the training loop calls it
-        on every dataset, as AudioTextDataset draws its caption from the epoch."""
-
     def __len__(self) -> int:
         return len(self.examples)
 
@@ -239,9 +233,9 @@ def decoder_only_tensors(lm_tokenizer, prompts: list[str], answers: list[str], i
             "prompt_input_ids": prompt_ids, "prompt_attention_mask": prompt_mask}
 
 
-def collate_vqa(items: list, image_size: int, qformer_tokenizer, lm_tokenizer=None,
+def collate_vqa(items: list, image_size: int, qformer_tokenizer, lm_tokenizer,
                 max_prompt_tokens: int = MAX_PROMPT_TOKENS, max_answer_tokens: int = MAX_ANSWER_TOKENS, *,
-                decoder_only: bool | None = None, t5_tokenizer=None) -> dict:
+                decoder_only: bool | None = None) -> dict:
     """Dataset items -> {"pixel_values": (B, 3, S, S) float32, "qformer_input_ids" / "qformer_attention_mask":
     (B, Lq) long, "input_ids" / "attention_mask" / "labels": (B, L) long (see below), "prompts", "answers",
     "paths": [B str], "lines": [B int], "index": (B,) long, "skipped": [Skipped, ...]}. Token tensors are
@@ -256,12 +250,8 @@ def collate_vqa(items: list, image_size: int, qformer_tokenizer, lm_tokenizer=No
 
     The tokenizers are `tokenizers.Tokenizer`s with padding enabled (models/tokenizer.py). Use
     `functools.partial(collate_vqa, image_size=..., qformer_tokenizer=..., lm_tokenizer=...)` as a
-    DataLoader's collate_fn: Tokenizer objects pickle, so workers get their own copies. `t5_tokenizer`
-    is the former name of `lm_tokenizer`, still accepted.
+    DataLoader's collate_fn: Tokenizer objects pickle, so workers get their own copies.
     """
-    if (lm_tokenizer is None) == (t5_tokenizer is None):
-        raise TypeError("collate_vqa takes the language model's tokenizer once, as lm_tokenizer (or its old name t5_tokenizer)")
-    lm_tokenizer = lm_tokenizer if lm_tokenizer is not None else t5_tokenizer
     kept, skipped = split_skipped(items, "collate_vqa")
     if not kept:
         return {"pixel_values": None, "qformer_input_ids": None, "qformer_attention_mask": None,

@@ -128,6 +128,15 @@ def host_all_gather(value: int) -> list[int]:
     return [int(v) for v in values]
 
 
+def host_all_gather_object(obj) -> list:
+    """Every rank's picklable `obj` (skipped files, RNG states, a blame), in rank order, over the host group."""
+    if not distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj, group=host_group())
+    return gathered
+
+
 def host_sum(value: int) -> int:
     return sum(host_all_gather(value))
 

@@ -135,8 +135,8 @@ class LaunchedStep:
 
 
 class WarmupCosine:
-    """The learning rate, peak x lr_factor(updates applied), as a device tensor computed from a
-    device-side count of applied updates: a skipped (non-finite) step adds 0 to the count without
+    """The learning rate: linear warmup to `peak` over `warmup` updates, then cosine decay to 0 at
+    `total`, as a device tensor computed from a device-side count of applied updates: a skipped (non-finite) step adds 0 to the count without
     the host having to look, so the schedule never advances on it and nothing waits for the GPU."""
 
     def __init__(self, peak: float, warmup: int, total: int, device: torch.device):
@@ -167,14 +167,14 @@ def train_step(task, model, micro_batches, optimizer, schedule, scaler, env: Ste
         step.examples = 0
         return step
     loss = task.forward_backward(model, micro_batches, env)
-    trainable = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
-    off_path = [n for n, p in trainable if p.grad is None]
-    if off_path:
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]  # every trainable parameter
+    if any(p.grad is None for p in trainable):
+        off_path = [n for n, p in unwrap(model).named_parameters() if p.requires_grad and p.grad is None]
         raise TrainingError(f"trainable parameter(s) received no gradient, so they sit off the forward path: "
                             f"{', '.join(off_path[:8])}{' ...' if len(off_path) > 8 else ''}. Run `python train.py --diagnose` "
                             "with the same flags to see where LoRA sits and what the forward reaches")
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
     loss_ok, grads_ok = torch.isfinite(loss), torch.isfinite(grad_norm)
     applied = loss_ok & grads_ok
     lr = schedule.lr()
@@ -197,13 +197,6 @@ def train_step(task, model, micro_batches, optimizer, schedule, scaler, env: Ste
     else:
         step.stats = stats
     return step
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup from 0 to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -232,7 +232,7 @@ def readme(run_dir: Path, run: dict, summary: dict, reports: list[dict]) -> str:
              f"into the base weights (W + s·B@A, computed in fp32, stored in each base tensor's dtype), so this folder "
              f"loads like the base itself, with no LoRA code.", "",
              f"- task: {run.get('task')}; targets: {', '.join(f'`{t}`' for t in run.get('targets') or [])}",
-             f"- rank {config.r}, alpha {config.alpha:g}, {'rsLoRA, ' if config.rslora else ''}scaling {config.alpha / (config.r ** 0.5 if config.rslora else config.r):g}",
+             f"- rank {config.r}, alpha {config.alpha:g}, {'rsLoRA, ' if config.rslora else ''}scaling {config.scaling:g}",
              f"- merged layers ({len(summary['merged'])}): " + "; ".join(f"`{p}`" for p in compact_paths(summary["merged"]))]
     if summary["heads_into"]:
         lines.append("- fully trained tensors written into the checkpoint: " + ", ".join(f"`{n}`" for n in summary["heads_into"]))

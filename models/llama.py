@@ -200,7 +200,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H_kv, S, d), S = cached + T
         groups = self.heads // self.kv_heads  # each key/value head serves this many query heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H_kv, S, d) -> (B, H, S, d)
+        if groups > 1:  # repeat_interleave copies even by 1: with a KV cache, every step would copy it whole
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H_kv, S, d) -> (B, H, S, d)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))  # (B, H, T, d) -> (B, T, H*d); explicit: B may be 0
 

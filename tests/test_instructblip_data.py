@@ -261,7 +261,7 @@ def test_dataloader_with_two_workers_carries_both_tokenizers(tmp_path):
     dataset = VQADataset(read_vqa_manifest(write_manifest(tmp_path, rows)), on_bad_image="skip")
     sampler = GlobalBatchSampler(len(dataset), global_batch=7, micro_batch=1, seed=5)  # 7 micro-batches of 1
     collate_fn = functools.partial(collate_vqa, image_size=SIZE, qformer_tokenizer=qformer_tokenizer(),
-                                   t5_tokenizer=t5_tokenizer(), max_answer_tokens=16)
+                                   lm_tokenizer=t5_tokenizer(), max_answer_tokens=16)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=2, collate_fn=collate_fn)
     sampler.set_state(epoch=1)
     batches = list(loader)

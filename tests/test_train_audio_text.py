@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,6 @@ import data.tasks
 import train
 from data.manifest import read_manifest
 from data.tasks import AudioTextTask
-from lora.training import lr_factor
 from data.demo_models import ensure_demo_models
 from data.demo_sounds import ensure_demo_set
 from lora import lora_layers
@@ -228,6 +228,14 @@ def poison_audio_proj(monkeypatch, bad_steps):
     return state
 
 
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """The schedule train.py must follow, written out in floats: linear warmup over `warmup` updates,
+    then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
 def test_nonfinite_step_is_skipped_named_and_training_goes_on(tiny_demo, tmp_path, monkeypatch, capsys):
     poison_audio_proj(monkeypatch, bad_steps={3})
     out = tmp_path / "nan"
@@ -272,8 +280,11 @@ def test_feature_cache_cold_warm_and_off_give_the_same_losses(tiny_demo, tmp_pat
     """The feature cache is an optimisation with no visible effect: the same bits, cold or warm or off."""
     steps = ["--max-steps", "4", "--eval-every", "0", "--save-every", "0", "--dropout", "0", "--cache-dir", str(tmp_path / "cache")]
     train.train(args_for(tiny_demo, tmp_path / "cold", *steps))
-    assert list((tmp_path / "cache" / "features").rglob("*.safetensors"))  # the first run filled it
+    entries = lambda: {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "features").rglob("*.safetensors")}  # noqa: E731
+    filled = entries()
+    assert filled  # the first run filled it
     train.train(args_for(tiny_demo, tmp_path / "warm", *steps))
+    assert entries() == filled  # the warm run found every clip it read: nothing computed or written again
     train.train(args_for(tiny_demo, tmp_path / "off", *steps, "--no-feature-cache"))
     assert losses_of(tmp_path / "cold") == losses_of(tmp_path / "warm") == losses_of(tmp_path / "off")
 
@@ -287,7 +298,9 @@ def test_text_cache_serves_a_frozen_text_tower_only_and_changes_nothing(tiny_dem
     train.train(args_for(tiny_demo, tmp_path / "cached", *steps))
     assert calls  # frozen text tower: every step read the cache
     monkeypatch.setattr(AudioTextTask, "text_tower_frozen", lambda self: False)  # as if it trained: recompute
+    calls.clear()
     train.train(args_for(tiny_demo, tmp_path / "recomputed", *steps))
+    assert not calls  # this run really recomputed every step's text features
     np.testing.assert_allclose(losses_of(tmp_path / "cached"), losses_of(tmp_path / "recomputed"), rtol=0, atol=1e-5)
 
     calls.clear()
