@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from common.errors import UserError, user_message
 from data.audio_folder import AUDIO_SUFFIXES, find_audio_files, label_text, read_labelled_audio
 from data.audio_qa import AudioQADataset, check_audio, collate_audio_qa, read_audio_qa_manifest
 from data.audio_text import captions_flat, precheck
@@ -340,7 +341,7 @@ def unreadable_error(problems: list, data: str, what: str) -> str:
     """Evaluation needs every example: the unreadable ones listed (up to 10) on stderr, and the error."""
     for item, reason in problems[:10]:
         print(f"{item.where}: {reason}: {getattr(item, what)}", file=sys.stderr)
-    return f"error: {len(problems)} example(s) of {data} cannot be read (listed above); fix the manifest: evaluation needs every {what} file"
+    return f"{len(problems)} example(s) of {data} cannot be read (listed above); fix the manifest: evaluation needs every {what} file"
 
 
 def feature_cache(args) -> FeatureCache | None:
@@ -351,6 +352,25 @@ def feature_cache(args) -> FeatureCache | None:
 # ---- the command ------------------------------------------------------------------------------------
 
 def main(argv=None):
+    """The command line; returns the metrics (or search results). A user's mistake is one `error:`
+    line and exit status 2 (its traceback with --debug), Ctrl-C one line and 130."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(parser, args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except UserError as error:
+        if args.debug:
+            raise
+        print(f"error: {user_message(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate, search with, or classify zero-shot with a train.py output directory.")
     parser.add_argument("--checkpoint", required=True, help="an output directory of train.py")
     parser.add_argument("--data", help="manifest (audio-text: JSONL or Clotho/AudioCaps CSV; instructblip: JSONL); default: the run's eval_data")
@@ -380,7 +400,12 @@ def main(argv=None):
     parser.add_argument("--cache-dir", default=os.environ.get("LORA_MM_CACHE", str(Path.home() / ".cache" / "lora-mm")),
                         help="audio-text: the log-mel of each clip is read from (or kept in) <cache-dir>/features, as train.py does")
     parser.add_argument("--no-feature-cache", action="store_true", help="compute every clip's log-mel afresh (the same numbers)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a mistake the message explains")
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, args) -> dict:
+    """What main does once the flags are parsed."""
     if args.search and args.zero_shot:
         parser.error("--search and --zero-shot are separate modes: give one of them")
     if args.search and not (args.audio_dir or args.data):
@@ -398,8 +423,8 @@ def main(argv=None):
             if args.json:
                 atomic_write_text(args.json, json.dumps(metrics, indent=2) + "\n")
             return metrics
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    except (FileNotFoundError, ValueError) as error:  # a library folder or CSV that cannot be read
+        raise UserError(str(error)) from error
 
     data = args.data or run.get("eval_data")
     if not data:
@@ -408,14 +433,14 @@ def main(argv=None):
     if run["task"] == "instructblip":
         examples = read_vqa_manifest(data)
         if problems := check_images(examples):
-            sys.exit(unreadable_error(problems, data, "image"))
+            raise UserError(unreadable_error(problems, data, "image"))
         metrics = evaluate_vqa(model, tokenizers, examples, batch_size=args.batch_size, device=args.device, workers=args.workers,
                                autocast_dtype=autocast_dtype(run["precision"]), max_new_tokens=args.max_new_tokens or 10)
         print(format_vqa(metrics, label))
     elif run["task"] == "audio-qa":
         examples = read_audio_qa_manifest(data, args.audio_dir)
         if problems := check_audio(examples):
-            sys.exit(unreadable_error(problems, data, "audio"))
+            raise UserError(unreadable_error(problems, data, "audio"))
         metrics = evaluate_audio_qa(model, tokenizers, examples, batch_size=args.batch_size, device=args.device, workers=args.workers,
                                     autocast_dtype=autocast_dtype(run["precision"]), max_new_tokens=args.max_new_tokens or 16,
                                     pad_to_30s=bool(run.get("pad_to_30s")))
@@ -424,7 +449,7 @@ def main(argv=None):
         audio_dir = args.audio_dir or (None if args.data else run.get("eval_audio_dir"))  # where training found them
         clips, problems = precheck(read_manifest(data, audio_dir=audio_dir))
         if problems:
-            sys.exit(unreadable_error(problems, data, "audio"))
+            raise UserError(unreadable_error(problems, data, "audio"))
         audio, text, text_audio_index = encode_clips(model, tokenizers, clips, batch_size=args.batch_size, workers=args.workers,
                                                      feature_cache=feature_cache(args))
         metrics = retrieval_metrics(text @ audio.T, text_audio_index)

@@ -34,6 +34,8 @@ import itertools
 import json
 import os
 import random
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -46,14 +48,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.audio_text import BadAudioError
-from data.instructblip import BadImageError
-from data.manifest import ManifestError
+from common.errors import UserError, user_message
+from common.state_file import load_state, save_state
 from data.sampling import GlobalBatchSampler, WithEpoch, accumulation_steps, steps_for_epochs
 from data.tasks import TASKS
 from lora import LoRAConfig, cast_frozen, inject_lora, mark_only_lora_trainable, save_adapter, trainable_summary
 from lora.atomic import atomic_write, atomic_write_text
 from lora.diagnose import blame_nonfinite, diagnose
+from lora.graceful_stop import StopRequests, Stopped, ignore_in_worker
 from lora.distributed import (Distributed, barrier, host_all_gather_object, host_sum, init_distributed, main_first, rng_states,
                               set_rng_states, shutdown_distributed)
 from lora.training import LaunchedStep, StepEnv, StepResult, TrainingError, TrainState, WarmupCosine, param_groups, set_train_mode, train_step
@@ -61,7 +63,8 @@ from lora.summary import lora_placement
 from lora.targets import check_target_alternatives, format_preview, preview_targets
 from models.audio_text import ENCODING_STRATEGIES, autocast_dtype, save_heads
 
-STATE_FILE = "training_state.pt"
+STATE_FILE = "training_state.safetensors"  # tensors + JSON (common/state_file.py): reading it runs no code
+PICKLED_STATE_FILE = "training_state.pt"  # what earlier versions wrote, with torch.save: never unpickled
 DEMO = {  # steps that fit a few CPU minutes
     "audio-text": dict(max_steps=600, eval_every=150, save_every=300, warmup_steps=50),
     "instructblip": dict(max_steps=1500, eval_every=300, save_every=750, warmup_steps=50, batch_size=16, lr=3e-3,
@@ -141,7 +144,10 @@ def parse_args(argv=None):
     p.add_argument("--pad-to-30s", action="store_true", help="pad every clip to 30 s as the reference does (slower)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="abort after this many non-finite steps in a row")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--cache-dir", default=os.environ.get("LORA_MM_CACHE", str(Path.home() / ".cache" / "lora-mm")), help="where the demo set and towers are made")
+    p.add_argument("--cache-dir", default=os.environ.get("LORA_MM_CACHE", str(Path.home() / ".cache" / "lora-mm")),
+                   help="where the demo sets, demo models and feature cache live (default: $LORA_MM_CACHE, else ~/.cache/lora-mm); "
+                   "safe to share between runs")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a mistake the message explains")
     return p.parse_args(argv)
 
 
@@ -179,7 +185,7 @@ def save_outputs(out: Path, model, lora_config, run: dict, state: dict):
     atomic_write_text(out / "run_config.json", json.dumps(run, indent=2) + "\n")
     skipped = [dict(path=path, **entry) for path, entry in state["skipped"].items()]
     atomic_write_text(out / "skipped.jsonl", "".join(json.dumps(entry) + "\n" for entry in skipped))
-    atomic_write(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    atomic_write(out / STATE_FILE, lambda tmp: save_state(state, tmp))
 
 
 def before_checkpoint(line: str, step: int) -> bool:
@@ -197,6 +203,19 @@ def file_sha256(path: str) -> str:
 
 
 # --- the recipe ------------------------------------------------------------------------------
+
+
+def output_dir(args) -> Path:
+    """--output-dir, else runs/demo (runs/demo-instructblip, ...) for a demo and runs/<task> otherwise."""
+    default = f"runs/demo{'' if args.task == 'audio-text' else '-' + args.task}" if is_demo(args) else f"runs/{args.task}"
+    return Path(args.output_dir or default).resolve()
+
+
+def resume_command(argv: list[str], world_size: int) -> str:
+    """The command that continues this run: the same flags, with --resume."""
+    flags = list(argv) + ([] if "--resume" in argv else ["--resume"])
+    launcher = ["torchrun", f"--nproc_per_node={world_size}"] if world_size > 1 else ["python"]
+    return shlex.join(launcher + ["train.py"] + flags)
 
 
 def is_demo(args) -> bool:
@@ -225,8 +244,8 @@ def build_task(args, env: Distributed, say):
 class Recipe:
     """setup() builds everything, train() runs the loop, save_checkpoint() writes the outputs."""
 
-    def __init__(self, args, env: Distributed):
-        self.args, self.env = args, env
+    def __init__(self, args, env: Distributed, stop: StopRequests):
+        self.args, self.env, self.stop = args, env, stop
         self.last_eval = self.last_save = -1  # the steps evaluated and saved last
 
     def say(self, *text, **kwargs):
@@ -237,8 +256,10 @@ class Recipe:
         """Output folder, task, model with LoRA, data, optimizer and state (resumed if asked), DDP."""
         args, env = self.args, self.env
         random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-        default_out = f"runs/demo{'' if args.task == 'audio-text' else '-' + args.task}" if is_demo(args) else f"runs/{args.task}"
-        self.out = Path(args.output_dir or default_out).resolve()
+        self.out = output_dir(args)
+        if (self.out / PICKLED_STATE_FILE).exists() and not (self.out / STATE_FILE).exists():
+            raise TrainingError(f"{self.out / PICKLED_STATE_FILE} is a pickle (torch.save), which could run any code when read, "
+                                f"so it is not read: this toolkit keeps its state in {STATE_FILE}. Start a new --output-dir")
         if (self.out / STATE_FILE).exists() and not args.resume:
             raise TrainingError(f"{self.out} already holds a run: pass --resume to continue it, or another --output-dir")
         if args.resume and not (self.out / STATE_FILE).exists():
@@ -249,6 +270,11 @@ class Recipe:
         per_epoch = self.sampler.batches_per_epoch
         self.max_steps = args.max_steps or (steps_for_epochs(args.epochs, per_epoch) if args.epochs else defaults.get("max_steps", 1000))
         self.warmup = args.warmup_steps if args.warmup_steps is not None else defaults.get("warmup_steps", min(100, self.max_steps // 10))
+        if self.warmup >= self.max_steps > 0:  # the learning rate would never reach its peak
+            shorter = self.max_steps // 10
+            self.say(f"note: the warm-up ({self.warmup} steps) is not shorter than the run ({self.max_steps} steps), so the "
+                     f"learning rate would never reach --lr; warming up over {shorter} steps (10%) instead")
+            self.warmup = shorter
         self.eval_every = args.eval_every if args.eval_every is not None else defaults.get("eval_every", 500)
         self.save_every = args.save_every if args.save_every is not None else defaults.get("save_every", 500)
         self.run = dict(self.task.run, targets=targets, rank=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora,
@@ -259,7 +285,6 @@ class Recipe:
                         train_data_sha256=file_sha256(self.task.run["train_data"]))
         self.state = self.setup_optimization()
         set_train_mode(self.model)
-        self.task.prepare(self.step_env, self.say)
         self.metrics_path = self.out / "metrics.jsonl"
         if args.resume:
             self.resume()
@@ -270,6 +295,9 @@ class Recipe:
         self.ddp = self.model if env.world_size == 1 else DistributedDataParallel(
             self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None, forward_sync_buffers=False,
             find_unused_parameters=False)
+        # after DDP: wrapping broadcasts rank 0's tensors into every parameter, frozen ones too, in place, which
+        # bumps their version counters and so would empty the frozen text tower's cache filled before it
+        self.task.prepare(self.step_env, self.say)
 
         self.say(trainable_summary(self.model))
         self.say(lora_placement(self.model))
@@ -319,7 +347,7 @@ class Recipe:
         # of copy-on-write page faults); each index carries its epoch instead (WithEpoch)
         self.loader = DataLoader(self.task.dataset, batch_sampler=WithEpoch(self.sampler), num_workers=args.workers,
                                  generator=self.loader_generator, collate_fn=self.task.collate, pin_memory=env.device.type == "cuda",
-                                 persistent_workers=args.workers > 0)
+                                 persistent_workers=args.workers > 0, worker_init_fn=ignore_in_worker)
         return lengths
 
     def setup_optimization(self) -> TrainState:
@@ -340,7 +368,7 @@ class Recipe:
     def resume(self):
         state = None
         if self.env.main:
-            state = torch.load(self.out / STATE_FILE, weights_only=False)
+            state = load_state(self.out / STATE_FILE)
         if self.env.world_size > 1:  # rank 0 reads, every rank gets it: no shared file system needed
             holder = [state]
             dist.broadcast_object_list(holder, src=0)
@@ -489,14 +517,15 @@ class Recipe:
         barrier(env)
         if not args.resume:
             state.history["before"] = self.evaluate("before training")
+        self.stop.armed = True  # from here on a signal means: finish the step, save, then stop
         set_train_mode(self.model)
         self.bar = tqdm(total=self.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                         disable=None if env.main else True)
         self.batches, self.cache_counts = None, dict(hit=0, miss=0, recomputed=0)
         started = time.perf_counter() - state.elapsed
         launched: list[LaunchedStep] = []
-        tick = time.perf_counter()
-        while True:
+        tick, stop = time.perf_counter(), None
+        while stop is None:
             if launched and (len(launched) >= args.log_every or self.due(state.step + len(launched))):
                 self.read_steps(launched)
                 launched = []
@@ -508,6 +537,9 @@ class Recipe:
                 continue
             if state.step >= self.max_steps:
                 break
+            stop = self.stop.agreed()  # every rank asks at the same point, so all stop after the same step
+            if stop is not None:
+                break
             micro_batches, data_wait = self.next_global_batch()
             self.record_skipped(micro_batches)
             step = train_step(self.task, self.ddp, micro_batches, state.optimizer, state.schedule, state.scaler,
@@ -516,6 +548,10 @@ class Recipe:
             step.data_wait, step.seconds, tick = data_wait, now - tick, now
             launched.append(step)
         self.bar.close()
+        if stop is not None:
+            self.read_steps(launched)
+            self.save_checkpoint(started)
+            raise Stopped(stop, state.step)
         state.history["after"] = self.evaluate("after training")
         self.save_checkpoint(started)
         if env.main:
@@ -579,16 +615,18 @@ def run_diagnosis(args) -> int:
 
 def train(args) -> tuple[nn.Module, dict]:
     """The whole run; returns (model, history) so tests can inspect what training changed.
-    Errors the user can fix are raised as TrainingError."""
+    Errors the user can fix are raised as UserError (TrainingError, ManifestError, ...); a SIGINT or
+    SIGTERM during training saves a checkpoint and raises Stopped (lora/graceful_stop.py)."""
     if torch.device(args.device).type == "cuda":  # fp32 matmuls on tensor cores (TF32): ~8x the fp32 rate
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     env = init_distributed(args.device)
     recipe = None
     try:
-        recipe = Recipe(args, env)
-        recipe.setup()
-        history = recipe.train()
+        with StopRequests() as stop:
+            recipe = Recipe(args, env, stop)
+            recipe.setup()
+            history = recipe.train()
         return recipe.model, history
     finally:
         if recipe is not None:  # let go of what holds the process group and the DataLoader workers
@@ -597,7 +635,12 @@ def train(args) -> tuple[nn.Module, dict]:
 
 
 def main(argv=None) -> int:
+    """The command line: a user's mistake is one `error:` line and exit 2 (a traceback only for
+    bugs, or with --debug); a stop by signal says how to resume and exits 128 + its number."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    speaks = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one rank tells the user
     try:
         if args.list_targets:
             return list_targets(args)
@@ -605,18 +648,26 @@ def main(argv=None) -> int:
             return run_diagnosis(args)
         train(args)
         return 0
-    except (TrainingError, ManifestError, BadAudioError, BadImageError) as error:  # the user's to fix: the message, no traceback
-        print(f"error: {user_message(error)}", file=sys.stderr)
+    except Stopped as stop:
+        if speaks:
+            print(f"stopped at step {stop.step}; continue with: {resume_command(argv, world_size)}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt as interrupt:  # before training began, or a second Ctrl-C
+        if args.debug:
+            raise
+        if speaks:
+            out = output_dir(args)
+            kept = (f"the last checkpoint in {out} is kept; continue with: {resume_command(argv, world_size)}"
+                    if (out / STATE_FILE).exists() else "nothing was saved")
+            print(f"\ninterrupted; {kept}", file=sys.stderr)
+        return 128 + getattr(interrupt, "signum", signal.SIGINT)
+    except UserError as error:  # the user's to fix: the message, no traceback
+        if args.debug:
+            raise
+        # every rank that met the mistake says so (a bad file may sit in one rank's share of the data)
+        rank = "" if speaks else f"(rank {os.environ['RANK']}) "
+        print(f"error: {rank}{user_message(error)}", file=sys.stderr)
         return 2
-
-
-def user_message(error: Exception) -> str:
-    """The error's own message; raised in a DataLoader worker, PyTorch wraps it in the worker's
-    traceback, whose last line is the original `module.ErrorType: message`."""
-    text = str(error).strip()
-    if "Original Traceback" not in text:
-        return text
-    return text.splitlines()[-1].split(": ", 1)[-1]
 
 
 if __name__ == "__main__":

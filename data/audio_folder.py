@@ -22,6 +22,8 @@ from pathlib import Path
 
 import soundfile as sf
 
+from common.errors import PathNotFound
+
 # The suffixes of each soundfile format worth walking for; only the formats this build reads count.
 SUFFIXES_BY_FORMAT = {
     "WAV": (".wav", ".wave"), "FLAC": (".flac",), "OGG": (".ogg", ".oga", ".opus"), "MP3": (".mp3",),
@@ -37,7 +39,7 @@ def find_audio_files(folder) -> list[Path]:
     """Every audio file under `folder` (recursively, hidden names skipped), sorted by relative path."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
+        raise PathNotFound(f"{folder} is not a folder; check --audio-dir")
     found = []
     for parent, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # os.walk descends only into what is left
@@ -57,7 +59,7 @@ def read_labelled_audio(source, audio_dir=None) -> list[tuple[Path, str]]:
         return _class_folders(source)
     if source.is_file() and source.suffix.lower() == ".csv":
         return _label_csv(source, Path(audio_dir) if audio_dir is not None else source.parent)
-    raise FileNotFoundError(f"{source} is neither a folder of class folders (ROOT/<label>/*.wav) nor a .csv file")
+    raise PathNotFound(f"{source} is neither a folder of class folders (ROOT/<label>/*.wav) nor a .csv file")
 
 
 def _class_folders(root: Path) -> list[tuple[Path, str]]:

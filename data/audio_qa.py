@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from data.audio_text import BAD_AUDIO_POLICIES, BadAudioError, Skipped, checked_clip_features, split_skipped
 from data.feature_cache import CACHE_STATUSES, FeatureCache
-from data.manifest import BadLine, file_problem, missing_keys, read_examples, resolve_path
+from data.manifest import BadLine, missing_keys, read_examples, readable_file_problem, resolve_path
 from models.audio import AudioDecodeError, ClipFeatures, pad_clip_features
 from models.qwen2_audio import AUDIO, IM_END, audio_token_count, chat_prompt, expand_audio_placeholder
 
@@ -73,8 +73,8 @@ def read_audio_qa_manifest(path, audio_dir=None, bad_lines: list[BadLine] | None
 
 
 def check_audio(examples: list[AudioQAExample]) -> list[tuple[AudioQAExample, str]]:
-    """(example, problem) for each example whose audio file is missing or empty (nothing is decoded)."""
-    return [(example, problem) for example in examples if (problem := file_problem(example.audio, "audio"))]
+    """(example, problem) for each example whose audio file is missing, empty or has no readable header."""
+    return [(example, problem) for example in examples if (problem := readable_file_problem(example.audio, "audio"))]
 
 
 def prompt_and_answer_ids(tokenizer, prompt: str, answer: str | None) -> tuple[list[int], list[int]]:

@@ -45,8 +45,9 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
+from common.errors import UserError
 from data.feature_cache import CACHE_STATUSES, FeatureCache
-from data.manifest import Clip, check_files
+from data.manifest import Clip, readable_file_problem
 from models.audio import (
     CHUNK_LENGTH,
     HOP_LENGTH,
@@ -100,7 +101,7 @@ def checked_clip_features(path, where: str, n_mels: int) -> ClipFeatures:
     return features
 
 
-class BadAudioError(RuntimeError):
+class BadAudioError(UserError, RuntimeError):
     """An audio file that cannot be used, with on_bad_audio="fail"."""
 
 
@@ -176,9 +177,8 @@ class AudioTextDataset(Dataset):
         except (OSError, AudioDecodeError) as e:  # OSError: missing or unreadable file
             if self.on_bad_audio == "skip":
                 return Skipped(str(clip.audio), clip.line, str(e))
-            raise BadAudioError(f"{clip.where}: {e}. Fix or remove this manifest line, or pass "
-                                "on_bad_audio='skip' (train.py --on-bad-audio skip) to leave such "
-                                "clips out and report them") from e
+            raise BadAudioError(f"{clip.where}: {e}. Fix or remove this manifest line, or pass --on-bad-audio skip "
+                                "to leave such clips out and report them") from e
         return {"index": index, "features": features, "caption": self.caption(index, epoch),
                 "path": str(clip.audio), "line": clip.line, "cache": status}
 
@@ -216,8 +216,8 @@ def clip_durations(clips: list[Clip]) -> list[float]:
 
 
 def precheck(clips: list[Clip]) -> tuple[list[Clip], list[tuple[Clip, str]]]:
-    """(clips whose file exists and is not empty, [(clip, problem), ...] for the others)."""
-    problems = check_files(clips)
+    """(clips whose file exists and has a readable sound header, [(clip, problem), ...] for the others)."""
+    problems = [(clip, problem) for clip in clips if (problem := readable_file_problem(clip.audio, "audio"))]
     bad = {clip for clip, _ in problems}
     return [clip for clip in clips if clip not in bad], problems
 

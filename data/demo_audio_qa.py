@@ -18,7 +18,6 @@ Qwen2-Audio itself. Everything is deterministic for a seed, and rebuilt when VER
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +26,14 @@ import torch
 
 from data.demo_models import build_wordpiece, save_checkpoint
 from data.demo_sounds import ATTRIBUTES, render_clip
-from lora.atomic import atomic_write_text
+from lora.atomic import atomic_write_text, build_directory_once
 from models.audio import SAMPLE_RATE
 from models.llama import LlamaConfig, LlamaForCausalLM
 from models.qwen2_audio import AUDIO, CHAT_TOKENS, END_OF_TEXT, IM_END, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, chat_prompt
 
 VERSION = 1  # bump when anything below changes what is generated
 N_TRAIN_CLIPS, N_EVAL_CLIPS = 320, 40  # two questions each: 640 training and 80 evaluation examples
+DEMO_SEED = 0  # the demo is one fixed data set and model: a run's --seed is the training's randomness only
 KINDS = ("tones", "tones", "chirp", "noise", "clicks")  # tones twice: they carry the most attributes
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 UNK = "[UNK]"
@@ -74,7 +74,6 @@ def sample_event(rng) -> dict:
 
 def write_sounds(directory: Path, n_train: int, n_eval: int, seed: int) -> dict:
     """audio/*.wav, train.jsonl and eval.jsonl (two questions per clip), texts.txt (every prompt and answer)."""
-    shutil.rmtree(directory / "audio", ignore_errors=True)
     (directory / "audio").mkdir(parents=True)
     texts = set()
     for split_id, (split, n_clips) in enumerate([("train", n_train), ("eval", n_eval)]):
@@ -122,7 +121,8 @@ def write_model(directory: Path, texts: list[str], seed: int) -> str:
     config = {"model_type": "qwen2_audio", "architectures": ["Qwen2AudioForConditionalGeneration"],
               "audio_config": MODEL_PRESET["audio_config"], "text_config": text_config, "audio_token_index": ids[AUDIO]}
     parsed = Qwen2AudioConfig.from_hf(config)
-    model = Qwen2AudioForConditionalGeneration(parsed, LlamaForCausalLM(LlamaConfig.from_hf(text_config)))
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG: the run's must not move
+        model = Qwen2AudioForConditionalGeneration(parsed, LlamaForCausalLM(LlamaConfig.from_hf(text_config)))
     init_by_fan_in(model.audio_tower, seed + 4)
     init_by_fan_in(model.multi_modal_projector, seed + 5)
     init_by_fan_in(model.language_model, seed + 6)
@@ -132,28 +132,21 @@ def write_model(directory: Path, texts: list[str], seed: int) -> str:
     return str(directory)
 
 
-def ensure_demo_audio_qa(cache_dir, n_train: int = N_TRAIN_CLIPS, n_eval: int = N_EVAL_CLIPS, seed: int = 0,
+def ensure_demo_audio_qa(cache_dir, n_train: int = N_TRAIN_CLIPS, n_eval: int = N_EVAL_CLIPS, seed: int = DEMO_SEED,
                          verbose: bool = True) -> dict[str, str]:
-    """{"model", "train_data", "eval_data"} of the demo under `cache_dir`, rebuilt when missing, partial, or
-    made with other parameters. DONE.json is written last; call it on rank 0 first (train.py does)."""
+    """{"model", "train_data", "eval_data"} of the demo under `cache_dir`, built once however many processes
+    ask at once (lora/atomic.py build_directory_once), and again when missing, damaged, or made with other
+    parameters. The demo is fixed data: `seed` is not a run's --seed."""
     cache_dir = Path(cache_dir)
-    record = {"version": VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval}
-    outputs = {"model": str(cache_dir / "model"), "train_data": str(cache_dir / "sounds" / "train.jsonl"),
-               "eval_data": str(cache_dir / "sounds" / "eval.jsonl")}
-    done = cache_dir / "DONE.json"
-    try:
-        if json.loads(done.read_text()) == record and all(Path(p).exists() for p in outputs.values()):
-            return outputs
-    except (OSError, json.JSONDecodeError):
-        pass
-    done.unlink(missing_ok=True)
-    shutil.rmtree(cache_dir / "model", ignore_errors=True)
-    write_sounds(cache_dir / "sounds", n_train, n_eval, seed)
-    texts = (cache_dir / "sounds" / "texts.txt").read_text(encoding="utf-8").splitlines()
-    with torch.random.fork_rng(devices=[]):
-        write_model(cache_dir / "model", texts, seed)
-    atomic_write_text(done, json.dumps(record, indent=2) + "\n")
-    if verbose:
-        print(f"demo audio-qa: {2 * n_train} training and {2 * n_eval} evaluation questions about synthetic sounds, and a "
-              f"tiny RANDOM-INIT Qwen2-Audio, written to {cache_dir}")
-    return outputs
+
+    def build(scratch):
+        write_sounds(scratch / "sounds", n_train, n_eval, seed)
+        texts = (scratch / "sounds" / "texts.txt").read_text(encoding="utf-8").splitlines()
+        write_model(scratch / "model", texts, seed)
+        if verbose:
+            print(f"demo audio-qa: {2 * n_train} training and {2 * n_eval} evaluation questions about synthetic "
+                  f"sounds, and a tiny RANDOM-INIT Qwen2-Audio, written to {cache_dir}")
+
+    build_directory_once(cache_dir, {"version": VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval}, build)
+    return {"model": str(cache_dir / "model"), "train_data": str(cache_dir / "sounds" / "train.jsonl"),
+            "eval_data": str(cache_dir / "sounds" / "eval.jsonl")}

@@ -14,7 +14,6 @@ checkpoint takes (config.json + model.safetensors + tokenizer.json, read by mode
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 from torch import nn
 
-from lora.atomic import atomic_write, atomic_write_text
+from lora.atomic import atomic_write, atomic_write_text, build_directory_once
 from models.bert import BertConfig, BertModel
 from models.instructblip import InstructBlip, InstructBlipConfig
 from models.t5 import T5Config, T5ForConditionalGeneration
@@ -39,6 +38,7 @@ TEXT_PRESET = dict(  # a 2-layer BERT; 64 positions hold the longest demo captio
 )
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] first: pad_token_id 0
 INIT_STD = 0.02  # BERT's initializer_range, used by transformers for both towers' Linear layers
+DEMO_SEED = 0  # the demo models are fixed: a run's --seed is the training's randomness only
 
 
 INSTRUCTBLIP_PRESET = dict(  # InstructBLIP-flan-t5-xl shrunk to a few CPU minutes; 64 px images, 8 queries
@@ -103,7 +103,8 @@ def save_checkpoint(directory: Path, config: dict, state: dict[str, torch.Tensor
 def write_audio_tower(directory: Path, seed: int):
     """A Qwen2-Audio-format checkpoint holding only the audio tower (that is all we ever read)."""
     config = {"model_type": "qwen2_audio", "audio_config": {"model_type": "qwen2_audio_encoder", **AUDIO_PRESET}}
-    encoder = Qwen2AudioEncoder(Qwen2AudioEncoderConfig.from_hf(config))
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG: the run's must not move
+        encoder = Qwen2AudioEncoder(Qwen2AudioEncoderConfig.from_hf(config))
     init_like_transformers(encoder, seed)
     save_checkpoint(directory, config, {f"audio_tower.{k}": v for k, v in encoder.state_dict().items()})
 
@@ -128,7 +129,8 @@ def write_text_tower(directory: Path, captions: list[str], seed: int):
     """A BertModel checkpoint (no prefix, with pooler, as sentence-transformers ship) + its tokenizer."""
     tok = build_wordpiece(captions, SPECIAL_TOKENS, "[UNK]", "[CLS] $A [SEP]")
     config = {"model_type": "bert", "vocab_size": tok.get_vocab_size(), **TEXT_PRESET}
-    model = BertModel(BertConfig.from_hf(config))
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG: the run's must not move
+        model = BertModel(BertConfig.from_hf(config))
     init_like_transformers(model, seed + 1)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(directory / "tokenizer.json", tok.to_str(pretty=True))
@@ -146,7 +148,8 @@ def write_instructblip(directory: Path, texts: list[str], seed: int):
               "qformer_config": {**preset["qformer_config"], "vocab_size": qformer_tok.get_vocab_size()},
               "text_config": {**preset["text_config"], "vocab_size": t5_tok.get_vocab_size()}}
     parsed = InstructBlipConfig.from_hf(config)
-    model = InstructBlip(parsed, T5ForConditionalGeneration(T5Config.from_hf(parsed.text_config)))
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG: the run's must not move
+        model = InstructBlip(parsed, T5ForConditionalGeneration(T5Config.from_hf(parsed.text_config)))
     init_like_transformers(model, seed + 2)
     init_t5_like_transformers(model.language_model, seed + 3)
     (directory / "qformer_tokenizer").mkdir(parents=True, exist_ok=True)
@@ -155,49 +158,41 @@ def write_instructblip(directory: Path, texts: list[str], seed: int):
     save_checkpoint(directory, config, model.state_dict())
 
 
-def build_once(cache_dir: Path, texts_file, seed: int, outputs: list[Path], write) -> list[str]:
-    """Call write(texts) unless `cache_dir`/DONE.json says `outputs` were already made from these
-    texts, seed and VERSION. Stale or partial outputs are deleted first; DONE.json is written last."""
+def build_once(cache_dir: Path, texts_file, seed: int, outputs: list[str], write) -> list[str]:
+    """The folders named `outputs` under `cache_dir`, as write(folder, texts) makes them in `folder`,
+    built once however many processes ask at once (lora/atomic.py build_directory_once): reused while
+    cache_dir/DONE.json says they were made from these texts, seed and VERSION and every file is whole,
+    otherwise built again from scratch."""
     texts = Path(texts_file).read_text(encoding="utf-8")
     record = {"version": VERSION, "seed": seed, "texts_sha256": hashlib.sha256(texts.encode()).hexdigest()}
-    done = Path(cache_dir) / "DONE.json"
-    try:
-        if json.loads(done.read_text()) == record and all(p.exists() for p in outputs):
-            return [str(p) for p in outputs]
-    except (OSError, json.JSONDecodeError):
-        pass
-    done.unlink(missing_ok=True)
-    for path in outputs:
-        shutil.rmtree(path, ignore_errors=True)
-    write([line for line in texts.splitlines() if line.strip()])
-    atomic_write_text(done, json.dumps(record, indent=2) + "\n")
-    return [str(p) for p in outputs]
+    lines = [line for line in texts.splitlines() if line.strip()]
+    build_directory_once(cache_dir, record, lambda scratch: write(scratch, lines))
+    return [str(Path(cache_dir) / name) for name in outputs]
 
 
-def ensure_demo_instructblip(cache_dir, texts_file, seed: int = 0, verbose: bool = True) -> str:
-    """The demo InstructBLIP directory under `cache_dir`, rebuilt when missing or stale."""
-    directory = Path(cache_dir) / "instructblip"
+def ensure_demo_instructblip(cache_dir, texts_file, seed: int = DEMO_SEED, verbose: bool = True) -> str:
+    """The demo InstructBLIP directory under `cache_dir`, rebuilt when missing, damaged or stale.
+    The model is fixed: `seed` is not a run's --seed."""
 
-    def write(texts):
-        write_instructblip(directory, texts, seed)
+    def write(folder, texts):
+        write_instructblip(folder / "instructblip", texts, seed)
         if verbose:
-            print(f"demo InstructBLIP (random-init preset) written to {directory}")
+            print(f"demo InstructBLIP (random-init preset) written to {Path(cache_dir) / 'instructblip'}")
 
-    return build_once(Path(cache_dir), texts_file, seed, [directory], write)[0]
+    return build_once(Path(cache_dir), texts_file, seed, ["instructblip"], write)[0]
 
 
-def ensure_demo_models(cache_dir, captions_file, seed: int = 0, verbose: bool = True) -> dict[str, str]:
-    """The demo towers under `cache_dir`, rebuilt when missing or made from other captions/seed.
+def ensure_demo_models(cache_dir, captions_file, seed: int = DEMO_SEED, verbose: bool = True) -> dict[str, str]:
+    """The demo towers under `cache_dir`, rebuilt when missing, damaged or made from other captions/seed.
 
-    Returns {"audio_model": dir, "text_model": dir}. A DONE.json written last marks a complete set.
+    Returns {"audio_model": dir, "text_model": dir}. The towers are fixed: `seed` is not a run's --seed.
     """
-    audio, text = Path(cache_dir) / "audio_tower", Path(cache_dir) / "text_tower"
 
-    def write(captions):
-        write_audio_tower(audio, seed)
-        write_text_tower(text, captions, seed)
+    def write(folder, captions):
+        write_audio_tower(folder / "audio_tower", seed)
+        write_text_tower(folder / "text_tower", captions, seed)
         if verbose:
             print(f"demo towers (random-init presets) written to {cache_dir}")
 
-    audio_model, text_model = build_once(Path(cache_dir), captions_file, seed, [audio, text], write)
+    audio_model, text_model = build_once(Path(cache_dir), captions_file, seed, ["audio_tower", "text_tower"], write)
     return {"audio_model": audio_model, "text_model": text_model}

@@ -21,13 +21,12 @@ Question grammar (POS := "on the left" | "on the right" | "at the top" | "at the
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lora.atomic import atomic_write_text
+from lora.atomic import build_directory_once
 
 VERSION = 1  # bump when anything below changes what is generated, so cached sets are rebuilt
 N_TRAIN = 600  # examples (manifest lines): 200 images x 3 questions, enough for a tiny model to fit a bit
@@ -35,6 +34,7 @@ N_EVAL = 120  # 40 images; one eval example is 0.8% of the accuracy
 IMAGE_SIZE = 64
 MIN_IMAGE_SIZE = 32  # below this a triangle is a few pixels and hard to tell from a square
 QUESTIONS_PER_IMAGE = 3
+DEMO_SEED = 0  # the demo is one fixed data set: a run's --seed is the training's randomness only
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 205, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -135,21 +135,22 @@ def output_paths(out_dir):
             "eval": out_dir / "eval.jsonl", "texts": out_dir / "texts.txt", "done": out_dir / "DONE.json"}
 
 
-def generate_shapes_set(out_dir, n_train=N_TRAIN, n_eval=N_EVAL, image_size=IMAGE_SIZE, seed=0, verbose=True):
+def generate_shapes_set(out_dir, n_train=N_TRAIN, n_eval=N_EVAL, image_size=IMAGE_SIZE, seed=DEMO_SEED, verbose=True):
     """Write images/*.png, train.jsonl, eval.jsonl (lines {"image", "prompt", "answer"}, image paths
-    relative to out_dir), texts.txt (every prompt and answer, a line each, for training demo
-    tokenizers) and finally DONE.json into `out_dir`; return the paths and DONE.json's record.
-    The same arguments give byte-identical files. Stale output of an earlier run is deleted first."""
+    relative to out_dir) and texts.txt (every prompt and answer, a line each, for training demo
+    tokenizers) into the new or empty folder `out_dir`; return the paths and the set's description
+    (DONE.json's fields, which ensure_shapes_set writes once every file is there).
+    The same arguments give byte-identical files."""
     if n_train < 1 or n_eval < 1:
         raise ValueError(f"n_train and n_eval must be at least 1, got {n_train} and {n_eval}")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} pixels, got {image_size}")
     paths = output_paths(out_dir)
-    paths["done"].unlink(missing_ok=True)  # first: a run interrupted from here on is never "done"
-    shutil.rmtree(paths["images"], ignore_errors=True)  # only our own files: the cache dir
-    for name in ("train", "eval", "texts"):  # may be a folder the user also keeps things in
-        paths[name].unlink(missing_ok=True)
-    paths["images"].mkdir(parents=True)
+    paths["dir"].mkdir(parents=True, exist_ok=True)
+    if any(paths["dir"].iterdir()):  # never mixed with an older set's files
+        raise ValueError(f"{paths['dir']} is not empty: generate_shapes_set writes a new set, "
+                         "ensure_shapes_set replaces one")
+    paths["images"].mkdir()
 
     texts, n_images = [], 0
     for split_id, (split, n_examples) in enumerate([("train", n_train), ("eval", n_eval)]):
@@ -170,28 +171,32 @@ def generate_shapes_set(out_dir, n_train=N_TRAIN, n_eval=N_EVAL, image_size=IMAG
 
     record = {"version": VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval,
               "image_size": image_size, "n_images": n_images}
-    atomic_write_text(paths["done"], json.dumps(record, indent=2) + "\n")
     if verbose:
         print(f"demo shapes: wrote {n_train} train + {n_eval} eval questions about {n_images} "
               f"{image_size}x{image_size} images to {paths['dir']}")
     return {**{k: str(v) for k, v in paths.items()}, **record}
 
 
-def ensure_shapes_set(cache_dir, n_train=N_TRAIN, n_eval=N_EVAL, image_size=IMAGE_SIZE, seed=0, verbose=True):
-    """The shapes set in `cache_dir`: reused when its DONE.json records these parameters and this
-    VERSION, otherwise (missing, partial, corrupt or different) regenerated from scratch.
-    Not safe to call from several processes at once: in a distributed run call it on rank 0,
-    then barrier."""
+def ensure_shapes_set(cache_dir, n_train=N_TRAIN, n_eval=N_EVAL, image_size=IMAGE_SIZE, seed=DEMO_SEED, verbose=True):
+    """The shapes set in the folder `cache_dir`, built once however many processes ask at once
+    (lora/atomic.py build_directory_once): reused when its DONE.json records these parameters and
+    this VERSION and every file it lists is whole, otherwise (missing, partial, damaged or different)
+    built again from scratch. The set is fixed data: `seed` is not a run's --seed."""
     paths = output_paths(cache_dir)
     wanted = {"version": VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval, "image_size": image_size}
-    try:
-        record = json.loads(paths["done"].read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        record = None
-    complete = all(paths[name].is_file() for name in ("train", "eval", "texts"))
-    if isinstance(record, dict) and complete and all(record.get(k) == v for k, v in wanted.items()):
+    built = False
+
+    def build(scratch):
+        nonlocal built
+        built = True
+        made = generate_shapes_set(scratch, n_train=n_train, n_eval=n_eval, image_size=image_size, seed=seed,
+                                   verbose=False)
         if verbose:
-            print(f"demo shapes: reusing {n_train} train + {n_eval} eval questions in {paths['dir']}")
-        return {**{k: str(v) for k, v in paths.items()}, **record}
-    return generate_shapes_set(cache_dir, n_train=n_train, n_eval=n_eval, image_size=image_size, seed=seed,
-                               verbose=verbose)
+            print(f"demo shapes: wrote {n_train} train + {n_eval} eval questions about {made['n_images']} "
+                  f"{image_size}x{image_size} images to {paths['dir']}")
+        return {"n_images": made["n_images"]}
+
+    record = build_directory_once(paths["dir"], wanted, build)
+    if verbose and not built:
+        print(f"demo shapes: reusing {n_train} train + {n_eval} eval questions in {paths['dir']}")
+    return {**{k: str(v) for k, v in paths.items()}, **record}

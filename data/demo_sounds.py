@@ -18,13 +18,12 @@ Caption grammar (each clip gets 3-5 distinct paraphrases, drawn from the synonym
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-from lora.atomic import atomic_write_text
+from lora.atomic import build_directory_once
 from models.audio import SAMPLE_RATE
 
 VERSION = 1  # bump when anything below changes what is generated, so cached sets are rebuilt
@@ -33,6 +32,7 @@ N_EVAL = 96  # recall@1 over 96 clips has 1% chance level, so a learned model st
 MIN_SECONDS, MAX_SECONDS = 1.0, 4.0
 EDGE_SECONDS = 0.1  # noise floor kept before the first and after the last segment
 NOISE_FLOOR_RMS = 0.003  # about -50 dBFS: no clip is digital silence
+DEMO_SEED = 0  # the demo is one fixed data set: a run's --seed is the training's randomness only
 
 COUNT_WORDS = {1: ("a", "one", "a single"), 2: ("two", "a pair of"), 3: ("three", "a series of three")}
 LENGTH_WORDS = {"short": ("short", "brief"), "long": ("long", "sustained")}
@@ -224,18 +224,18 @@ def output_paths(out_dir):
             "captions": out_dir / "captions.txt", "done": out_dir / "DONE.json"}
 
 
-def generate_demo_set(out_dir, n_train=N_TRAIN, n_eval=N_EVAL, seed=0, verbose=True):
-    """Write audio/*.wav (16-bit PCM, 16 kHz mono), train.jsonl, eval.jsonl, captions.txt and
-    finally DONE.json into `out_dir`; return the paths and DONE.json's record. The same seed
-    gives byte-identical files. Stale output of an earlier run is deleted first."""
+def generate_demo_set(out_dir, n_train=N_TRAIN, n_eval=N_EVAL, seed=DEMO_SEED, verbose=True):
+    """Write audio/*.wav (16-bit PCM, 16 kHz mono), train.jsonl, eval.jsonl and captions.txt into the
+    new or empty folder `out_dir`; return the paths and the set's description (DONE.json's fields,
+    which ensure_demo_set writes once every file is there). The same seed gives byte-identical files."""
     if n_train < 1 or n_eval < 1:
         raise ValueError(f"n_train and n_eval must be at least 1, got {n_train} and {n_eval}")
     paths = output_paths(out_dir)
-    paths["done"].unlink(missing_ok=True)  # first: a run interrupted from here on is never "done"
-    shutil.rmtree(paths["dir"] / "audio", ignore_errors=True)  # only our own files: the cache
-    for name in ("train", "eval", "captions"):  # dir may be a folder the user also keeps things in
-        paths[name].unlink(missing_ok=True)
-    (paths["dir"] / "audio").mkdir(parents=True)
+    paths["dir"].mkdir(parents=True, exist_ok=True)
+    if any(paths["dir"].iterdir()):  # never mixed with an older set's files
+        raise ValueError(f"{paths['dir']} is not empty: generate_demo_set writes a new set, "
+                         "ensure_demo_set replaces one")
+    (paths["dir"] / "audio").mkdir()
 
     all_captions, n_samples = [], 0
     for split_id, (split, n_clips) in enumerate([("train", n_train), ("eval", n_eval)]):
@@ -255,27 +255,31 @@ def generate_demo_set(out_dir, n_train=N_TRAIN, n_eval=N_EVAL, seed=0, verbose=T
     record = {"version": VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval,
               "sample_rate": SAMPLE_RATE, "n_captions": len(all_captions),
               "audio_minutes": round(n_samples / SAMPLE_RATE / 60, 2)}
-    atomic_write_text(paths["done"], json.dumps(record, indent=2) + "\n")
     if verbose:
         print(f"demo sounds: wrote {n_train} train + {n_eval} eval clips, {len(all_captions)} captions, "
               f"{record['audio_minutes']} min of audio, to {paths['dir']}")
     return {**{k: str(v) for k, v in paths.items()}, **record}
 
 
-def ensure_demo_set(cache_dir, n_train=N_TRAIN, n_eval=N_EVAL, seed=0, verbose=True):
-    """The demo set in `cache_dir`: reused when its DONE.json records these parameters and this
-    VERSION, otherwise (missing, partial, corrupt or different) regenerated from scratch.
-    Not safe to call from several processes at once: in a distributed run call it on rank 0,
-    then barrier."""
+def ensure_demo_set(cache_dir, n_train=N_TRAIN, n_eval=N_EVAL, seed=DEMO_SEED, verbose=True):
+    """The demo set in the folder `cache_dir`, built once however many processes ask at once
+    (lora/atomic.py build_directory_once): reused when its DONE.json records these parameters and
+    this VERSION and every file it lists is whole, otherwise (missing, partial, damaged or different)
+    built again from scratch. The set is fixed data: `seed` is not a run's --seed."""
     paths = output_paths(cache_dir)
     wanted = {"version": VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval}
-    try:
-        record = json.loads(paths["done"].read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        record = None
-    complete = all(paths[name].is_file() for name in ("train", "eval", "captions"))
-    if isinstance(record, dict) and complete and all(record.get(k) == v for k, v in wanted.items()):
+    built = False
+
+    def build(scratch):
+        nonlocal built
+        built = True
+        made = generate_demo_set(scratch, n_train=n_train, n_eval=n_eval, seed=seed, verbose=False)
         if verbose:
-            print(f"demo sounds: reusing {n_train} train + {n_eval} eval clips in {paths['dir']}")
-        return {**{k: str(v) for k, v in paths.items()}, **record}
-    return generate_demo_set(cache_dir, n_train=n_train, n_eval=n_eval, seed=seed, verbose=verbose)
+            print(f"demo sounds: wrote {n_train} train + {n_eval} eval clips, {made['n_captions']} captions, "
+                  f"{made['audio_minutes']} min of audio, to {paths['dir']}")
+        return {key: made[key] for key in ("sample_rate", "n_captions", "audio_minutes")}
+
+    record = build_directory_once(paths["dir"], wanted, build)
+    if verbose and not built:
+        print(f"demo sounds: reusing {n_train} train + {n_eval} eval clips in {paths['dir']}")
+    return {**{k: str(v) for k, v in paths.items()}, **record}

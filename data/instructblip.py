@@ -38,9 +38,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from common.errors import UserError
 from data.audio_text import Skipped, split_skipped
 # the manifest helpers are shared on purpose: the same UTF-8 errors and path rules for both tasks
-from data.manifest import BadLine, file_problem, missing_keys, read_examples, resolve_path
+from data.manifest import BadLine, missing_keys, read_examples, readable_file_problem, resolve_path
 from models.image import load_image, preprocess_images
 from models.tokenizer import LLAMA_EOS, T5_EOS, tokenize  # each answer ends with its EOS, or generation never learns to stop
 
@@ -52,7 +53,7 @@ MAX_PROMPT_TOKENS = 128
 MAX_ANSWER_TOKENS = 256
 
 
-class BadImageError(RuntimeError):
+class BadImageError(UserError, RuntimeError):
     """An image file that cannot be used, with on_bad_image="fail"."""
 
 
@@ -85,8 +86,8 @@ def read_vqa_manifest(path, image_dir=None, bad_lines: list[BadLine] | None = No
 
 
 def check_images(examples: list[VQAExample]) -> list[tuple[VQAExample, str]]:
-    """(example, problem) for each example whose image file is missing or empty."""
-    return [(example, problem) for example in examples if (problem := file_problem(example.image, "image"))]
+    """(example, problem) for each example whose image file is missing, empty or has no readable header."""
+    return [(example, problem) for example in examples if (problem := readable_file_problem(example.image, "image"))]
 
 
 def language_model_layout(tokenizer) -> str:
@@ -177,9 +178,8 @@ class VQADataset(Dataset):
         except (OSError, ValueError) as e:  # OSError: missing or unreadable; ValueError: not an image
             if self.on_bad_image == "skip":
                 return Skipped(str(example.image), example.line, str(e))
-            raise BadImageError(f"{example.where}: {e}. Fix or remove this manifest line, or pass "
-                                "on_bad_image='skip' (train.py --on-bad-image skip) to leave such "
-                                "images out and report them") from e
+            raise BadImageError(f"{example.where}: {e}. Fix or remove this manifest line, or pass --on-bad-image skip "
+                                "to leave such images out and report them") from e
         return {"index": index, "image": image, "prompt": example.prompt, "answer": example.answer,
                 "path": str(example.image), "line": example.line, "where": example.where}
 

@@ -36,6 +36,10 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+import soundfile
+from PIL import Image, UnidentifiedImageError
+
+from common.errors import PathNotFound, UserError
 from data.layouts import AudioLocation, AudioNotFound, DiskNames, find_file, locate, nfc, resolve_path
 
 CLOTHO_HEADER = ["file_name", "caption_1", "caption_2", "caption_3", "caption_4", "caption_5"]
@@ -54,7 +58,7 @@ CLIP_SECONDS = 10  # every AudioCaps clip is the 10 s from start_time on
 FLAG_HINT = "the audio folder option (--train-audio-dir / --eval-audio-dir of train.py, --audio-dir of eval.py)"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest that cannot be read as written; the message starts with `manifest:line:`."""
 
 
@@ -122,7 +126,7 @@ def load_manifest(path, audio_dir=None, flag: str = FLAG_HINT,
     either way."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
+        raise PathNotFound(f"manifest not found: {path}; check the path (--train-data, --eval-data or --data)")
     suffix = path.suffix.lower()
     if suffix not in JSON_SUFFIXES + (".csv",):
         raise ManifestError(f"{path}: unknown manifest suffix {path.suffix!r}; use .jsonl (or .json) "
@@ -155,14 +159,36 @@ def load_manifest(path, audio_dir=None, flag: str = FLAG_HINT,
 
 
 def file_problem(path: Path, what: str) -> str | None:
-    """Why `path` cannot be a data file (missing, not a file, empty), or None. Cheap: no decoding,
-    so an undecodable file is found only when a dataset decodes it."""
+    """Why `path` cannot be a data file (missing, not a file, empty), or None. No byte of it is read."""
     if not path.exists():
         return f"{what} file not found"
     if not path.is_file():
         return f"{what} path is not a regular file"
     if path.stat().st_size == 0:
         return f"{what} file is empty (0 bytes)"
+    return None
+
+
+def readable_file_problem(path: Path, what: str) -> str | None:
+    """file_problem, then the header: an audio file's (soundfile.info), an image's (PIL's lazy open).
+    Cheap, nothing is decoded: what train.py and eval.py check of every file before any work, so a
+    file that is no audio (or image) at all stops the run at once, not after the first evaluation.
+    Samples damaged past a readable header are still found only when a dataset decodes them."""
+    problem = file_problem(path, what)
+    if problem is not None:
+        return problem
+    if what == "audio":
+        try:
+            info = soundfile.info(str(path))
+        except (RuntimeError, OSError) as error:  # soundfile's LibsndfileError is a RuntimeError
+            return f"audio file cannot be decoded ({error}); convert it to wav, flac or ogg"
+        return "audio file holds 0 samples" if info.frames == 0 else None
+    if what == "image":
+        try:
+            with Image.open(path) as image:
+                image.size  # noqa: B018 -- the header is parsed on open; size proves it was
+        except (UnidentifiedImageError, OSError) as error:
+            return f"image file cannot be read ({error})"
     return None
 
 
@@ -232,7 +258,7 @@ def read_examples(path, parse_row, example: str, kind: str, bad_lines: list[BadL
     manifest in messages."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
+        raise PathNotFound(f"manifest not found: {path}; check the path (--train-data, --eval-data or --data)")
     if path.suffix.lower() not in JSON_SUFFIXES:
         raise ManifestError(f"{path}: unknown manifest suffix {path.suffix!r}; {kind} manifest is .jsonl (or .json) "
                             f"with one JSON object a line, such as {example}")

@@ -85,13 +85,13 @@ class AudioTextTask:
             from data.demo_models import ensure_demo_models
             from data.demo_sounds import ensure_demo_set
 
-            sounds = ensure_demo_set(Path(args.cache_dir) / "demo" / "sounds", seed=args.seed)
-            src.update(ensure_demo_models(Path(args.cache_dir) / "demo" / "towers", sounds["captions"], seed=args.seed))
+            sounds = ensure_demo_set(Path(args.cache_dir) / "demo" / "sounds")  # fixed data: not --seed
+            src.update(ensure_demo_models(Path(args.cache_dir) / "demo" / "towers", sounds["captions"]))
             src.update(train_data=sounds["train"], eval_data=src["eval_data"] or sounds["eval"])
             if args.encoding_strategy == "full_forward":  # the demo tower has no language model: the audio-qa demo's whole one
                 from data.demo_audio_qa import ensure_demo_audio_qa
 
-                src["audio_model"] = ensure_demo_audio_qa(Path(args.cache_dir) / "demo" / "audio-qa", seed=args.seed)["model"]
+                src["audio_model"] = ensure_demo_audio_qa(Path(args.cache_dir) / "demo" / "audio-qa")["model"]
             say("offline demo: synthetic sound events and small RANDOM-INIT towers (a pipeline check, not a pretrained model)")
         self.encoding_strategy = args.encoding_strategy  # audio_tower: the tower alone; full_forward: the whole Qwen2-Audio
         try:
@@ -333,8 +333,8 @@ class InstructBlipTask(AnswerTask):
             from data.demo_models import ensure_demo_instructblip
             from data.demo_shapes import ensure_shapes_set
 
-            shapes = ensure_shapes_set(Path(args.cache_dir) / "demo" / "shapes", seed=args.seed)
-            src.update(model=ensure_demo_instructblip(Path(args.cache_dir) / "demo" / "instructblip", shapes["texts"], seed=args.seed),
+            shapes = ensure_shapes_set(Path(args.cache_dir) / "demo" / "shapes")  # fixed data: not --seed
+            src.update(model=ensure_demo_instructblip(Path(args.cache_dir) / "demo" / "instructblip", shapes["texts"]),
                        train_data=shapes["train"], eval_data=src["eval_data"] or shapes["eval"])
             say("offline demo: synthetic coloured shapes and a small RANDOM-INIT InstructBLIP (a pipeline check, not a pretrained model)")
         self.model = load_instructblip(src["model"], language_model_dtype=args.language_model_dtype)
@@ -397,7 +397,7 @@ class AudioQATask(AnswerTask):
         if demo:
             from data.demo_audio_qa import ensure_demo_audio_qa
 
-            made = ensure_demo_audio_qa(Path(args.cache_dir) / "demo" / "audio-qa", seed=args.seed)
+            made = ensure_demo_audio_qa(Path(args.cache_dir) / "demo" / "audio-qa")  # fixed data: not --seed
             src.update(model=made["model"], train_data=made["train_data"], eval_data=src["eval_data"] or made["eval_data"])
             say("offline demo: questions about synthetic sounds and a tiny RANDOM-INIT Qwen2-Audio (a pipeline check, not a pretrained model)")
         try:

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.errors import PathNotFound, UserError
 from lora.atomic import atomic_write, atomic_write_text
 from lora.config import LoRAConfig
 from lora.inject import lora_layers, wrap_linear
@@ -30,6 +31,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 KEY_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> your model: two wrappers deep
 _KEY = re.compile(r"base_model\.model\.(?P<path>.+)\.(?P<which>lora_A|lora_B)\.weight")
+
+
+class AdapterFileError(UserError, ValueError):
+    """An adapter directory whose files cannot be read as a LoRA adapter: the message names the file."""
 
 
 def save_adapter(model: nn.Module, out_dir, config: LoRAConfig, base_model_name_or_path: str | None = None) -> Path:
@@ -86,13 +91,13 @@ def read_adapter_config(in_dir: Path) -> LoRAConfig:
     """Parse adapter_config.json into a LoRAConfig, refusing PEFT features this toolkit does not implement."""
     path = in_dir / ADAPTER_CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: an adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+        raise PathNotFound(f"{path} does not exist: an adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the adapter directory is damaged") from None
+        raise AdapterFileError(f"{path} is not valid JSON ({err}); the adapter directory is damaged") from None
     if raw.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {raw.get('peft_type')!r}, only 'LORA' adapters can be loaded")
+        raise AdapterFileError(f"{path}: peft_type is {raw.get('peft_type')!r}, only 'LORA' adapters can be loaded")
     unsupported = {
         "use_dora": raw.get("use_dora"),
         "fan_in_fan_out": raw.get("fan_in_fan_out"),
@@ -104,10 +109,10 @@ def read_adapter_config(in_dir: Path) -> LoRAConfig:
     }
     used = [name for name, value in unsupported.items() if value]
     if used:
-        raise ValueError(f"{path} uses PEFT features this toolkit does not implement: {', '.join(used)}")
+        raise AdapterFileError(f"{path} uses PEFT features this toolkit does not implement: {', '.join(used)}")
     for field in ("r", "lora_alpha", "target_modules"):
         if raw.get(field) is None:
-            raise ValueError(f"{path} has no {field!r}; it is not a LoRA adapter config PEFT would write")
+            raise AdapterFileError(f"{path} has no {field!r}; it is not a LoRA adapter config PEFT would write")
     target_modules = raw["target_modules"]
     if isinstance(target_modules, str):
         targets = target_modules
@@ -122,16 +127,16 @@ def read_adapter_weights(in_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     path = in_dir / ADAPTER_WEIGHTS
     if not path.is_file():
         hint = " (a PEFT .bin adapter: load and re-save it with PEFT using safe_serialization=True)" if (in_dir / "adapter_model.bin").exists() else ""
-        raise FileNotFoundError(f"{path} does not exist{hint}")
+        raise PathNotFound(f"{path} does not exist{hint}")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} cannot be read as safetensors ({err}); the file is truncated or corrupted") from None
+        raise AdapterFileError(f"{path} cannot be read as safetensors ({err}); the file is truncated or corrupted") from None
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.fullmatch(key)
         if match is None:
-            raise ValueError(
+            raise AdapterFileError(
                 f"{path}: unexpected key {key!r}; a LoRA adapter holds only "
                 f"'{KEY_PREFIX}<module path>.lora_A.weight' and '.lora_B.weight'"
             )
@@ -139,9 +144,9 @@ def read_adapter_weights(in_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     for module_path, pair in by_module.items():
         for which in ("lora_A", "lora_B"):
             if which not in pair:
-                raise ValueError(f"{path}: missing key {KEY_PREFIX}{module_path}.{which}.weight (its partner is present)")
+                raise AdapterFileError(f"{path}: missing key {KEY_PREFIX}{module_path}.{which}.weight (its partner is present)")
     if not by_module:
-        raise ValueError(f"{path} holds no tensors")
+        raise AdapterFileError(f"{path} holds no tensors")
     return by_module
 
 

@@ -24,10 +24,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from common.errors import UserError
 from lora.distributed import host_sum, unwrap
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run that cannot go on as configured; the message says what to change. train.py's main()
     prints it and exits, nothing below it exits the process."""
 

@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from common.errors import PathNotFound
 from lora.adapter import load_adapter
 from lora.atomic import atomic_write
 from lora.inject import cast_frozen
@@ -346,7 +347,7 @@ def read_run_config(run_dir) -> dict:
     """run_config.json of a train.py output directory."""
     path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass an output directory of train.py "
+        raise PathNotFound(f"{path} does not exist: pass an output directory of train.py "
                                 f"(it holds {RUN_CONFIG}, {HEADS_FILE} and the adapter)")
     return json.loads(path.read_text(encoding="utf-8"))
 

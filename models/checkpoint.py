@@ -16,9 +16,17 @@ so a 7B Qwen2-Audio's ~0.6B-parameter audio tower is read without downloading, o
 the language model. A checkpoint without an index is one file: its header gives the key list,
 so that file is fetched whole at open time.
 
-The hub goes through `huggingface_hub.hf_hub_download`, which uses the local cache
-(HF_HUB_CACHE / HF_HOME) and honours HF_HUB_OFFLINE=1; a file missing from the cache while
-offline becomes an error that says how to fetch it.
+The hub goes through `huggingface_hub.hf_hub_download`, cache first: each file is looked up in
+the local cache (HF_HUB_CACHE / HF_HOME) with local_files_only=True, so a cached checkpoint loads
+with no network call at all. Only on a miss is the hub asked, and only if it can be reached: on a
+machine without network hf_hub_download retries with backoff for half a minute before it gives
+up, so one TCP connect to the hub (or the proxy the environment names), with a 2 s deadline,
+decides first, once per process. HF_HUB_OFFLINE=1 skips even that. A file neither cached nor
+downloadable is a `CheckpointNotFound` whose message starts with the `hf download` to run.
+
+Every mistake of the user's (a wrong path, a file that is missing or corrupt, a model that is not
+there) is a `CheckpointNotFound` or `CheckpointError`: a `UserError` (common/errors.py, printed as one
+line by train.py and eval.py) that is also the FileNotFoundError / ValueError it used to be.
 
 Convention for modules: load_into refuses a module with any tensor still on the meta device.
 Non-persistent buffers are not in the checkpoint, so a module holding one defines
@@ -28,14 +36,20 @@ weights); load_into calls it on every submodule that has it, after loading.
 
 import json
 import re
+import socket
+import threading
 from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 import torch
 import torch.nn as nn
-from huggingface_hub import constants, hf_hub_download
-from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                    RevisionNotFoundError)
+from huggingface_hub import _CACHED_NO_EXIST, constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
 from safetensors import SafetensorError, safe_open
+
+from common.errors import UserError
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -45,6 +59,52 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 CONVERT_HINT = ("only safetensors is supported; convert once with python -c \"from transformers import "
                 "AutoModel; AutoModel.from_pretrained('{0}').save_pretrained('{0}')\"")
+HUB_PROBE_TIMEOUT_S = 2.0  # name lookup + TCP connect to the hub; a reachable hub answers in milliseconds
+
+
+class CheckpointNotFound(UserError, FileNotFoundError):
+    """A checkpoint, or a file it needs, is not there: no such directory, no config.json, a missing
+    shard or tokenizer, a hub id that is not on the hub."""
+
+
+class NotCached(CheckpointNotFound):
+    """A hub file that is not in the local cache, with the hub not asked (HF_HUB_OFFLINE=1, or it
+    cannot be reached). It may exist on the hub, so an optional file missing this way is not absent."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that is there but cannot be used: corrupt JSON or safetensors, an index that
+    disagrees with its shards, a model_type this loader does not read, a revision the hub lacks."""
+
+
+_hub_probes: dict[tuple[str, int], str | None] = {}  # (host, port) -> why unreachable; probed once per process
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub endpoint (constants.ENDPOINT, HF_ENDPOINT), or the proxy the environment routes it
+    through, takes no TCP connection within HUB_PROBE_TIMEOUT_S; None when it does. The name lookup
+    runs inside the same deadline (in a thread): getaddrinfo has no timeout and can hang for seconds."""
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = getproxies().get(url.scheme) or getproxies().get("all")
+    if proxy and not proxy_bypass(host):  # httpx (under huggingface_hub) honours HTTPS_PROXY and NO_PROXY too
+        proxy_url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_url.hostname or "", proxy_url.port or 80
+    if (host, port) not in _hub_probes:
+        failure = [f"{host}:{port} did not answer within {HUB_PROBE_TIMEOUT_S:g} s"]
+
+        def connect():
+            try:
+                socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+                failure[0] = None
+            except OSError as error:  # refused, unreachable, timed out, name unknown
+                failure[0] = f"{host}:{port}: {error.strerror or error}"
+
+        probe = threading.Thread(target=connect, name="hub-probe", daemon=True)
+        probe.start()
+        probe.join(HUB_PROBE_TIMEOUT_S)
+        _hub_probes[host, port] = failure[0]
+    return _hub_probes[host, port]
 
 
 class Checkpoint:
@@ -60,6 +120,7 @@ class Checkpoint:
         self.weight_map: dict[str, str] = {}  # tensor key -> shard file name
         self.opened_files: list[str] = []  # shard file names opened so far, in order
         self._shard_paths: dict[str, Path] = {}  # shards located (downloaded) so far
+        self.not_cached: dict[str, NotCached] = {}  # optional files the cache lacked, the hub not asked
 
     @classmethod
     def open(cls, path_or_hub_id: str | Path, revision: str | None = None, weights: bool = True) -> "Checkpoint":
@@ -68,10 +129,13 @@ class Checkpoint:
         path = Path(source).expanduser()
         if path.exists() or not HUB_ID.fullmatch(source):
             if revision is not None:
-                raise ValueError(f"revision={revision!r} applies to hub ids only, and {source!r} is a local path")
+                raise CheckpointError(f"revision={revision!r} applies to hub ids only, and {source!r} is a local path")
+            if path.is_file():
+                raise CheckpointNotFound(f"{path} is a file, not a checkpoint directory: pass the directory that "
+                                         f"holds it ({path.parent}), with config.json beside the weights")
             if not path.is_dir():
-                raise FileNotFoundError(f"no checkpoint directory at {path}: pass a directory holding config.json "
-                                        "and model.safetensors (or its index), or a hub id like org/name")
+                raise CheckpointNotFound(f"no checkpoint directory at {path}: pass a directory holding config.json "
+                                         "and model.safetensors (or its index), or a hub id like org/name")
             checkpoint = cls(source, path, None, None)
         else:
             checkpoint = cls(source, None, source, revision)
@@ -86,73 +150,106 @@ class Checkpoint:
     def _where(self) -> str:
         return str(self.directory) if self.directory is not None else f"hub model {self.repo_id}"
 
+    def _cached(self, filename: str) -> Path | None:
+        """A hub file from the local cache alone, or None: no network call, online or not."""
+        try:
+            return Path(hf_hub_download(self.repo_id, filename, revision=self.revision, local_files_only=True))
+        except LocalEntryNotFoundError:
+            return None
+
     def _locate(self, filename: str) -> Path | None:
-        """Local path of one file of the checkpoint (downloaded or found in the cache); None if absent."""
+        """Local path of one file of the checkpoint (found in the cache, else downloaded); None if absent."""
         if self.directory is not None:
             path = self.directory / filename
             return path if path.is_file() else None
+        if (path := self._cached(filename)) is not None:
+            return path
+        if try_to_load_from_cache(self.repo_id, filename, revision=self.revision) is _CACHED_NO_EXIST:
+            return None  # an earlier download learned that the hub has no such file
+        if constants.is_offline_mode():
+            raise NotCached(self._not_cached(filename, "HF_HUB_OFFLINE=1 is set, so the hub is not asked"))
+        if unreachable := hub_unreachable():  # asking anyway: half a minute of retries, then the same answer
+            raise NotCached(self._not_cached(filename, f"the hub ({constants.ENDPOINT}) cannot be reached "
+                                             f"({unreachable}; HF_HUB_OFFLINE=1 skips this check)"))
         try:
             return Path(hf_hub_download(self.repo_id, filename, revision=self.revision))
-        except LocalEntryNotFoundError as error:  # not cached, and offline or the hub unreachable
-            raise FileNotFoundError(self._not_cached(filename)) from error
+        except LocalEntryNotFoundError as error:  # reachable, yet no answer (the hub down, the connection lost)
+            cause = str(error.__cause__ or error).splitlines()[0]
+            raise CheckpointNotFound(self._not_cached(filename, f"downloading it failed ({cause})")) from error
         except EntryNotFoundError:  # the hub answered: this repo has no such file
             return None
-        except RepositoryNotFoundError as error:
-            raise FileNotFoundError(f"{self.source!r} is not a local directory, nor a model on the hub (if it is "
-                                    "private or gated, log in with `hf auth login`)") from error
-        except RevisionNotFoundError as error:
-            raise ValueError(f"hub model {self.repo_id} has no revision {self.revision!r}") from error
+        except GatedRepoError:
+            raise CheckpointNotFound(f"hub model {self.repo_id} is gated: accept its terms on "
+                                     f"{constants.ENDPOINT}/{self.repo_id}, then log in with `hf auth login`") from None
+        except RepositoryNotFoundError:
+            raise CheckpointNotFound(f"{self.source!r} is not a local directory, nor a model on the hub (if it is "
+                                     "private, log in with `hf auth login`)") from None
+        except RevisionNotFoundError:
+            raise CheckpointError(f"hub model {self.repo_id} has no revision {self.revision!r}: pass a branch, "
+                                  "tag or commit it has, or no revision for main") from None
+        except HfHubHTTPError as error:  # 401 with a bad token, 429 rate limit, ...
+            raise CheckpointNotFound(f"downloading {filename} of hub model {self.repo_id} failed: "
+                                     f"{str(error).splitlines()[0]}") from error
 
-    def _not_cached(self, filename: str) -> str:
-        why = ("HF_HUB_OFFLINE=1 is set" if constants.is_offline_mode()
-               else "the hub could not be reached (see the error above)")
-        return (f"{self.source!r} is not a local directory, and model {self.repo_id} is not in the local cache "
-                f"({filename} is missing from {constants.HF_HUB_CACHE}) and {why}; download it once with "
-                f"`hf download {self.repo_id}` or pass a local directory")
+    def _not_cached(self, filename: str, why: str) -> str:
+        """The message for a hub file neither cached nor downloadable: what to run first, then why."""
+        revision = f" --revision {self.revision}" if self.revision else ""
+        files = "" if filename in (CONFIG, INDEX, SINGLE) else f" {filename}"  # a shard, a tokenizer: that file
+        return (f"run `hf download {self.repo_id}{files}{revision}` on a machine that reaches the hub and copy the "
+                "cache it fills (HF_HUB_CACHE, or HF_HOME/hub) here, or pass the DIR that "
+                f"`hf download {self.repo_id}{revision} --local-dir DIR` fills instead of {self.source!r}: "
+                f"{self.source!r} is not a local directory, and hub model {self.repo_id} is not in the local cache "
+                f"({filename} is missing from {constants.HF_HUB_CACHE}) and {why}")
 
     def file(self, name: str, required: bool = True) -> Path | None:
         """Another file of the checkpoint (tokenizer.json, vocab.txt, preprocessor_config.json).
-        With required=False, a file that is absent (or, offline, not cached) gives None."""
+        With required=False, a file that is absent gives None; so does a hub file not in the cache while
+        the hub is not asked (offline), and `not_cached` keeps its error, for when no alternative exists."""
         try:
             path = self._locate(name)
-        except FileNotFoundError:
+        except NotCached as error:
             if required:
                 raise
-            path = None
+            self.not_cached[name] = error
+            return None
         if path is None and required:
-            raise FileNotFoundError(f"{self._where} has no {name}")
+            raise CheckpointNotFound(f"{self._where} has no {name}")
         return path
 
     def _read_config(self) -> dict:
         path = self._locate(CONFIG)
         if path is None:
-            raise FileNotFoundError(f"{self._where} has no {CONFIG}: a checkpoint is the directory that "
-                                    "save_pretrained writes, with config.json beside the weights")
+            inside = sorted(str(p.parent) for p in self.directory.glob(f"*/{CONFIG}")) if self.directory else []
+            hint = f"; did you mean {', '.join(inside[:3])}?" if inside else ""
+            raise CheckpointNotFound(f"{self._where} has no {CONFIG}: a checkpoint is the directory that "
+                                     f"save_pretrained writes, with config.json beside the weights{hint}")
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); re-download the checkpoint") from error
+            raise CheckpointError(f"{path} is not valid JSON ({error}); re-download the checkpoint") from None
         if not isinstance(config, dict):
-            raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object of config fields")
+            raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object of config fields")
         return config
 
     def _read_weight_map(self) -> dict[str, str]:
+        # A hub model with model.safetensors cached and no index is a single-file one: no index is asked for.
+        single_cached = self._cached(SINGLE) if self.directory is None else None
         try:
-            index_path = self._locate(INDEX)
-        except FileNotFoundError:  # not cached offline: a single-file checkpoint has no index to cache
+            index_path = self._cached(INDEX) if single_cached else self._locate(INDEX)
+        except NotCached:  # offline, and not cached: the checkpoint may well have no index
             index_path = None
         if index_path is not None:
             try:
-                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{index_path} is not a safetensors index (JSON with a 'weight_map' object): "
-                                 f"{error!r}; re-download the checkpoint") from error
-            return dict(weight_map)
-        single_path = self._locate(SINGLE)
+                weight_map = dict(json.loads(index_path.read_text(encoding="utf-8"))["weight_map"])
+            except (KeyError, TypeError, ValueError) as error:  # not JSON, no weight_map, not a mapping
+                raise CheckpointError(f"{index_path} is not a safetensors index (JSON with a 'weight_map' object): "
+                                      f"{error!r}; re-download the checkpoint") from None
+            return weight_map
+        single_path = single_cached or self._locate(SINGLE)
         if single_path is None:
             has_bin = self.directory is not None and any(self.directory.glob("pytorch_model*.bin"))
             hint = CONVERT_HINT.format(self.source) if has_bin else "is this a model checkpoint?"
-            raise FileNotFoundError(f"{self._where} holds neither {INDEX} nor {SINGLE}: {hint}")
+            raise CheckpointNotFound(f"{self._where} holds neither {INDEX} nor {SINGLE}: {hint}")
         self.index_file, self._shard_paths[SINGLE] = SINGLE, single_path
         with self._open_shard(SINGLE) as handle:  # no index: the file's header lists its keys
             return {key: SINGLE for key in handle.keys()}
@@ -162,15 +259,15 @@ class Checkpoint:
         if shard not in self._shard_paths:
             path = self._locate(shard)
             if path is None:
-                raise FileNotFoundError(f"shard {shard}, listed in {self.index_file} of {self.source}, is missing "
-                                        f"from {self._where}: download it again")
+                raise CheckpointNotFound(f"shard {shard}, listed in {self.index_file} of {self.source}, is missing "
+                                         f"from {self._where}: download it again")
             self._shard_paths[shard] = path
         path = self._shard_paths[shard]
         try:
             handle = safe_open(str(path), framework="pt")
         except SafetensorError as error:
-            raise ValueError(f"{path} is not a readable safetensors file ({error}): it is probably truncated or "
-                             "corrupted; delete it and download it again") from error
+            raise CheckpointError(f"{path} is not a readable safetensors file ({error}): it is probably truncated "
+                                  "or corrupted; delete it and download it again") from None
         if shard not in self.opened_files:
             self.opened_files.append(shard)
         return handle
@@ -201,17 +298,17 @@ class Checkpoint:
             nearby |= {shorter} if shorter and shorter != prefix and self.keys_with_prefix(shorter) else set()
             nearby = sorted(nearby)
             hint = f"; did you mean {', '.join(map(repr, nearby[:5]))}?" if nearby else ""
-            raise ValueError(f"no tensor in {self.source} starts with {prefix!r}; this checkpoint's top-level "
-                             f"prefixes are: {', '.join(self.top_level_prefixes())}{hint}")
+            raise CheckpointError(f"no tensor in {self.source} starts with {prefix!r}; this checkpoint's top-level "
+                                  f"prefixes are: {', '.join(self.top_level_prefixes())}{hint}")
         state = {}
         for shard in self.shards_for(prefix):
             wanted = [key for key in keys if self.weight_map[key] == shard]
             with self._open_shard(shard) as handle:
                 absent = sorted(set(wanted) - set(handle.keys()))
                 if absent:
-                    raise ValueError(f"{shard} does not hold {absent[:5]} although {self.index_file} of "
-                                     f"{self.source} says it does: the index and the shards disagree; "
-                                     "download the checkpoint again")
+                    raise CheckpointError(f"{shard} does not hold {absent[:5]} although {self.index_file} of "
+                                          f"{self.source} says it does: the index and the shards disagree; "
+                                          "download the checkpoint again")
                 for key in wanted:
                     tensor = handle.get_tensor(key)
                     if dtype is not None and tensor.is_floating_point():

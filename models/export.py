@@ -300,8 +300,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         record = export_run(args.checkpoint, args.out, link=not args.copy)
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    except (FileNotFoundError, ValueError) as error:  # the run, its base or --out: the user's to fix
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     for report in record["bases"]:
         where = Path(args.out) / report["out"] if report["out"] != "." else Path(args.out)
         print(f"{where}: {NAMES.get(report['model_type'], report['model_type'])} from {report['source']}, "

@@ -8,7 +8,8 @@
 Each loader reads config.json, picks the key prefix the checkpoint uses, builds the module on the
 meta device (no memory), and adopts the checkpoint's tensors with a strict, shape-checked load
 (models/checkpoint.py). Nothing else in the checkpoint is read: a 7B Qwen2-Audio's language model
-is never downloaded, let alone materialised.
+is never downloaded, let alone materialised. A checkpoint of the wrong kind, or without a
+tokenizer, is a CheckpointError / CheckpointNotFound (a UserError), named with its source.
 """
 
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from tokenizers import Tokenizer
 
 from models.bert import BertConfig, BertModel, bert_prefix, has_pooler
-from models.checkpoint import Checkpoint, load_into, resolve_dtype
+from models.checkpoint import Checkpoint, CheckpointError, CheckpointNotFound, load_into, resolve_dtype
 from models.qwen2_audio_encoder import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
 from models.tokenizer import load_llama_tokenizer, load_t5_tokenizer, load_tokenizer_files
 
@@ -35,7 +36,7 @@ def audio_tower_prefix(checkpoint: Checkpoint) -> str:
     """The key prefix of the audio encoder in this checkpoint, e.g. 'audio_tower.'."""
     model_type = checkpoint.config.get("model_type")
     if model_type not in AUDIO_PREFIXES:
-        raise ValueError(
+        raise CheckpointError(
             f"{checkpoint.source}: config.json has model_type {model_type!r}; an audio tower loads from "
             f"{', '.join(sorted(AUDIO_PREFIXES))} checkpoints"
         )
@@ -43,16 +44,25 @@ def audio_tower_prefix(checkpoint: Checkpoint) -> str:
         if f"{prefix}conv1.weight" in checkpoint.weight_map:
             return prefix
     tried = ", ".join(f"'{p}conv1.weight'" for p in AUDIO_PREFIXES[model_type])
-    raise ValueError(
+    raise CheckpointError(
         f"{checkpoint.source} is a {model_type} checkpoint but holds none of {tried}; "
         f"its top-level prefixes are: {', '.join(checkpoint.top_level_prefixes())}"
     )
 
 
+def config_from_hf(checkpoint: Checkpoint, config_class):
+    """`config_class.from_hf(config.json)`; what it refuses (a model_type or a field it does not read)
+    is the checkpoint's, so it is a CheckpointError naming the checkpoint."""
+    try:
+        return config_class.from_hf(checkpoint.config)
+    except ValueError as error:
+        raise CheckpointError(f"{checkpoint.source}: {error}") from None
+
+
 def load_audio_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = torch.float32, revision: str | None = None) -> Qwen2AudioEncoder:
     """The Qwen2-Audio audio tower (or a Whisper encoder mapped onto it), weights loaded, in eval mode."""
     checkpoint = Checkpoint.open(path_or_hub_id, revision=revision)
-    config = Qwen2AudioEncoderConfig.from_hf(checkpoint.config)
+    config = config_from_hf(checkpoint, Qwen2AudioEncoderConfig)
     prefix = audio_tower_prefix(checkpoint)
     state = checkpoint.load_prefix(prefix, resolve_dtype(dtype))
     with torch.device("meta"):
@@ -64,8 +74,11 @@ def load_audio_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = to
 def load_text_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = torch.float32, revision: str | None = None) -> BertModel:
     """A BERT-family text encoder (BERT, MiniLM, ...), with its pooler when the checkpoint has one."""
     checkpoint = Checkpoint.open(path_or_hub_id, revision=revision)
-    config = BertConfig.from_hf(checkpoint.config)
-    prefix = bert_prefix(checkpoint.weight_map)
+    config = config_from_hf(checkpoint, BertConfig)
+    try:
+        prefix = bert_prefix(checkpoint.weight_map)
+    except ValueError as error:  # the keys hold no BERT encoder
+        raise CheckpointError(f"{checkpoint.source}: {error}") from None
     state = checkpoint.load_prefix(prefix, resolve_dtype(dtype))
     for key in LEGACY_BERT_KEYS:
         state.pop(key, None)
@@ -85,7 +98,10 @@ def load_tokenizer(path_or_hub_id: str | Path, revision: str | None = None) -> T
     tokenizer_json = checkpoint.file("tokenizer.json", required=False)
     vocab_txt = None if tokenizer_json else checkpoint.file("vocab.txt", required=False)
     if tokenizer_json is None and vocab_txt is None:
-        raise FileNotFoundError(f"{checkpoint.source} has neither tokenizer.json nor vocab.txt: it ships no tokenizer we can read")
+        if "tokenizer.json" in checkpoint.not_cached:  # offline, it may still be on the hub: say how to get it
+            raise checkpoint.not_cached["tokenizer.json"]
+        raise CheckpointNotFound(f"{checkpoint.source} has neither tokenizer.json nor vocab.txt: it ships no tokenizer "
+                                 "we can read")
     max_length = int(checkpoint.config.get("max_position_embeddings", 512))
     return load_tokenizer_files(tokenizer_json, vocab_txt, max_length=max_length)
 
@@ -99,13 +115,18 @@ def load_instructblip_tokenizers(path_or_hub_id: str | Path, revision: str | Non
     qformer_json = checkpoint.file("qformer_tokenizer/tokenizer.json", required=False)
     qformer_vocab = None if qformer_json else checkpoint.file("qformer_tokenizer/vocab.txt", required=False)
     if qformer_json is None and qformer_vocab is None:
-        raise FileNotFoundError(f"{checkpoint.source} has no qformer_tokenizer/tokenizer.json or qformer_tokenizer/vocab.txt")
+        if "qformer_tokenizer/tokenizer.json" in checkpoint.not_cached:
+            raise checkpoint.not_cached["qformer_tokenizer/tokenizer.json"]
+        raise CheckpointNotFound(f"{checkpoint.source} has no qformer_tokenizer/tokenizer.json or "
+                                 "qformer_tokenizer/vocab.txt")
     qformer_config = checkpoint.config.get("qformer_config") or {}
     qformer = load_tokenizer_files(qformer_json, qformer_vocab, max_length=int(qformer_config.get("max_position_embeddings", 512)))
     text_config = checkpoint.config.get("text_config") or {}
     if text_config.get("model_type") == "llama":  # InstructBLIP-Vicuna
-        language = load_llama_tokenizer(checkpoint.file("tokenizer.json", required=False),
-                                        max_length=int(text_config.get("max_position_embeddings", 2048)))
+        tokenizer_json = checkpoint.file("tokenizer.json", required=False)  # absent: the error says how to write it
+        if tokenizer_json is None and "tokenizer.json" in checkpoint.not_cached:
+            raise checkpoint.not_cached["tokenizer.json"]
+        language = load_llama_tokenizer(tokenizer_json, max_length=int(text_config.get("max_position_embeddings", 2048)))
     else:
         language = load_t5_tokenizer(checkpoint.file("tokenizer.json"))
     return qformer, language

@@ -14,6 +14,9 @@ Quirks:
 - a tokenizer.json may carry its own truncation and padding (some pad every text to a fixed
   length); we overwrite both, so a batch is padded to its longest text and cut at `max_length`
   tokens, [CLS] and [SEP] included, which must not exceed the model's max_position_embeddings.
+
+A tokenizer file that is missing or unusable is the checkpoint's fault, not ours: CheckpointNotFound
+or CheckpointError (UserErrors, models/checkpoint.py), naming the file.
 """
 
 import json
@@ -22,6 +25,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
+
+from models.checkpoint import CheckpointError, CheckpointNotFound
 
 UNK, CLS, SEP, PAD, MASK = "[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"
 T5_PAD, T5_EOS = "<pad>", "</s>"
@@ -35,6 +40,15 @@ def load_tokenizer_dir(model_dir: Path, max_length: int = MAX_LENGTH) -> Tokeniz
     return load_tokenizer_files(model_dir / "tokenizer.json", model_dir / "vocab.txt", max_length)
 
 
+def read_tokenizer_json(path: Path) -> Tokenizer:
+    """Tokenizer.from_file, with a damaged file named: tokenizers raises a bare Exception for it."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:
+        raise CheckpointError(f"{path} is not a tokenizer.json the tokenizers library can read ({error}); "
+                              "download it again") from None
+
+
 def load_tokenizer_files(
     tokenizer_json: Path | None, vocab_txt: Path | None, max_length: int = MAX_LENGTH
 ) -> Tokenizer:
@@ -42,20 +56,20 @@ def load_tokenizer_files(
     (with `tokenizer_config.json` beside it for casing); a path that does not exist counts as
     absent. The result truncates to `max_length` and pads each batch to its longest text."""
     if tokenizer_json is not None and Path(tokenizer_json).is_file():
-        tok = Tokenizer.from_file(str(tokenizer_json))
+        tok = read_tokenizer_json(tokenizer_json)
         source = Path(tokenizer_json)
     elif vocab_txt is not None and Path(vocab_txt).is_file():
         tok = wordpiece_from_vocab(Path(vocab_txt))
         source = Path(vocab_txt)
     else:
         dirs = sorted({str(Path(p).parent) for p in (tokenizer_json, vocab_txt) if p is not None})
-        raise FileNotFoundError(
+        raise CheckpointNotFound(
             f"no tokenizer.json or vocab.txt in {', '.join(dirs) or '(no path given)'}: "
             "a BERT checkpoint needs one of them; copy them from the model's hub repository"
         )
     pad_id = tok.token_to_id(PAD)
     if pad_id is None:
-        raise ValueError(f"{source} has no {PAD} token, so a batch of texts cannot be padded")
+        raise CheckpointError(f"{source} has no {PAD} token, so a batch of texts cannot be padded")
     tok.enable_truncation(max_length)
     tok.enable_padding(pad_id=pad_id, pad_token=PAD)  # no length: pad to the batch's longest
     return tok
@@ -66,13 +80,13 @@ def load_t5_tokenizer(tokenizer_json: Path, max_length: int = MAX_LENGTH) -> Tok
     every text must end in `</s>`: a decoder trained on answers without it never learns to stop."""
     tokenizer_json = Path(tokenizer_json)
     if not tokenizer_json.is_file():
-        raise FileNotFoundError(f"no T5 tokenizer at {tokenizer_json}; InstructBLIP checkpoints ship it as tokenizer.json")
-    tok = Tokenizer.from_file(str(tokenizer_json))
+        raise CheckpointNotFound(f"no T5 tokenizer at {tokenizer_json}; InstructBLIP checkpoints ship it as tokenizer.json")
+    tok = read_tokenizer_json(tokenizer_json)
     pad_id, eos_id = tok.token_to_id(T5_PAD), tok.token_to_id(T5_EOS)
     if pad_id is None or eos_id is None:
-        raise ValueError(f"{tokenizer_json} lacks {T5_PAD} or {T5_EOS}: not a T5 tokenizer")
+        raise CheckpointError(f"{tokenizer_json} lacks {T5_PAD} or {T5_EOS}: not a T5 tokenizer")
     if tok.encode("a").ids[-1:] != [eos_id]:
-        raise ValueError(f"{tokenizer_json} does not append {T5_EOS} (its post-processor should be the template '$A {T5_EOS}')")
+        raise CheckpointError(f"{tokenizer_json} does not append {T5_EOS} (its post-processor should be the template '$A {T5_EOS}')")
     tok.enable_truncation(max_length)
     tok.enable_padding(pad_id=pad_id, pad_token=T5_PAD)
     return tok
@@ -91,22 +105,22 @@ def load_llama_tokenizer(tokenizer_json: Path | None, max_length: int = 2048, eo
     gets an error saying how to write tokenizer.json once (building the BPE merges from the
     SentencePiece protobuf here would take a protobuf parser and its own parity tests)."""
     if tokenizer_json is None or not Path(tokenizer_json).is_file():
-        raise FileNotFoundError(
+        raise CheckpointNotFound(
             f"no LLaMA tokenizer.json {f'at {tokenizer_json}' if tokenizer_json else 'in the checkpoint'}; if it ships "
             "only the SentencePiece tokenizer.model, write tokenizer.json once with python -c \"from transformers import "
             "AutoTokenizer; AutoTokenizer.from_pretrained('MODEL').save_pretrained('DIR')\" (MODEL: its directory or "
             "hub id) and copy DIR/tokenizer.json beside config.json")
     tokenizer_json = Path(tokenizer_json)
-    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok = read_tokenizer_json(tokenizer_json)
     eos_id = tok.token_to_id(eos_token)
     if eos_id is None:
-        raise ValueError(f"{tokenizer_json} has no {eos_token} token: not a LLaMA tokenizer")
+        raise CheckpointError(f"{tokenizer_json} has no {eos_token} token: not a LLaMA tokenizer")
     encoding = tok.encode("a")
     if not encoding.special_tokens_mask[:1] == [1]:
-        raise ValueError(f"{tokenizer_json} adds no BOS in front of a text (its post-processor should be the template "
+        raise CheckpointError(f"{tokenizer_json} adds no BOS in front of a text (its post-processor should be the template "
                          "'<s> $A'); a LLaMA prompt starts with one")
     if encoding.ids[-1] == eos_id:
-        raise ValueError(f"{tokenizer_json} appends {eos_token} to every text; a decoder-only prompt must not end the "
+        raise CheckpointError(f"{tokenizer_json} appends {eos_token} to every text; a decoder-only prompt must not end the "
                          "sequence before the answer (use the template '<s> $A')")
     pad = next((t for t in LLAMA_PADS if tok.token_to_id(t) is not None), eos_token)
     tok.enable_truncation(max_length)
@@ -117,7 +131,10 @@ def load_llama_tokenizer(tokenizer_json: Path | None, max_length: int = 2048, eo
 def wordpiece_from_vocab(vocab_txt: Path) -> Tokenizer:
     """transformers' BertTokenizer pipeline, built from vocab.txt and tokenizer_config.json."""
     config_path = vocab_txt.parent / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_path} is not valid JSON ({error}); download it again") from None
     lowercase = config.get("do_lower_case", True)
 
     tok = Tokenizer(WordPiece.from_file(str(vocab_txt), unk_token=UNK, continuing_subword_prefix="##"))
@@ -132,7 +149,7 @@ def wordpiece_from_vocab(vocab_txt: Path) -> Tokenizer:
     specials = {token: tok.token_to_id(token) for token in (CLS, SEP)}
     missing = [token for token, id_ in specials.items() if id_ is None]
     if missing:
-        raise ValueError(f"{vocab_txt} lacks {missing}: not a BERT vocabulary")
+        raise CheckpointError(f"{vocab_txt} lacks {missing}: not a BERT vocabulary")
     tok.post_processor = processors.TemplateProcessing(
         single=f"{CLS} $A {SEP}",
         pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",  # the second segment gets token type 1

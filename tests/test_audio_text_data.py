@@ -124,7 +124,7 @@ def test_fail_policy_names_the_manifest_line_and_the_way_to_skip(tmp_path, name,
         dataset[1]
     message = str(info.value)
     assert f"{manifest}:2:" in message and name in message and reason in message
-    assert "on_bad_audio='skip'" in message
+    assert "--on-bad-audio skip" in message and "on_bad_audio" not in message  # the command line's spelling
 
 
 def test_a_clip_of_three_frames_is_long_enough(tmp_path):
@@ -155,12 +155,12 @@ def test_a_batch_of_only_skipped_clips_has_no_features(tmp_path):
         collate_audio_text([None], n_mels=N_MELS)  # a bare None would lose the report
 
 
-def test_precheck_drops_missing_and_empty_files_with_a_report(tmp_path):
+def test_precheck_drops_missing_empty_and_headerless_files_with_a_report(tmp_path):
     clips = read_manifest(make_manifest(tmp_path, ["clip0.wav", *BAD]))
     good, problems = precheck(clips)
-    assert good == [clips[0], *clips[3:]]  # garbage bytes and bad samples are found only by decoding
-    assert [(clip.line, problem) for clip, problem in problems] == [
-        (2, "audio file not found"), (3, "audio file is empty (0 bytes)")]
+    assert good == [clips[0], *clips[4:]]  # bad samples behind a sound header are found only by decoding
+    assert [(clip.line, problem.split(" (")[0]) for clip, problem in problems] == [
+        (2, "audio file not found"), (3, "audio file is empty"), (4, "audio file cannot be decoded")]
 
 
 def word_tokenizer(tmp_path, max_length=16):
@@ -181,7 +181,8 @@ def test_collate_pads_to_the_longest_clip_and_equals_audio_to_features(good_clip
     assert batch["features"].shape == (4, N_MELS, N_FRAMES if pad_to_30s else max(valid) + 2)
     assert batch["frame_mask"].sum(dim=1).tolist() == valid
     assert all(batch["frame_mask"][i, :v].all() for i, v in enumerate(valid))
-    # the files decoded and transformed as one batch, from scratch: the same bits
+    # the files decoded and transformed again, from scratch: audio_to_features is clip_features per clip then
+    # pad_clip_features, as the dataset and the collate are, the same kernels on the same shapes: the same bits
     expected, mask = audio_to_features([clip.audio for clip in good_clips], n_mels=N_MELS, pad_to_30s=pad_to_30s)
     assert torch.equal(batch["features"], expected) and torch.equal(batch["frame_mask"], mask)
     assert batch["captions"] == [item["caption"] for item in items]

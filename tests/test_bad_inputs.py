@@ -90,20 +90,23 @@ def audio_cases(folder: Path) -> list[Case]:
     (folder / "not_audio.wav").write_text("this is a text file, not audio\n" * 20)
     header = (folder / write_wav(folder, "whole.wav", tone(0.3))).read_bytes()
     (folder / "truncated_header.wav").write_bytes(header[:20])  # RIFF....WAVEfmt and half a chunk size
-    for name, value in (("nan.wav", np.nan), ("inf.wav", np.inf), ("huge.wav", 1e30)):
+    for name, value in (("nan.wav", np.nan), ("inf.wav", np.inf), ("neginf.wav", -np.inf), ("huge.wav", 1e30)):
         write_wav(folder, name, with_sample(value), subtype="FLOAT")  # a float WAV keeps any float32
     write_wav(folder, "one_sample.wav", tone(0.2)[:1])
     write_wav(folder, "20ms.wav", tone(0.02))  # 320 samples: 2 log-mel frames, no encoder output
+    write_wav(folder, "two_samples.wav", tone(0.2)[:2])
     return [
         good("tone_0.wav", "a low tone", tone(0.3, freq=200)),
         Case("missing file", {"audio": "missing.wav", "text": "a low tone"}, "audio file not found", "file check", "missing.wav"),
         good("stereo_8k_24bit.wav", "a stereo tone", tone(0.4, sr=8000, channels=2), sr=8000, subtype="PCM_24",
              kind="8 kHz 24-bit stereo"),
         Case("empty file", {"audio": "empty.wav", "text": "a low tone"}, "empty (0 bytes)", "file check", "empty.wav"),
-        decoded("truncated header", "truncated_header.wav", "cannot decode audio file"),
+        Case("truncated header", {"audio": "truncated_header.wav", "text": "a low tone"}, "audio file cannot be decoded",
+             "file check", "truncated_header.wav"),  # the header check before training finds it
         bad_line("malformed JSON", '{"audio": "line_malformed_JSON.wav", "text": "a low tone}', "invalid JSON"),
         good("tone_1.wav", "a high tone", tone(0.25, freq=900)),
-        decoded("not audio", "not_audio.wav", "cannot decode audio file"),
+        Case("not audio", {"audio": "not_audio.wav", "text": "a low tone"}, "audio file cannot be decoded", "file check",
+             "not_audio.wav"),
         bad_line("missing audio key", '{"text": "a high tone"}', 'missing "audio"'),
         good("surround_96k.wav", "a loud tone", tone(0.3, sr=96000, channels=6), sr=96000, kind="96 kHz 6-channel"),
         bad_line("missing caption key", {}, 'neither "text" nor "captions"'),
@@ -120,6 +123,8 @@ def audio_cases(folder: Path) -> list[Case]:
         bad_line("invisible caption", {"text": "\u200b"}, "tokenizes to nothing"),
         good("tone_3.wav", "a quiet tone", tone(0.35, freq=250, amplitude=0.05)),
         decoded("20 ms", "20ms.wav", "too short"),
+        decoded("-inf samples", "neginf.wav", "non-finite samples"),
+        decoded("2 samples", "two_samples.wav", "too short"),
         good("tone_4.wav", "a tone then silence", np.concatenate([tone(0.2), np.zeros(1600, np.float32)])),
     ]
 
@@ -216,7 +221,7 @@ def test_skips_from_worker_processes_of_a_clotho_csv_are_counted_once(audio_set,
              row("empty cell", "line_whitespace_caption.wav", "a low tone,,silence,a long hum,a tone",
                  'column "caption_2" is empty', "manifest"),
              row("zeros", "zeros.wav"), row("tone 3", "tone_3.wav"), row("tone 4", "tone_4.wav"),
-             row("not audio", "not_audio.wav", reason="cannot decode audio file", found="decoding")]
+             row("inf", "inf.wav", reason="non-finite samples", found="decoding")]
     assert (sum(c.good for c in cases) + 2) % BATCH == 0
     manifest = audio_set["folder"] / "clotho_captions_fuzz.csv"
     manifest.write_text("file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n" + manifest_text(cases))
@@ -228,7 +233,7 @@ def test_skips_from_worker_processes_of_a_clotho_csv_are_counted_once(audio_set,
 
 BAD_AUDIO = ["missing file", "empty file", "truncated header", "malformed JSON", "not audio", "missing audio key",
              "missing caption key", "NaN samples", "empty caption", "inf samples", "whitespace caption", "1e30 samples",
-             "non-string caption", "1 sample", "invisible caption", "20 ms"]
+             "non-string caption", "1 sample", "invisible caption", "20 ms", "-inf samples", "2 samples"]
 
 
 def test_the_fail_cases_are_the_skip_run_s_bad_cases(audio_set):
@@ -295,12 +300,15 @@ def image_cases(folder: Path, shapes: dict) -> list[Case]:
     for name in ("whole.png", "whole.jpg"):
         data = (folder / name).read_bytes()
         (folder / f"truncated{Path(name).suffix}").write_bytes(data[: len(data) // 2])
+    data = (folder / "whole.png").read_bytes()  # a header PIL reads, pixels it cannot: found only by decoding
+    (folder / "cut_late.png").write_bytes(data[: len(data) * 3 // 4])
+    (folder / "cut_early.png").write_bytes(data[: len(data) // 4])
     too_long = "what colour is the shape " * 40  # 200 words: over the 128-token budget
     shared = str(base / rows[2]["image"])  # two over-long questions about an image other lines train on
     return [
         good(0), image("CMYK JPEG", "cmyk.jpg"),
         image("missing image", "missing.png", "image file not found", "file check"),
-        good(1), image("unreadable image", "not_an_image.png", "cannot decode the image", "decoding"),
+        good(1), image("unreadable image", "not_an_image.png", "image file cannot be read", "file check"),
         bad_line("malformed JSON", '{"image": "a.png", "prompt": "what colour?"', "invalid JSON"),
         good(2), image("16-bit PNG", "grey16.png"),
         image("empty image", "empty.png", "image file is empty", "file check"),
@@ -308,14 +316,15 @@ def image_cases(folder: Path, shapes: dict) -> list[Case]:
         good(3), image("truncated PNG", "truncated.png", "cannot decode the image", "decoding"),
         bad_line("missing key", '{"image": "a.png", "prompt": "what colour?"}', 'missing "answer"'),
         good(4), bad_line("empty prompt", {"prompt": "  "}, '"prompt" is empty'),
-        image("truncated JPEG", "truncated.jpg", "cannot decode the image", "decoding"),
+        image("truncated JPEG", "truncated.jpg", "image file cannot be read", "file check"),
         good(5), bad_line("non-string answer", {"answer": 3}, '"answer" must be a string'),
         Case("over-long prompt again", {"image": shared, "prompt": "how many " + too_long, "answer": "two"},
              "prompt in Q-Former tokens", "manifest"),
         good(6), bad_line("invisible prompt", {"prompt": "\ufeff\u200b"}, "tokenizes to nothing"),
         Case("over-long answer", {"image": shared, "prompt": rows[0]["prompt"], "answer": "red " * 300},
              "answer in T5 tokens", "manifest"),
-        good(7), good(8), good(9), good(10),
+        good(7), image("PNG cut at 3 quarters", "cut_late.png", "cannot decode the image", "decoding"),
+        good(8), good(9), image("PNG cut at 1 quarter", "cut_early.png", "cannot decode the image", "decoding"), good(10),
     ]
 
 
@@ -347,7 +356,8 @@ def test_skip_trains_every_good_example_and_counts_each_bad_one_once(image_set, 
 
 
 BAD_IMAGES = ["missing image", "unreadable image", "malformed JSON", "empty image", "over-long prompt", "truncated PNG",
-              "missing key", "empty prompt", "truncated JPEG", "non-string answer", "invisible prompt", "over-long answer"]
+              "missing key", "empty prompt", "truncated JPEG", "non-string answer", "invisible prompt", "over-long answer",
+              "PNG cut at 3 quarters", "PNG cut at 1 quarter"]
 
 
 def test_the_image_fail_cases_are_the_skip_run_s_bad_cases(image_set):

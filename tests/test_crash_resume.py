@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from common.state_file import load_state
 from data.demo_models import ensure_demo_models
 from data.demo_sounds import ensure_demo_set
 
@@ -55,7 +56,7 @@ def flags(tiny, out, cache):
 def check_left_behind(out: Path):
     """Every file a killed run left in its output directory loads."""
     if (out / train.STATE_FILE).exists():
-        state = torch.load(out / train.STATE_FILE, weights_only=False)
+        state = load_state(out / train.STATE_FILE)
         assert state["trainable"] and 0 < state["step"] <= 14
         load_file(str(out / "adapter_model.safetensors"))
         load_file(str(out / "heads.safetensors"))

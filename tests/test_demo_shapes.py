@@ -125,9 +125,25 @@ def test_files_manifests_and_texts(small_set):
     assert len(list((small_set / "images").glob("*.png"))) == 14
     with Image.open(small_set / "images" / "train_0000.png") as image:
         assert (image.mode, image.size) == ("RGB", (64, 64))
-    done = json.loads((small_set / "DONE.json").read_text())
+    assert not (small_set / "DONE.json").exists()  # ensure_shapes_set's to write, once every file is there
+
+
+def test_ensure_marks_the_set_done_last_with_every_file_and_its_size(small_set, tmp_path):
+    result = ensure_shapes_set(tmp_path / "set", n_train=30, n_eval=10, seed=0, verbose=False)
+    done = json.loads((tmp_path / "set" / "DONE.json").read_text())
+    assert done.pop("files") == {name: (small_set / name).stat().st_size for name in tree_hashes(small_set)}
     assert done == {"version": demo_shapes.VERSION, "seed": 0, "n_train": 30, "n_eval": 10,
                     "image_size": 64, "n_images": 14}
+    hashes = tree_hashes(tmp_path / "set")
+    assert hashes.pop("DONE.json") and hashes == tree_hashes(small_set)
+    assert result["n_images"] == 14 and "files" not in result
+
+
+def test_generate_refuses_a_folder_that_is_not_empty(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        generate_shapes_set(tmp_path, n_train=3, n_eval=3, verbose=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(small_set, tmp_path):
@@ -156,15 +172,18 @@ def test_ensure_reuses_a_finished_set_without_writing(tmp_path, monkeypatch):
     assert result["eval"] == str(tmp_path / "eval.jsonl") and result["n_images"] == 14
 
 
-@pytest.mark.parametrize("damage", ["no DONE.json", "corrupt DONE.json", "old version", "no texts.txt",
-                                    "other image_size", "other seed"])
+@pytest.mark.parametrize("damage", ["a png deleted", "a png truncated", "no DONE.json", "corrupt DONE.json",
+                                    "old version", "no texts.txt", "other image_size", "other seed"])
 def test_ensure_regenerates_a_partial_or_different_set(small_set, tmp_path, damage):
-    generate_shapes_set(tmp_path, n_train=30, n_eval=10, seed=0, verbose=False)
-    (tmp_path / "images" / "train_0003.png").unlink()  # what an interrupted run leaves
-    (tmp_path / "images" / "stray.png").write_bytes(b"partial")
-    done = tmp_path / "DONE.json"
+    ensure_shapes_set(tmp_path, n_train=30, n_eval=10, seed=0, verbose=False)
+    (tmp_path / "images" / "stray.png").write_bytes(b"partial")  # gone only if the whole set is rebuilt
+    done, png = tmp_path / "DONE.json", tmp_path / "images" / "train_0003.png"
     size, seed = 64, 0
-    if damage == "no DONE.json":
+    if damage == "a png deleted":
+        png.unlink()
+    elif damage == "a png truncated":
+        png.write_bytes(png.read_bytes()[:100])
+    elif damage == "no DONE.json":
         done.unlink()
     elif damage == "corrupt DONE.json":
         done.write_text('{"version": 1, "se')
@@ -178,7 +197,7 @@ def test_ensure_regenerates_a_partial_or_different_set(small_set, tmp_path, dama
         seed = 3
     ensure_shapes_set(tmp_path, n_train=30, n_eval=10, image_size=size, seed=seed, verbose=False)
     hashes = tree_hashes(tmp_path)
-    assert "images/stray.png" not in hashes and "images/train_0003.png" in hashes
+    assert hashes.pop("DONE.json") and "images/stray.png" not in hashes and "images/train_0003.png" in hashes
     assert (json.loads(done.read_text())["image_size"], json.loads(done.read_text())["seed"]) == (size, seed)
     with Image.open(tmp_path / "images" / "train_0003.png") as image:
         assert image.size == (size, size)

@@ -76,8 +76,27 @@ def test_files_decode_at_16khz_mono_and_manifests_point_at_them(small_set):
             all_captions += row["captions"]
     assert (small_set / "captions.txt").read_text(encoding="utf-8").splitlines() == all_captions
     assert len(list((small_set / "audio").glob("*.wav"))) == 18
-    done = json.loads((small_set / "DONE.json").read_text())
-    assert (done["version"], done["seed"], done["n_train"], done["n_eval"]) == (demo_sounds.VERSION, 0, 12, 6)
+    assert not (small_set / "DONE.json").exists()  # ensure_demo_set's to write, once every file is there
+
+
+def test_ensure_marks_the_set_done_last_with_every_file_and_its_size(small_set, tmp_path):
+    result = ensure_demo_set(tmp_path / "set", n_train=12, n_eval=6, seed=0, verbose=False)
+    done = json.loads((tmp_path / "set" / "DONE.json").read_text())
+    files = done.pop("files")
+    assert done == {"version": demo_sounds.VERSION, "seed": 0, "n_train": 12, "n_eval": 6, "sample_rate": SR,
+                    "n_captions": len((small_set / "captions.txt").read_text().splitlines()),
+                    "audio_minutes": done["audio_minutes"]}
+    assert files == {name: (small_set / name).stat().st_size for name in tree_hashes(small_set)}
+    hashes = tree_hashes(tmp_path / "set")
+    assert hashes.pop("DONE.json") and hashes == tree_hashes(small_set)
+    assert result["eval"] == str(tmp_path / "set" / "eval.jsonl") and result["n_eval"] == 6 and "files" not in result
+
+
+def test_generate_refuses_a_folder_that_is_not_empty(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        generate_demo_set(tmp_path, n_train=2, n_eval=2, verbose=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(small_set, tmp_path):
@@ -104,14 +123,18 @@ def test_ensure_reuses_a_finished_set_without_writing(tmp_path, monkeypatch):
     assert result["train"] == str(tmp_path / "train.jsonl") and result["n_eval"] == 6
 
 
-@pytest.mark.parametrize("damage", ["no DONE.json", "corrupt DONE.json", "old version", "other n_eval"])
+@pytest.mark.parametrize("damage", ["a wav deleted", "a wav truncated", "no DONE.json", "corrupt DONE.json",
+                                    "old version", "other n_eval"])
 def test_ensure_regenerates_a_partial_or_different_set(small_set, tmp_path, damage):
-    generate_demo_set(tmp_path, n_train=12, n_eval=6, seed=0, verbose=False)
-    (tmp_path / "audio" / "train_0003.wav").unlink()  # what an interrupted run leaves
-    (tmp_path / "audio" / "stray.wav").write_bytes(b"partial")
-    done = tmp_path / "DONE.json"
+    ensure_demo_set(tmp_path, n_train=12, n_eval=6, seed=0, verbose=False)
+    (tmp_path / "audio" / "stray.wav").write_bytes(b"partial")  # gone only if the whole set is rebuilt
+    done, wav = tmp_path / "DONE.json", tmp_path / "audio" / "train_0003.wav"
     n_eval = 6
-    if damage == "no DONE.json":
+    if damage == "a wav deleted":
+        wav.unlink()
+    elif damage == "a wav truncated":  # a killed writer, or a power cut before the data reached the disk
+        wav.write_bytes(wav.read_bytes()[:1000])
+    elif damage == "no DONE.json":
         done.unlink()
     elif damage == "corrupt DONE.json":
         done.write_text('{"version": 1, "se')
@@ -121,7 +144,7 @@ def test_ensure_regenerates_a_partial_or_different_set(small_set, tmp_path, dama
         n_eval = 4
     ensure_demo_set(tmp_path, n_train=12, n_eval=n_eval, seed=0, verbose=False)
     hashes = tree_hashes(tmp_path)
-    assert "audio/stray.wav" not in hashes and "audio/train_0003.wav" in hashes
+    assert hashes.pop("DONE.json") and "audio/stray.wav" not in hashes and "audio/train_0003.wav" in hashes
     assert json.loads(done.read_text())["n_eval"] == n_eval
     if n_eval == 6:
         assert hashes == tree_hashes(small_set)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from common.state_file import StateFileError, load_state
 from data.demo_models import ensure_demo_instructblip, ensure_demo_models
 from data.demo_shapes import ensure_shapes_set
 from data.demo_sounds import ensure_demo_set
@@ -105,8 +106,8 @@ def test_resume_after_a_kill_on_another_number_of_processes(tiny, whole_batch):
     try:
         while killed_at is None and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-            with contextlib.suppress(FileNotFoundError, RuntimeError, EOFError):
-                step = torch.load(state_file, weights_only=False)["step"]
+            with contextlib.suppress(StateFileError):  # not written yet
+                step = load_state(state_file)["step"]
                 if step >= 2:
                     os.killpg(process.pid, signal.SIGKILL)  # every rank at once, mid-run
                     killed_at = step

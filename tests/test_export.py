@@ -4,6 +4,7 @@ sharded Qwen2-Audio base (untouched shards byte-identical) and InstructBLIP; and
 
 import filecmp
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def test_sharded_qwen2_audio_export_rewrites_only_the_merged_shards(qwen2_audio_
     assert record["heads_beside"] == ["audio_proj.bias", "audio_proj.weight", "logit_scale", "text_proj.bias", "text_proj.weight"]
 
 
-def test_export_into_a_copy_without_links_and_refusals(qwen2_audio_run, tmp_path):
+def test_export_into_a_copy_without_links_and_refusals(qwen2_audio_run, tmp_path, capsys):
     base, run = qwen2_audio_run
     (tmp_path / "empty").mkdir()
     record = export.export_run(run, tmp_path / "empty", link=False)  # an empty folder is fine
@@ -151,12 +152,13 @@ def test_export_into_a_copy_without_links_and_refusals(qwen2_audio_run, tmp_path
     assert all((tmp_path / "empty" / s).stat().st_ino != (base / s).stat().st_ino for s in report["copied"])
     for target, reason in [(base, "is the base checkpoint"), (base / "inside", "is the base checkpoint"),
                            (run, "is the run directory"), (tmp_path / "empty", "not an empty folder")]:
-        with pytest.raises(SystemExit, match=reason):
+        with pytest.raises(SystemExit) as exit_info:
             export.main(["--checkpoint", str(run), "--out", str(target)])
+        assert exit_info.value.code == 2 and reason in capsys.readouterr().err
     assert not (base / "inside").exists()
 
 
-def test_a_non_finite_merge_writes_nothing(qwen2_audio_run, tmp_path):
+def test_a_non_finite_merge_writes_nothing(qwen2_audio_run, tmp_path, capsys):
     _, run = qwen2_audio_run
     broken = tmp_path / "broken_run"
     shutil.copytree(run, broken)
@@ -164,8 +166,9 @@ def test_a_non_finite_merge_writes_nothing(qwen2_audio_run, tmp_path):
     key = sorted(k for k in adapter if k.endswith("lora_B.weight"))[-1]
     adapter[key][0, 0] = float("inf")
     save_file(adapter, str(broken / "adapter_model.safetensors"))
-    with pytest.raises(SystemExit, match="refusing to merge LoRA layer .*layers.1"):
+    with pytest.raises(SystemExit) as exit_info:
         export.main(["--checkpoint", str(broken), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and re.search("refusing to merge LoRA layer .*layers.1", capsys.readouterr().err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken_run"]  # no export, no leftover staging folder
 
 

@@ -168,7 +168,14 @@ def test_two_workers_reading_the_same_clips_twice(clips, tmp_path):
     twice = [clip for clip in clips for _ in range(2)]
     dataset = AudioTextDataset(twice, n_mels=N_MELS, feature_cache=FeatureCache(tmp_path / "cache"))
     loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=functools.partial(collate_audio_text, n_mels=N_MELS))
-    reference = [audio_to_features(clip.audio, N_MELS)[0] for clip in clips]
+    # the entries are computed in the workers, which run torch on one thread; BLAS may split a matmul
+    # otherwise on several, so the reference is computed on one thread too: the same kernels, the same bits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = [audio_to_features(clip.audio, N_MELS)[0] for clip in clips]
+    finally:
+        torch.set_num_threads(threads)
     for epoch in range(2):
         batches = list(loader)
         counts = {status: sum(b["cache"][status] for b in batches) for status in ("hit", "miss", "recomputed")}

@@ -1,19 +1,22 @@
 """The public loaders (`from models import ...`) on checkpoints written by transformers:
 Qwen2-Audio (sharded), Whisper (both HF layouts), a bare encoder, BERT (two layouts), the
-tokenizer, and a hub id resolved offline from a fake cache."""
+tokenizer, and a hub id resolved offline from a fake cache; and the UserError each loader raises
+for a checkpoint of the wrong kind, without a tokenizer, or not there."""
 
 import json
+import socket
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
+from common.errors import UserError
 from models import audio_to_features, load_audio_encoder, load_text_encoder, load_tokenizer
 from models import checkpoint as checkpoint_module
-from models.checkpoint import INDEX
+from models.checkpoint import INDEX, CheckpointError, CheckpointNotFound, NotCached
 from models.tokenizer import tokenize
-from tests.hub_fixtures import make_hub_cache
+from tests.hub_fixtures import make_hub_cache, online_without_network
 
 AUDIO = dict(num_mel_bins=16, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, max_source_positions=20)
 TEXT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=40)
@@ -107,8 +110,23 @@ def test_unknown_model_type_is_named(tmp_path, qwen2_audio):
         (tmp_path / name.name).write_bytes(name.read_bytes())
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | {"model_type": "wav2vec2"}))
-    with pytest.raises(ValueError, match="model_type 'wav2vec2'"):
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}: config.json has model_type 'wav2vec2'") as error:
         load_audio_encoder(tmp_path)
+    assert isinstance(error.value, UserError) and isinstance(error.value, ValueError)
+
+
+def test_audio_checkpoint_given_as_the_text_model_is_a_user_error(qwen2_audio):
+    directory, _ = qwen2_audio
+    with pytest.raises(CheckpointError, match=f"^{directory}: model_type 'qwen2_audio' is not a BERT checkpoint"):
+        load_text_encoder(directory)
+
+
+def test_missing_model_directory_is_a_user_error(tmp_path):
+    for load in (load_audio_encoder, load_text_encoder, load_tokenizer):
+        with pytest.raises(CheckpointNotFound, match=f"no checkpoint directory at {tmp_path / 'typo'}: pass a "
+                                                     "directory holding config.json") as error:
+            load(tmp_path / "typo")
+        assert isinstance(error.value, UserError)
 
 
 def test_hub_id_resolves_offline_from_the_cache(qwen2_audio, tmp_path, monkeypatch):
@@ -123,7 +141,7 @@ def test_hub_id_resolves_offline_from_the_cache(qwen2_audio, tmp_path, monkeypat
     x = features()
     with torch.no_grad():
         torch.testing.assert_close(encoder(x), reference(x).last_hidden_state, atol=1e-5, rtol=1e-5)
-    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1"):
+    with pytest.raises(NotCached, match="^run `hf download Qwen/not-cached`.*HF_HUB_OFFLINE=1"):
         load_audio_encoder("Qwen/not-cached")
 
 
@@ -174,3 +192,79 @@ def test_bert_checkpoint_and_tokenizer(architecture, tmp_path, tokenizer_json):
         expected = bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         torch.testing.assert_close(encoder(input_ids, attention_mask), expected, atol=1e-5, rtol=1e-5)
     assert (encoder.pooler is not None) == (architecture == "BertModel")
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory, tokenizer_json):
+    """A BertModel save with its tokenizer.json and tokenizer_config.json: every file a loader reads."""
+    import transformers
+
+    torch.manual_seed(4)
+    directory = tmp_path_factory.mktemp("bert")
+    transformers.BertModel(transformers.BertConfig(**TEXT)).eval().save_pretrained(directory)
+    (directory / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
+    (directory / "tokenizer_config.json").write_text('{"do_lower_case": true}')
+    return directory
+
+
+def cache_hub_model(cache, repo_id, directory, names=None):
+    make_hub_cache(cache, repo_id, {name: directory / name for name in names or [p.name for p in directory.iterdir()]})
+
+
+def test_checkpoint_without_a_tokenizer_is_a_user_error(bert_dir, tmp_path):
+    for name in ["config.json", "model.safetensors"]:
+        (tmp_path / name).write_bytes((bert_dir / name).read_bytes())
+    with pytest.raises(CheckpointNotFound, match=f"^{tmp_path} has neither tokenizer.json nor vocab.txt") as error:
+        load_tokenizer(tmp_path)
+    assert isinstance(error.value, UserError) and isinstance(error.value, FileNotFoundError)
+
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "truncated')
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'tokenizer.json'} is not a tokenizer.json the "
+                                              "tokenizers library can read") as error:
+        load_tokenizer(tmp_path)
+    assert isinstance(error.value, ValueError) and error.value.__cause__ is None
+
+
+def test_uncached_tokenizer_offline_says_how_to_get_it(bert_dir, tmp_path, monkeypatch):
+    """Offline, a tokenizer.json missing from the cache may be on the hub: not 'ships no tokenizer'."""
+    from huggingface_hub import constants
+
+    cache_hub_model(tmp_path / "hub", "org/bert", bert_dir, ["config.json", "model.safetensors"])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    load_text_encoder("org/bert")  # the weights are cached
+    with pytest.raises(NotCached, match="^run `hf download org/bert tokenizer.json`.*tokenizer.json is missing from "
+                                        ".*HF_HUB_OFFLINE=1 is set") as error:
+        load_tokenizer("org/bert")
+    assert isinstance(error.value, UserError)
+
+
+def test_cached_hub_text_model_and_tokenizer_load_with_the_network_impossible(bert_dir, tmp_path, monkeypatch):
+    """Online (HF_HUB_OFFLINE unset), everything cached: the loaders never probe the hub nor open a socket."""
+    from huggingface_hub import constants
+
+    cache_hub_model(tmp_path / "hub", "org/bert", bert_dir)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    calls = online_without_network(monkeypatch)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a cached checkpoint touched the network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    encoder, tok = load_text_encoder("org/bert"), load_tokenizer("org/bert")
+    input_ids, attention_mask = tokenize(tok, ["a dog barks"])
+    assert encoder(input_ids, attention_mask).shape == (1, input_ids.shape[1], TEXT["hidden_size"])
+    assert calls.downloads == [] and calls.connects == []
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(calls.cache_lookups)
+
+
+def test_uncached_hub_model_with_the_hub_unreachable_fails_at_once(monkeypatch):
+    import time
+
+    calls = online_without_network(monkeypatch)
+    started = time.perf_counter()
+    for load in (load_audio_encoder, load_text_encoder, load_tokenizer):
+        with pytest.raises(CheckpointNotFound, match="^run `hf download org/absent`.*cannot be reached"):
+            load("org/absent")
+    assert time.perf_counter() - started < 5
+    assert calls.downloads == [] and len(calls.connects) == 1

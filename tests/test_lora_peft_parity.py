@@ -71,6 +71,7 @@ def test_fresh_injection_is_bit_identical_to_base(case):
     base, x = make_base(), make_input()
     ours = copy.deepcopy(base)
     inject_lora(ours, LoRAConfig(targets, r=4, alpha=8))
+    # lora_B starts at zero, so the branch adds exact zeros to the base's own F.linear on the same shapes
     assert torch.equal(run(ours, x), run(base, x))
 
 
@@ -109,4 +110,5 @@ def test_half_precision_base_matches_peft_autocast_adapter_dtype():
         assert layer.lora_A.weight.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16
     out_ours, out_ref = run(ours, x), run(reference, x)
     assert out_ours.dtype == torch.bfloat16
+    # bits: PEFT's Linear.forward runs the same ops, in the same dtypes and order, on the same shapes
     torch.testing.assert_close(out_ours, out_ref, atol=0, rtol=0)

@@ -12,6 +12,7 @@ import torch
 import eval as evaluation
 import data.tasks
 import train
+from common.state_file import load_state
 from data.manifest import read_manifest
 from data.tasks import AudioTextTask
 from data.demo_models import ensure_demo_models
@@ -140,8 +141,8 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tiny_demo, tmp_path, mo
     whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
     assert [s for s, _ in resumed] == list(range(1, 16))
     assert resumed == whole
-    a = torch.load(tmp_path / "whole" / train.STATE_FILE, weights_only=False)["trainable"]
-    b = torch.load(tmp_path / "resumed" / train.STATE_FILE, weights_only=False)["trainable"]
+    a = load_state(tmp_path / "whole" / train.STATE_FILE)["trainable"]
+    b = load_state(tmp_path / "resumed" / train.STATE_FILE)["trainable"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -258,7 +259,7 @@ def test_too_many_nonfinite_steps_abort_and_keep_the_last_good_checkpoint(tiny_d
     out = tmp_path / "abort"
     with pytest.raises(train.TrainingError, match="3 non-finite steps in a row .*audio_proj.*last good checkpoint is kept"):
         train.train(args_for(tiny_demo, out, "--max-steps", "20", "--eval-every", "0", "--save-every", "2", "--max-bad-steps", "3"))
-    state = torch.load(out / train.STATE_FILE, weights_only=False)
+    state = load_state(out / train.STATE_FILE)
     assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["trainable"].values())
 
 
