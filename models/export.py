@@ -303,6 +303,9 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as error:  # the run, its base or --out: the user's to fix
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # the export is built in a staging folder: nothing half-written is left at --out
+        print(f"\ninterrupted; nothing was written to {args.out}", file=sys.stderr)
+        raise SystemExit(130) from None
     for report in record["bases"]:
         where = Path(args.out) / report["out"] if report["out"] != "." else Path(args.out)
         print(f"{where}: {NAMES.get(report['model_type'], report['model_type'])} from {report['source']}, "

@@ -17,8 +17,6 @@ from safetensors.torch import load_file
 
 import train
 from common.state_file import load_state
-from data.demo_models import ensure_demo_models
-from data.demo_sounds import ensure_demo_set
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs train.main in a fresh process that SIGKILLs itself just before the KILL_AT_REPLACE-th
@@ -39,11 +37,9 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("crash")
-    sounds = ensure_demo_set(root / "sounds", n_train=48, n_eval=8, seed=0, verbose=False)
-    towers = ensure_demo_models(root / "towers", sounds["captions"], seed=0, verbose=False)
-    return {**towers, "train": sounds["train"], "root": root}
+def tiny(tiny_audio_text, tmp_path_factory):
+    """The shared tiny subset (conftest.py), with a folder of this module's own for runs and caches."""
+    return dict(tiny_audio_text, root=tmp_path_factory.mktemp("crash_resume"))
 
 
 def flags(tiny, out, cache):

@@ -19,8 +19,6 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from data.demo_models import ensure_demo_models
-from data.demo_sounds import ensure_demo_set
 from lora.graceful_stop import Interrupted, StopRequests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,11 +40,9 @@ STEPS = 14  # 48 clips / 8 = 6 global batches an epoch: the runs cross two epoch
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stop")
-    sounds = ensure_demo_set(root / "sounds", n_train=48, n_eval=8, seed=0, verbose=False)
-    towers = ensure_demo_models(root / "towers", sounds["captions"], seed=0, verbose=False)
-    return {**towers, "train": sounds["train"], "root": root}
+def tiny(tiny_audio_text, tmp_path_factory):
+    """The shared tiny subset (conftest.py), with a folder of this module's own for runs and caches."""
+    return dict(tiny_audio_text, root=tmp_path_factory.mktemp("graceful_stop"))
 
 
 def flags(tiny, out, workers=1):

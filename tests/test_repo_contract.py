@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIME = ["lora", "models", "data", "train.py", "eval.py"]
-FORBIDDEN = {"transformers", "peft", "torchaudio"}
+RUNTIME = ["common", "lora", "models", "data", "train.py", "eval.py"]
+FORBIDDEN = {"transformers", "peft", "torchaudio", "bitsandbytes"}
 
 
 def readme_test_command() -> str:

@@ -16,17 +16,13 @@ import soundfile as sf
 
 import train
 from common.errors import PathNotFound
-from data.demo_models import ensure_demo_models
-from data.demo_sounds import ensure_demo_set
 from tests.hub_fixtures import online_without_network
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("errors")
-    sounds = ensure_demo_set(root / "sounds", n_train=16, n_eval=8, seed=0, verbose=False)
-    towers = ensure_demo_models(root / "towers", sounds["captions"], seed=0, verbose=False)
-    return {**towers, "train": sounds["train"], "eval": sounds["eval"], "root": root}
+def tiny(tiny_audio_text, tmp_path_factory):
+    """The shared tiny subset (conftest.py), with a folder of this module's own for runs and caches."""
+    return dict(tiny_audio_text, root=tmp_path_factory.mktemp("user_errors"))
 
 
 def flags(tiny, out, *extra, train_data=None):
