@@ -60,6 +60,7 @@ from models import load_instructblip, load_instructblip_tokenizers, load_qwen2_a
 from models.qwen2_audio import IM_END
 from models.llama import LlamaConfig
 from models.audio_text import (AUTOCAST_DTYPES, HEADS_FILE, RUN_CONFIG, autocast_dtype, hold_in_run_precision, load_heads,
+                               run_quantization,
                                load_run, read_run_config)
 
 RECALL_AT = (1, 5, 10)
@@ -163,7 +164,7 @@ def load_checkpoint(checkpoint_dir, with_adapter: bool = True, precision: str | 
         raise ValueError(f"{checkpoint_dir / RUN_CONFIG}: unknown task {run.get('task')!r}")
     load, load_tokenizers = ((load_instructblip, load_instructblip_tokenizers) if run["task"] == "instructblip"
                              else (load_qwen2_audio, load_qwen2_audio_tokenizer))  # audio-qa: the whole Qwen2-Audio
-    model = load(run["model"], language_model_dtype=run.get("language_model_dtype", "fp32"))
+    model = load(run["model"], language_model_dtype=run.get("language_model_dtype", "fp32"), quantize=run_quantization(run))
     heads = load_heads(model, checkpoint_dir / HEADS_FILE)
     if with_adapter:
         load_adapter(model, checkpoint_dir)

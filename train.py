@@ -51,11 +51,12 @@ from tqdm import tqdm
 from common.errors import UserError, user_message
 from common.state_file import load_state, save_state
 from data.sampling import GlobalBatchSampler, WithEpoch, accumulation_steps, steps_for_epochs
-from data.tasks import TASKS
+from data.tasks import TASKS, quantization
 from lora import LoRAConfig, cast_frozen, inject_lora, mark_only_lora_trainable, save_adapter, trainable_summary
 from lora.atomic import atomic_write, atomic_write_text
 from lora.diagnose import blame_nonfinite, diagnose
 from lora.graceful_stop import StopRequests, Stopped, ignore_in_worker
+from lora.quant import NF4Linear, nf4_bytes
 from lora.distributed import (Distributed, barrier, host_all_gather_object, host_sum, init_distributed, main_first, rng_states,
                               set_rng_states, shutdown_distributed)
 from lora.training import LaunchedStep, StepEnv, StepResult, TrainingError, TrainState, WarmupCosine, param_groups, set_train_mode, train_step
@@ -76,7 +77,7 @@ DEMO = {  # steps that fit a few CPU minutes
 FINGERPRINT = ("task", "audio_model", "text_model", "model", "train_data", "train_data_sha256", "targets", "rank", "alpha",
                "dropout", "rslora", "train_also", "embed_dim", "lr", "weight_decay", "batch_size", "warmup_steps",
                "max_steps", "grad_clip", "seed", "precision", "pad_to_30s", "language_model_dtype", "bucket_across_batches",
-               "encoding_strategy")
+               "encoding_strategy", "quantize", "quantize_keep")
 
 
 def parse_args(argv=None):
@@ -118,6 +119,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast dtype; under bf16 the frozen weights are also held in bf16; LoRA weights and heads stay fp32")
+    p.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: QLoRA, the frozen Linear layers of the "
+                   "base held in 4-bit NormalFloat (lora/quant.py), quantized as each shard loads; LoRA, the trained heads, "
+                   "norms, embeddings and the output head keep their dtype")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute tower blocks in backward: less memory")
     p.add_argument("--log-every", type=int, default=10, help="steps between the host's looks at the device: losses are "
                    "logged (every step) and non-finite steps reported then; the update itself is skipped on the device at once")
@@ -205,6 +209,10 @@ def file_sha256(path: str) -> str:
 # --- the recipe ------------------------------------------------------------------------------
 
 
+def size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
 def output_dir(args) -> Path:
     """--output-dir, else runs/demo (runs/demo-instructblip, ...) for a demo and runs/<task> otherwise."""
     default = f"runs/demo{'' if args.task == 'audio-text' else '-' + args.task}" if is_demo(args) else f"runs/{args.task}"
@@ -238,6 +246,13 @@ def build_task(args, env: Distributed, say):
     torch.manual_seed(args.seed)
     with main_first(env), contextlib.redirect_stdout(sys.stdout if env.main else io.StringIO()):  # only rank 0 prints
         task = TASKS[args.task](args, demo, say)
+    quantize = quantization(args, task.heads)
+    task.run.update(quantize=args.quantize, quantize_keep=list(quantize.keep) if quantize else [])
+    if quantize is not None:
+        held, original = nf4_bytes(task.model)
+        n_layers = sum(isinstance(m, NF4Linear) for m in task.model.modules())
+        say(f"--quantize nf4: {n_layers} Linear layers held in NF4, {size(original)} -> {size(held)}; "
+            f"kept in their dtype: the output head, norms, embeddings" + "".join(f", {k}" for k in quantize.keep))
     return task, args.targets or task.default_targets, defaults
 
 

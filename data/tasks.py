@@ -40,6 +40,7 @@ from models.audio_text import build_audio_text_model
 from models.checkpoint import Checkpoint
 from models.qwen2_audio import AUDIO, language_side_linear_paths
 from models.contrastive import cached_loss_and_gradients, caption_keys, global_contrastive_loss, pad_columns
+from models.shard_loading import Quantize
 from models.text_cache import FrozenTextCache
 
 
@@ -64,6 +65,12 @@ def report_problems(problems, manifest: str, policy: str, role: str, what: str, 
         say(f"skipping {len(problems)} unreadable train {what}(s) of {manifest}")
     return [Skipped(str(getattr(item, "audio", None) or getattr(item, "image", None) or item.where), item.line, reason)
             for item, reason in problems]
+
+
+def quantization(args, heads: list[str]) -> Quantize | None:
+    """--quantize nf4 (QLoRA): every Linear of the base held in NF4 as it loads, except the trained heads and
+    --train-also modules (kept in their dtype: they train); the output head stays 16-bit (models/llama.py)."""
+    return None if args.quantize == "none" else Quantize(keep=tuple(heads + list(args.train_also)))
 
 
 class AudioTextTask:
@@ -96,7 +103,8 @@ class AudioTextTask:
         self.encoding_strategy = args.encoding_strategy  # audio_tower: the tower alone; full_forward: the whole Qwen2-Audio
         try:
             self.model = build_audio_text_model(src["audio_model"], src["text_model"], args.embed_dim, seed=args.seed,
-                                                encoding_strategy=self.encoding_strategy, language_model_dtype=args.language_model_dtype)
+                                                encoding_strategy=self.encoding_strategy, language_model_dtype=args.language_model_dtype,
+                                                quantize=quantization(args, self.heads))
         except ValueError as error:  # e.g. full_forward on a checkpoint without the language model
             raise TrainingError(str(error)) from error
         self.audio_config = Checkpoint.open(src["audio_model"], weights=False).config  # names what the strategy leaves out
@@ -337,7 +345,8 @@ class InstructBlipTask(AnswerTask):
             src.update(model=ensure_demo_instructblip(Path(args.cache_dir) / "demo" / "instructblip", shapes["texts"]),
                        train_data=shapes["train"], eval_data=src["eval_data"] or shapes["eval"])
             say("offline demo: synthetic coloured shapes and a small RANDOM-INIT InstructBLIP (a pipeline check, not a pretrained model)")
-        self.model = load_instructblip(src["model"], language_model_dtype=args.language_model_dtype)
+        self.model = load_instructblip(src["model"], language_model_dtype=args.language_model_dtype,
+                                       quantize=quantization(args, self.heads))
         decoder_only = self.model.config.decoder_only  # Vicuna (LLaMA) or flan-t5 behind the Q-Former
         if args.precision == "fp16" and not decoder_only:
             raise TrainingError("--precision fp16 is refused for instructblip with a T5 language model: flan-t5 activations "
@@ -401,7 +410,8 @@ class AudioQATask(AnswerTask):
             src.update(model=made["model"], train_data=made["train_data"], eval_data=src["eval_data"] or made["eval_data"])
             say("offline demo: questions about synthetic sounds and a tiny RANDOM-INIT Qwen2-Audio (a pipeline check, not a pretrained model)")
         try:
-            self.model = load_qwen2_audio(src["model"], language_model_dtype=args.language_model_dtype)
+            self.model = load_qwen2_audio(src["model"], language_model_dtype=args.language_model_dtype,
+                                          quantize=quantization(args, self.heads))
         except ValueError as error:
             raise TrainingError(f"--model: {error}") from error
         self.tokenizer = load_qwen2_audio_tokenizer(src["model"])

@@ -24,7 +24,7 @@ from torch import nn
 from common.errors import PathNotFound, UserError
 from lora.atomic import atomic_write, atomic_write_text
 from lora.config import LoRAConfig
-from lora.inject import lora_layers, wrap_linear
+from lora.inject import LORA_BASES, lora_layers, wrap_linear
 from lora.layer import LinearWithLoRA
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -167,7 +167,7 @@ def load_adapter(model: nn.Module, in_dir) -> LoRAConfig:
         key_a = f"{KEY_PREFIX}{module_path}.lora_A.weight"
         if module is None:
             raise ValueError(f"{weights_file}: key {key_a!r} names module {module_path!r}, which this model does not have")
-        if not isinstance(module, (nn.Linear, LinearWithLoRA)):
+        if not isinstance(module, (*LORA_BASES, LinearWithLoRA)):
             raise ValueError(f"{weights_file}: key {key_a!r} targets {module_path}, a {type(module).__name__}, not a Linear")
         expected = {"lora_A": (config.r, module.in_features), "lora_B": (module.out_features, config.r)}
         for which, shape in expected.items():

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lora.inject import lora_layers
+from lora.inject import LORA_BASES, lora_layers
+from lora.summary import counted_weights
 from lora.layer import LinearWithLoRA
 from lora.targets import compact_paths
 
@@ -135,7 +136,7 @@ def diagnose(model: nn.Module, step_fn, strategy: ForwardStrategy | None = None)
     (optional) names what the task's forward runs; check 7 then also reports its misplaced targets."""
     report = DiagnosisReport()
     layers = lora_layers(model)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(numel for _, numel, _ in counted_weights(model))  # NF4 weights too
     unplaced = strategy is not None and strategy.misplaced
     report.add("LoRA layers are injected", bool(layers),
                f"{len(layers)} LoRA layers: {_by_child(layers)}" if layers else
@@ -228,7 +229,7 @@ def placement_findings(model, layers, ran, calls) -> list[str]:
     for path in layers:
         if not ran[path]:
             never_by_child[path.split(".", 1)[0]].append(path)
-    linear_ran = {path for path in ran if path not in layers and isinstance(model.get_submodule(path), nn.Linear)}
+    linear_ran = {path for path in ran if path not in layers and isinstance(model.get_submodule(path), LORA_BASES)}
     for child, paths in never_by_child.items():
         # a plain Linear that ran at the same relative path under another child: an un-injected copy
         copies = sorted({p for p in linear_ran for q in paths if p.split(".", 1)[-1] == q.split(".", 1)[-1] and p.split(".", 1)[0] != child})

@@ -3,6 +3,7 @@
 Every function here works on any nn.Module: the model ports in models/ need no LoRA awareness.
 Injection swaps a matched nn.Linear for a LinearWithLoRA that keeps the same `weight`/`bias`
 Parameters, so the model's state_dict keys are unchanged apart from the added lora_A/lora_B.
+An NF4Linear (a Linear quantized to 4 bits, lora/quant.py) is a target exactly like an nn.Linear.
 """
 
 import difflib
@@ -13,6 +14,9 @@ from torch import nn
 
 from lora.config import LoRAConfig
 from lora.layer import LinearWithLoRA
+from lora.quant import NF4Linear, NF4Tensor
+
+LORA_BASES = (nn.Linear, NF4Linear)  # the layers LoRA wraps: a 16-bit Linear or its NF4 form
 
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
 
@@ -25,7 +29,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     when a match is not an nn.Linear (naming it and its type), or when a match is already
     a LoRA layer or part of one. Returns the injected module paths in model order.
     """
-    modules = dict(model.named_modules())
+    # An NF4 weight is a module only to hold its buffers: like a Parameter, it is never a target of its own,
+    # so a pattern selects the same layers with and without quantization.
+    modules = {path: m for path, m in model.named_modules() if not isinstance(m, NF4Tensor)}
     lora_owned = {
         f"{path}.{child}" for path, m in modules.items() if isinstance(m, LinearWithLoRA) for child in ("lora_A", "lora_B", "lora_dropout")
     }
@@ -41,9 +47,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
             raise ValueError(f"{path} already has LoRA: inject_lora was called twice on it. Load or train the existing adapter instead.")
         if path in lora_owned:
             raise ValueError(f"target matches {path}, which is part of a LoRA layer; anchor the pattern so it selects the Linear itself (e.g. end it with '_proj').")
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, LORA_BASES):
             raise ValueError(
-                f"target matches {path}, a {type(module).__name__}, but LoRA here wraps only nn.Linear. "
+                f"target matches {path}, a {type(module).__name__}, but LoRA here wraps only nn.Linear "
+                "(or its NF4 form, NF4Linear). "
                 f"Anchor the pattern so it stops at Linear layers (e.g. '...\\.(query|key|value)' instead of '...(query|key|value)')."
             )
         to_wrap.append(path)
@@ -54,7 +61,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
 
 
 def wrap_linear(model: nn.Module, path: str, config: LoRAConfig) -> LinearWithLoRA:
-    """Replace the nn.Linear at `path` by a LinearWithLoRA around it, and return the new layer."""
+    """Replace the nn.Linear (or NF4Linear) at `path` by a LinearWithLoRA around it, and return the new layer."""
     parent_path, _, child_name = path.rpartition(".")
     parent = model.get_submodule(parent_path)
     layer = LinearWithLoRA(getattr(parent, child_name), config.r, config.alpha, config.dropout, config.rslora)
@@ -65,7 +72,8 @@ def wrap_linear(model: nn.Module, path: str, config: LoRAConfig) -> LinearWithLo
 
 def no_match_message(pattern: str, model: nn.Module, n_closest: int = 8) -> str:
     """Why `pattern` selected nothing, and the Linear paths it was probably meant to select."""
-    linear_paths = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, LinearWithLoRA)) and ".lora_" not in p]
+    linear_types = (*LORA_BASES, LinearWithLoRA)
+    linear_paths = [p for p, m in model.named_modules() if isinstance(m, linear_types) and ".lora_" not in p]
     # Collapse layer indices so 32 copies of one projection count as one candidate.
     shapes = {}
     for path in linear_paths:
@@ -148,7 +156,8 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
 
     Call it after mark_only_lora_trainable. The LoRA branch keeps running in its own fp32 weights
     over a half-precision base (LinearWithLoRA.forward), so only memory and speed change. Buffers
-    are left alone: they hold things like rotary frequencies, which lose precision in bf16.
+    are left alone: they hold things like rotary frequencies, which lose precision in bf16, and an NF4
+    layer's packed uint8 codes and fp32 absmax state, which must keep their exact dtypes.
     """
     cast = 0
     with torch.no_grad():

@@ -10,6 +10,10 @@ Ported in behaviour from PEFT's ``peft.tuners.lora.layer.Linear`` and shaped lik
 ``LoRALinear``: unlike PEFT, the base ``weight`` and ``bias`` stay attributes of this module
 (the very same Parameter objects, no copy), so a checkpoint's keys are unchanged by injection
 and a strict ``load_state_dict`` of the original checkpoint still works.
+
+The base may also be an ``NF4Linear`` (QLoRA, lora/quant.py): ``weight`` is then the NF4Tensor
+module, kept in place the same way, and the base term is computed by dequantizing it per call.
+The LoRA weights, their keys and the adapter files are the same as over an nn.Linear.
 """
 
 import math
@@ -18,23 +22,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora.quant import NF4Linear, NF4Tensor, linear_nf4
+
 
 class LinearWithLoRA(nn.Module):
     """y = x·Wᵀ + b + scaling · B(A(dropout(x))), around an nn.Linear whose `weight` and `bias`
-    Parameters it keeps as its own; `lora_A` (in→r) and `lora_B` (r→out) are bias-free Linears."""
+    Parameters it keeps as its own; `lora_A` (in→r) and `lora_B` (r→out) are bias-free Linears.
+    Over an NF4Linear, `weight` is its NF4Tensor (frozen 4-bit codes) and merge() refuses."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base: nn.Linear | NF4Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LinearWithLoRA wraps an nn.Linear, got {type(base).__name__}")
+        if not isinstance(base, (nn.Linear, NF4Linear)):
+            raise TypeError(f"LinearWithLoRA wraps an nn.Linear (or an NF4Linear), got {type(base).__name__}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        # The same Parameter objects as the wrapped layer: no copy, and the keys stay `weight`/`bias`.
+        # The same Parameter objects (or NF4Tensor) as the wrapped layer: no copy, the keys stay `weight*`/`bias`.
         self.weight = base.weight
         self.register_parameter("bias", base.bias)  # None stays None, as in nn.Linear
         # LoRA weights stay fp32 when the base is half precision (PEFT's autocast_adapter_dtype):
-        # a bf16 B@A update of size ~1e-4 against weights of size ~1e-2 would round to nothing.
+        # a bf16 B@A update of size ~1e-4 against weights of size ~1e-2 would round to nothing. An NF4 base
+        # reports its original dtype, so its LoRA weights are fp32 too, on the device of its codes.
         lora_dtype = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
         factory = dict(device=base.weight.device, dtype=lora_dtype)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)  # in -> r
@@ -59,7 +67,10 @@ class LinearWithLoRA(nn.Module):
         return ["lora_A.weight", "lora_B.weight"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight, self.bias)
+        if isinstance(self.weight, NF4Tensor):
+            result = linear_nf4(x, self.weight, self.bias)  # dequantized per call, never kept for backward
+        else:
+            result = F.linear(x, self.weight, self.bias)
         if self.merged:
             return result  # the update already sits inside `weight`: one linear, nothing else
         result_dtype = result.dtype
@@ -74,6 +85,12 @@ class LinearWithLoRA(nn.Module):
 
     def merged_weight(self) -> torch.Tensor:
         """W + s·B@A in fp32: the weight merge() writes back in `weight`'s dtype."""
+        if isinstance(self.weight, NF4Tensor):
+            # Requantizing W + s·B@A would round the small update away and lose the adapter.
+            raise ValueError(
+                f"cannot merge LoRA layer {self.module_path or '<unnamed>'}: its base weight is 4-bit NF4. Merge onto "
+                "the checkpoint's original 16-bit weights instead (python -m models.export does), or keep the adapter."
+            )
         return self.weight.float() + self.delta_weight()
 
     @torch.no_grad()

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lora.inject import lora_layers
+from lora.quant import NF4Tensor
 
 
 @dataclass
@@ -34,14 +35,24 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     """
     by_child: dict[str, tuple[int, int]] = {}
     trainable = total = 0
-    for name, param in model.named_parameters():  # named_parameters yields a shared tensor once
+    for name, numel, requires_grad in counted_weights(model):
         child = name.split(".", 1)[0]
         t, n = by_child.get(child, (0, 0))
-        grad = param.numel() if param.requires_grad else 0
-        by_child[child] = (t + grad, n + param.numel())
+        grad = numel if requires_grad else 0
+        by_child[child] = (t + grad, n + numel)
         trainable += grad
-        total += param.numel()
+        total += numel
     return TrainableSummary(trainable, total, len(lora_layers(model)), by_child)
+
+
+def counted_weights(model: nn.Module):
+    """(name, numel, requires_grad) of every parameter, and of every NF4 weight (--quantize nf4), which
+    holds its parameters as packed buffers: a quantized model still has as many weights as before."""
+    for name, param in model.named_parameters():  # named_parameters yields a shared tensor once
+        yield name, param.numel(), param.requires_grad
+    for name, module in model.named_modules():
+        if isinstance(module, NF4Tensor):
+            yield name, module.shape.numel(), False
 
 
 def lora_placement(model: nn.Module) -> str:
@@ -49,7 +60,7 @@ def lora_placement(model: nn.Module) -> str:
     in 96 layers, all inside qformer' — a pattern that spread into a language model shows here."""
     layers = lora_layers(model)
     n_lora = sum(layer.lora_A.weight.numel() + layer.lora_B.weight.numel() for layer in layers.values())
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(numel for _, numel, _ in counted_weights(model))
     children: dict[str, int] = {}
     for path in layers:
         children[path.split(".", 1)[0]] = children.get(path.split(".", 1)[0], 0) + 1

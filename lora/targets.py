@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lora.inject import LORA_BASES
+from lora.summary import counted_weights
 from lora.layer import LinearWithLoRA
 
 _NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)")
@@ -121,7 +123,7 @@ def check_target_alternatives(model: nn.Module, patterns: list[str]) -> TargetWa
     name and a corrected pattern. Works before or after inject_lora. A pattern that selects nothing
     at all is left out: inject_lora refuses it with its own message."""
     modules = [p for p, _ in model.named_modules() if p and ".lora_" not in p]
-    linear = [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, LinearWithLoRA)) and ".lora_" not in p]
+    linear = [p for p, m in model.named_modules() if isinstance(m, (*LORA_BASES, LinearWithLoRA)) and ".lora_" not in p]
     selected = {p for p in linear if any(re.fullmatch(pattern, p) for pattern in patterns)}
     warnings = TargetWarnings()
     for pattern in patterns:
@@ -181,8 +183,8 @@ class TargetPreview:
 def preview_targets(model: nn.Module, patterns: list[str], r: int) -> TargetPreview:
     """What inject_lora(model, LoRAConfig(patterns, r=r)) would do, and what looks unintended."""
     modules = {p: m for p, m in model.named_modules() if p and ".lora_" not in p}
-    linear = {p: m for p, m in modules.items() if isinstance(m, (nn.Linear, LinearWithLoRA))}
-    preview = TargetPreview(total_params=sum(p.numel() for p in model.parameters()))
+    linear = {p: m for p, m in modules.items() if isinstance(m, (*LORA_BASES, LinearWithLoRA))}
+    preview = TargetPreview(total_params=sum(numel for _, numel, _ in counted_weights(model)))
     for path, module in modules.items():
         if any(re.fullmatch(pattern, path) for pattern in patterns):
             if path in linear:

@@ -57,6 +57,7 @@ from models.contrastive import caption_keys, contrastive_loss, contrastive_targe
 from models.loading import load_audio_encoder, load_text_encoder, load_tokenizer
 from models.qwen2_audio import (AUDIO_BOS, Qwen2AudioForConditionalGeneration, chat_prompt, load_qwen2_audio,
                                 load_qwen2_audio_tokenizer, place_audio, project_audio)
+from models.shard_loading import Quantize
 from models.text_cache import TEXT_CHUNK, canonical_chunks
 from models.tokenizer import tokenize
 
@@ -240,30 +241,42 @@ def full_forward_prompt_ids(tokenizer) -> list[int]:
 
 
 def build_audio_text_model(audio_model: str, text_model: str, embed_dim: int = 256, seed: int = 0,
-                           encoding_strategy: str = "audio_tower", language_model_dtype=None) -> AudioTextModel:
+                           encoding_strategy: str = "audio_tower", language_model_dtype=None,
+                           quantize: Quantize | None = None) -> AudioTextModel:
     """Both towers from their checkpoints (directory or hub id) plus freshly initialised heads.
 
     The heads' init is seeded, so a resumed or re-evaluated run rebuilds the same model before
     its saved tensors are loaded. Towers stay fp32 here; train.py's --precision uses autocast.
     encoding_strategy "full_forward" loads the whole Qwen2-Audio as the audio side (its language model
-    in `language_model_dtype`, default fp32); "audio_tower" reads only the tower's shards.
+    in `language_model_dtype`, default fp32); "audio_tower" reads only the tower's shards. `quantize`
+    (QLoRA) holds the towers' Linear layers in NF4, paths as this model names them ('audio_tower.', ...).
     """
     if encoding_strategy not in ENCODING_STRATEGIES:
         raise ValueError(f"encoding_strategy {encoding_strategy!r}: use one of {', '.join(ENCODING_STRATEGIES)}")
     full_model, prompt_ids = None, []
     if encoding_strategy == "full_forward":
         try:
-            full_model = load_qwen2_audio(audio_model, language_model_dtype=language_model_dtype)
+            full_model = load_qwen2_audio(audio_model, language_model_dtype=language_model_dtype, quantize=quantize)
         except ValueError as error:
             raise ValueError(f"--encoding-strategy full_forward runs the whole Qwen2-Audio, so --audio-model must be a whole "
                              f"Qwen2-Audio checkpoint (e.g. Qwen/Qwen2-Audio-7B-Instruct): {error}") from error
         audio_tower, prompt_ids = full_model.audio_tower, full_forward_prompt_ids(load_qwen2_audio_tokenizer(audio_model))
     else:
-        audio_tower = load_audio_encoder(audio_model)
-    text_tower = load_text_encoder(text_model)
+        audio_tower = load_audio_encoder(audio_model, quantize=quantize.under("audio_tower.") if quantize is not None else None)
+    text_tower = load_text_encoder(text_model, quantize=quantize.under("text_tower.") if quantize is not None else None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AudioTextModel(audio_tower, text_tower, embed_dim, full_model, prompt_ids)
+
+
+def run_quantization(run: dict) -> Quantize | None:
+    """The quantization a run was trained with (run_config.json's `quantize`, `quantize_keep`), to rebuild
+    the same model: the LoRA weights were trained over those NF4 weights, not over the 16-bit ones."""
+    if run.get("quantize", "none") == "none":
+        return None
+    if run["quantize"] != "nf4":
+        raise ValueError(f"run_config.json: unknown quantize {run['quantize']!r} (this toolkit knows 'none' and 'nf4')")
+    return Quantize(keep=tuple(run.get("quantize_keep", ())))
 
 
 def save_heads(model: nn.Module, path) -> list[str]:
@@ -386,7 +399,7 @@ def load_run(run_dir, device="cpu", precision: str | None = None, with_adapter: 
                          "(evaluate this one with eval.py, export it with python -m models.export)")
     model = build_audio_text_model(run["audio_model"], run["text_model"], run["embed_dim"], seed=run["seed"],
                                    encoding_strategy=run.get("encoding_strategy", "audio_tower"),
-                                   language_model_dtype=run.get("language_model_dtype"))
+                                   language_model_dtype=run.get("language_model_dtype"), quantize=run_quantization(run))
     heads = load_heads(model, run_dir / HEADS_FILE)
     if with_adapter:
         load_adapter(model, run_dir)

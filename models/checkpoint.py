@@ -289,6 +289,14 @@ class Checkpoint:
     def load_prefix(self, prefix: str, dtype: str | torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The tensors whose key starts with `prefix`, prefix stripped, read from only the shards holding
         them; floating tensors cast to `dtype` if given (integer tensors keep theirs)."""
+        state = {}
+        for shard_state in self.iter_prefix(prefix, dtype):
+            state.update(shard_state)
+        return dict(sorted(state.items()))
+
+    def iter_prefix(self, prefix: str, dtype: str | torch.dtype | None = None):
+        """load_prefix one shard at a time: yields each shard's tensors under `prefix` (prefix stripped),
+        so a caller can adopt or quantize them and let them go before the next shard is read."""
         dtype = resolve_dtype(dtype) if dtype is not None else None
         keys = self.keys_with_prefix(prefix)
         if not keys:
@@ -300,9 +308,9 @@ class Checkpoint:
             hint = f"; did you mean {', '.join(map(repr, nearby[:5]))}?" if nearby else ""
             raise CheckpointError(f"no tensor in {self.source} starts with {prefix!r}; this checkpoint's top-level "
                                   f"prefixes are: {', '.join(self.top_level_prefixes())}{hint}")
-        state = {}
         for shard in self.shards_for(prefix):
             wanted = [key for key in keys if self.weight_map[key] == shard]
+            state = {}
             with self._open_shard(shard) as handle:
                 absent = sorted(set(wanted) - set(handle.keys()))
                 if absent:
@@ -314,7 +322,8 @@ class Checkpoint:
                     if dtype is not None and tensor.is_floating_point():
                         tensor = tensor.to(dtype)
                     state[key[len(prefix):]] = tensor
-        return dict(sorted(state.items()))
+            yield state
+            del state  # this shard's tensors now belong to the caller alone
 
 
 def _listed(names: list[str], limit: int = 10) -> str:

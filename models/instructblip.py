@@ -18,7 +18,9 @@ transformers' `InstructBlipForConditionalGeneration` and LAVIS's `blip2_t5_instr
                     T5 decoder -> logits (B, La, V) over the answer, loss
     LLaMA (Vicuna): input_ids is prompt + answer + </s> in one sequence, labels aligned with it
                     (-100 on the prompt and padding) -> causal decoder over [queries; text]
-                    -> logits (B, L, V) over the text positions; next-token loss on the answer
+                    -> logits (B, L, V) over the text positions; next-token loss on the answer,
+                    from the answer positions alone (models/lm_loss.py): in training neither the
+                    Q query positions nor the prompt are projected onto the vocabulary
 
 The explicit `inputs_embeds` is the point: both language models take embeddings as a first-class
 argument, so nothing has to smuggle them through a forward that does not accept them.
@@ -42,6 +44,7 @@ from models.blip_vision import BlipVisionConfig, BlipVisionModel
 from models.checkpoint import Checkpoint, load_into, resolve_dtype
 from models.llama import CausalLMOutput, LlamaForCausalLM, load_llama
 from models.qformer import QFormerConfig, QFormerModel
+from models.shard_loading import Quantize, quantize_linears
 from models.t5 import Seq2SeqLMOutput, T5ForConditionalGeneration, load_t5
 
 CHILDREN = ("vision_model", "qformer", "language_projection", "language_model")  # + query_tokens, a bare Parameter
@@ -107,7 +110,8 @@ class InstructBlip(nn.Module):
 
         T5: input_ids the prompt, labels (B, La) the answer; logits (B, La, V) from the decoder.
         LLaMA: input_ids the prompt and answer, labels (B, L) aligned with it; logits (B, L, V) over the
-        text positions (the query positions' are dropped), logits[:, t] scored against labels[:, t + 1]."""
+        text positions, computed only if read (the query positions never meet the vocabulary), logits[:, t]
+        scored against labels[:, t + 1]; the loss projects only the scored positions (models/lm_loss.py)."""
         embeds, mask = self.language_model_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask)
         if not self.config.decoder_only:
             return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, decoder_input_ids=decoder_input_ids)
@@ -117,7 +121,7 @@ class InstructBlip(nn.Module):
         if labels is not None:  # nothing to predict at the query positions: the last one predicts labels[:, 0]
             labels = torch.cat([labels.new_full((labels.shape[0], Q), -100), labels], dim=1)  # (B, Q + L)
         out = self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-        return CausalLMOutput(logits=out.logits[:, Q:], loss=out.loss, last_hidden_state=out.last_hidden_state[:, Q:])
+        return CausalLMOutput(last_hidden_state=out.last_hidden_state[:, Q:], head=out.head, loss=out.loss)  # text rows only
 
     @torch.no_grad()
     def generate(self, pixel_values, qformer_input_ids, qformer_attention_mask=None, input_ids=None,
@@ -141,8 +145,10 @@ def instructblip_prefix(checkpoint: Checkpoint) -> str:
                      f"(its top-level prefixes are: {', '.join(checkpoint.top_level_prefixes())})")
 
 
-def load_instructblip(path_or_hub_id, dtype=torch.float32, language_model_dtype=None, revision=None) -> InstructBlip:
-    """InstructBLIP from a checkpoint directory or hub id, in eval mode.
+def load_instructblip(path_or_hub_id, dtype=torch.float32, language_model_dtype=None, revision=None,
+                      quantize: Quantize | None = None) -> InstructBlip:
+    """InstructBLIP from a checkpoint directory or hub id, in eval mode. With `quantize` (QLoRA) the Linear
+    layers it does not keep are held in NF4: a Vicuna's as its shards are read, the other parts once loaded.
 
     `language_model_dtype` (default: `dtype`) lets the frozen language model sit in bf16 while the
     Q-Former, which LoRA trains, stays fp32 (a 7B Vicuna: 13.5 GB instead of 27). fp16 is refused for
@@ -154,15 +160,20 @@ def load_instructblip(path_or_hub_id, dtype=torch.float32, language_model_dtype=
     dtype = resolve_dtype(dtype)
     lm_dtype = resolve_dtype(language_model_dtype or dtype)
     if config.decoder_only:
-        language_model = load_llama(checkpoint, f"{prefix}language_model.", config.text_config, dtype=lm_dtype)
+        language_model = load_llama(checkpoint, f"{prefix}language_model.", config.text_config, dtype=lm_dtype,
+                                    quantize=quantize.under("language_model.") if quantize is not None else None)
     elif lm_dtype == torch.float16:
         raise ValueError("fp16 for the T5 language model is refused: flan-t5 activations overflow fp16 (inf/NaN); use bf16 or fp32")
     else:
         language_model = load_t5(checkpoint, f"{prefix}language_model.", config.text_config, dtype=lm_dtype)
+        if quantize is not None:  # flan-t5-xl's 3B load whole, then shrink: T5's shared-table aliases need every key
+            quantize_linears(language_model, quantize.under("language_model.").keeping("lm_head"))
     with torch.device("meta"):
         model = InstructBlip(config, language_model)
     for name in ("vision_model", "qformer", "language_projection"):
         load_into(getattr(model, name), checkpoint.load_prefix(f"{prefix}{name}.", dtype), f"{checkpoint.source} [{prefix}{name}.*]")
+        if quantize is not None:
+            quantize_linears(getattr(model, name), quantize.under(f"{name}."))
     query_tokens = checkpoint.load_prefix(f"{prefix}query_tokens", dtype)[""]
     if query_tokens.shape != model.query_tokens.shape:
         raise ValueError(f"{checkpoint.source}: query_tokens has shape {tuple(query_tokens.shape)}, the config implies {tuple(model.query_tokens.shape)}")

@@ -8,7 +8,10 @@ gpt-fast's model.py: training, scoring and greedy decoding only.
 
     input_ids (B, T) -> model.embed_tokens, or inputs_embeds (B, T, D) given directly
     -> num_hidden_layers x [x + attn(rmsnorm(x)), x + mlp(rmsnorm(x))]  causal, rotary positions
-    -> model.norm -> last_hidden_state (B, T, D) -> lm_head -> logits (B, T, V)
+    -> model.norm -> last_hidden_state (B, T, D) -> lm_head -> logits (B, T, V), computed only if read
+    training: the positions whose next label is not -100 (N, D) -> lm_head in chunks, each chunk's
+    logits recomputed in backward (models/lm_loss.py) -> mean cross entropy; never (B, T, V)
+    gradient_checkpointing: each decoder layer's activations recomputed in backward instead of kept
 
 What differs between the checkpoints is config only (`LlamaConfig.from_hf`): Qwen2 has biases on
 q/k/v (not o), a larger rope_theta and sometimes tied embeddings; LLaMA 3.1 scales its rotary
@@ -31,6 +34,7 @@ table, so its state_dict is exactly the file's keys (as models/t5.py does with `
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.checkpoint import Checkpoint, load_into, resolve_dtype
+from models.checkpoint import Checkpoint, CheckpointError, resolve_dtype
+from models.lm_loss import CHUNK_POSITIONS, next_token_loss
+from models.shard_loading import Quantize, load_streaming
 
 ROPE_TYPES = ("default", "linear", "llama3")
 MODEL_TYPES = ("llama", "qwen2")
@@ -287,9 +293,20 @@ class LlamaModel(nn.Module):
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # (B, T, V)
+    """What the decoder-only models return. `logits` (B, T, V) are projected from last_hidden_state when
+    first read, not in forward: a training step reads only `.loss` (computed from the labelled positions,
+    models/lm_loss.py), so it never holds (B, T, V) floats. Read them under the forward's autocast to get
+    the forward's dtype."""
+    last_hidden_state: torch.Tensor  # (B, T, D), after the final norm
+    head: Callable[[torch.Tensor], torch.Tensor]  # (..., D) -> (..., V): the model's lm_head (or tied embeddings)
     loss: torch.Tensor | None = None  # mean next-token cross entropy over labels != -100
-    last_hidden_state: torch.Tensor | None = None  # (B, T, D), after the final norm
+    _logits: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self.head(self.last_hidden_state)  # (B, T, D) -> (B, T, V), once
+        return self._logits
 
     def __getitem__(self, key: str):  # out["logits"], as with transformers' outputs
         return getattr(self, key)
@@ -302,25 +319,28 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         # tied: no module at all, logits use model.embed_tokens.weight (see the module docstring)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_chunk_size = CHUNK_POSITIONS  # scored positions projected onto the vocabulary at a time (models/lm_loss.py)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)  # (B, T, D) -> (B, T, V)
+        """(..., D) -> (..., V). The lm_head module is called, not its weight read: LoRA on lm_head must act."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.model.embed_tokens.weight)
+        return self.lm_head(hidden)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, labels=None, position_ids=None,
                 cache: KVCache | None = None) -> CausalLMOutput:
         """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, cached + T), 1 = real token,
         padding on either side; labels (B, T) aligned with the inputs (-100 ignored): logits at t
-        are scored against labels at t + 1, as transformers' ForCausalLMLoss."""
+        are scored against labels at t + 1, as transformers' ForCausalLMLoss. The loss projects only the
+        scored positions onto the vocabulary; `.logits` are computed if read (CausalLMOutput)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         hidden = self.model(x, attention_mask, position_ids, cache)
-        logits = self.logits(hidden)  # (B, T, V)
         loss = None
-        if labels is not None:  # in fp32, as the reference; the last position predicts nothing
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss, last_hidden_state=hidden)
+        if labels is not None:  # fp32 per chunk, as the reference upcasts; the last position predicts nothing
+            loss = next_token_loss(hidden, labels, self.logits, self.loss_chunk_size)
+        return CausalLMOutput(last_hidden_state=hidden, head=self.logits, loss=loss)
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens: int = 20,
@@ -355,22 +375,37 @@ class LlamaForCausalLM(nn.Module):
 
 
 def load_llama(checkpoint: Checkpoint | str, prefix: str = "", config: dict | None = None,
-               dtype: str | torch.dtype | None = None) -> LlamaForCausalLM:
+               dtype: str | torch.dtype | None = None, quantize: Quantize | None = None) -> LlamaForCausalLM:
     """LlamaForCausalLM (llama or qwen2) from the keys under `prefix` of a checkpoint (or its directory or hub
     id), in eval mode. config: the LM's config dict (default: config.json; InstructBLIP: its `text_config`
-    with prefix 'language_model.'; Qwen2-Audio the same). dtype: cast floating tensors (default: the file's)."""
+    with prefix 'language_model.'; Qwen2-Audio the same). dtype: cast floating tensors (default: the file's).
+
+    Read shard by shard (models/shard_loading.py): with `quantize`, each Linear weight but lm_head's becomes
+    NF4 as its shard is read, so a 7B model never sits in memory in 16 bits. lm_head stays in `dtype`, as
+    transformers + bitsandbytes keep it: NF4 would save 0.9 GB of Qwen2-Audio-7B's 1.28 GB bf16 head, at
+    the price of rounding every logit of the loss and of generation."""
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = Checkpoint.open(checkpoint)
     cfg = LlamaConfig.from_hf(checkpoint.config if config is None else config)
-    state = checkpoint.load_prefix(prefix, resolve_dtype(dtype) if dtype is not None else None)
     source = f"{checkpoint.source} [{prefix or '(no prefix)'}*]"
-    for key in [k for k in state if k.endswith(LEGACY_SUFFIXES)]:
-        del state[key]
-    if cfg.tie_word_embeddings and "lm_head.weight" in state:  # some savers write the tied copy anyway
-        if not torch.equal(state["lm_head.weight"], state.get("model.embed_tokens.weight", torch.empty(0))):
-            raise ValueError(f"{source}: tie_word_embeddings is true but lm_head.weight differs from "
-                             "model.embed_tokens.weight; fix the config's tie_word_embeddings")
-        del state["lm_head.weight"]
+    tied_copies = []  # some savers write the tied lm_head.weight anyway: checked against the embeddings below
+
+    def skip(key: str) -> bool:
+        if cfg.tie_word_embeddings and key == "lm_head.weight":
+            return True
+        return key.endswith(LEGACY_SUFFIXES)
+
+    def shards():
+        for state in checkpoint.iter_prefix(prefix, resolve_dtype(dtype) if dtype is not None else None):
+            if cfg.tie_word_embeddings and "lm_head.weight" in state:
+                tied_copies.append(state["lm_head.weight"])
+            yield state
+
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    return load_into(model, state, source).eval()
+    replace = quantize.keeping("lm_head").replacer() if quantize is not None else None
+    load_streaming(model, shards(), source, replace=replace, skip=skip)
+    if tied_copies and not torch.equal(tied_copies[0], model.model.embed_tokens.weight):
+        raise CheckpointError(f"{source}: tie_word_embeddings is true but lm_head.weight differs from "
+                              "model.embed_tokens.weight; fix the config's tie_word_embeddings")
+    return model.eval()

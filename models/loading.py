@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from models.bert import BertConfig, BertModel, bert_prefix, has_pooler
 from models.checkpoint import Checkpoint, CheckpointError, CheckpointNotFound, load_into, resolve_dtype
+from models.shard_loading import Quantize, quantize_linears
 from models.qwen2_audio_encoder import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
 from models.tokenizer import load_llama_tokenizer, load_t5_tokenizer, load_tokenizer_files
 
@@ -59,8 +60,10 @@ def config_from_hf(checkpoint: Checkpoint, config_class):
         raise CheckpointError(f"{checkpoint.source}: {error}") from None
 
 
-def load_audio_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = torch.float32, revision: str | None = None) -> Qwen2AudioEncoder:
-    """The Qwen2-Audio audio tower (or a Whisper encoder mapped onto it), weights loaded, in eval mode."""
+def load_audio_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = torch.float32, revision: str | None = None,
+                       quantize: Quantize | None = None) -> Qwen2AudioEncoder:
+    """The Qwen2-Audio audio tower (or a Whisper encoder mapped onto it), weights loaded, in eval mode; with
+    `quantize`, its Linear layers then held in NF4 (models/shard_loading.py)."""
     checkpoint = Checkpoint.open(path_or_hub_id, revision=revision)
     config = config_from_hf(checkpoint, Qwen2AudioEncoderConfig)
     prefix = audio_tower_prefix(checkpoint)
@@ -68,11 +71,14 @@ def load_audio_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = to
     with torch.device("meta"):
         encoder = Qwen2AudioEncoder(config)
     load_into(encoder, state, f"{checkpoint.source} [{prefix or '(no prefix)'}*]")
-    return encoder.eval()
+    del state
+    return (encoder if quantize is None else quantize_linears(encoder, quantize)).eval()
 
 
-def load_text_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = torch.float32, revision: str | None = None) -> BertModel:
-    """A BERT-family text encoder (BERT, MiniLM, ...), with its pooler when the checkpoint has one."""
+def load_text_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = torch.float32, revision: str | None = None,
+                      quantize: Quantize | None = None) -> BertModel:
+    """A BERT-family text encoder (BERT, MiniLM, ...), with its pooler when the checkpoint has one; with
+    `quantize`, its Linear layers then held in NF4."""
     checkpoint = Checkpoint.open(path_or_hub_id, revision=revision)
     config = config_from_hf(checkpoint, BertConfig)
     try:
@@ -87,7 +93,8 @@ def load_text_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = tor
     with torch.device("meta"):
         encoder = BertModel(config, with_pooler=has_pooler(checkpoint.weight_map, prefix))
     load_into(encoder, state, f"{checkpoint.source} [{prefix or '(no prefix)'}*]")
-    return encoder.eval()
+    del state
+    return (encoder if quantize is None else quantize_linears(encoder, quantize)).eval()
 
 
 def load_tokenizer(path_or_hub_id: str | Path, revision: str | None = None) -> Tokenizer:

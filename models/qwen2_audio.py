@@ -11,7 +11,9 @@ and its `Qwen2AudioProcessor` (processing_qwen2_audio.py); the parts are this re
     input_ids (B, L), <|AUDIO|> written output_lengths[n] times for clip n (the processor's expansion)
       -> language_model.model.embed_tokens                           (B, L, D_lm)
       -> the audio rows written over the placeholders, in reading order (`place_audio`)
-      -> language_model (Qwen2, models/llama.py) -> logits (B, L, V); loss on labels != -100
+      -> language_model (Qwen2, models/llama.py) -> loss on labels != -100 from the scored positions alone
+         (models/lm_loss.py: the 750 placeholders of a 30 s clip never meet the 156,032-word vocabulary);
+         logits (B, L, V) only if read
 
 Quirks of the reference, copied or accounted for:
 - The processor, not the model, expands each <|AUDIO|> into one placeholder per audio-tower
@@ -44,6 +46,7 @@ from torch import nn
 from models.checkpoint import Checkpoint, load_into, resolve_dtype
 from models.llama import CausalLMOutput, LlamaConfig, LlamaForCausalLM, load_llama
 from models.qwen2_audio_encoder import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
+from models.shard_loading import Quantize, quantize_linears
 
 AUDIO, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -169,8 +172,9 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
 
     def forward(self, input_ids, input_features=None, attention_mask=None, feature_attention_mask=None,
                 labels=None) -> CausalLMOutput:
-        """transformers' arguments, in its order -> .logits (B, L, V) and .loss (mean next-token cross entropy over
-        labels != -100 on attended positions; logits at t score labels at t + 1). Padding on either side."""
+        """transformers' arguments, in its order -> .loss (mean next-token cross entropy over labels != -100 on
+        attended positions; logits at t score labels at t + 1) and .logits (B, L, V), computed only if read
+        (models/llama.py CausalLMOutput). Padding on either side."""
         embeds = self.inputs_embeds(input_ids, input_features, feature_attention_mask)
         if labels is not None and attention_mask is not None:  # the reference drops unattended targets
             labels = labels.masked_fill(attention_mask == 0, -100)
@@ -200,10 +204,11 @@ def language_side_linear_paths(config: dict | None = None) -> list[str]:
 
 
 def load_qwen2_audio(path_or_hub_id: str | Path, dtype: str | torch.dtype = torch.float32, language_model_dtype=None,
-                     revision: str | None = None) -> Qwen2AudioForConditionalGeneration:
+                     revision: str | None = None, quantize: Quantize | None = None) -> Qwen2AudioForConditionalGeneration:
     """The whole Qwen2-Audio (e.g. Qwen/Qwen2-Audio-7B-Instruct) from a checkpoint directory or hub id, sharded
     or not, in eval mode. `language_model_dtype` (default: `dtype`) holds the 7B language model in bf16 while
-    the tower and projector stay in `dtype` (LoRA weights are added later, in fp32, by lora/)."""
+    the tower and projector stay in `dtype` (LoRA weights are added later, in fp32, by lora/). With `quantize`
+    (QLoRA) the Linear layers it does not keep are held in NF4, the language model's as its shards are read."""
     checkpoint = Checkpoint.open(path_or_hub_id, revision=revision)
     config = Qwen2AudioConfig.from_hf(checkpoint.config)
     if "language_model.model.embed_tokens.weight" not in checkpoint.weight_map:
@@ -211,11 +216,14 @@ def load_qwen2_audio(path_or_hub_id: str | Path, dtype: str | torch.dtype = torc
                          f"in the hub layout (its top-level prefixes are: {', '.join(checkpoint.top_level_prefixes())}); "
                          "an audio tower alone serves --encoding-strategy audio_tower, not the whole model")
     dtype = resolve_dtype(dtype)
-    language_model = load_llama(checkpoint, "language_model.", config.text_config, dtype=resolve_dtype(language_model_dtype or dtype))
+    language_model = load_llama(checkpoint, "language_model.", config.text_config, dtype=resolve_dtype(language_model_dtype or dtype),
+                                quantize=quantize.under("language_model.") if quantize is not None else None)
     with torch.device("meta"):
         model = Qwen2AudioForConditionalGeneration(config, language_model)
     for name in ("audio_tower", "multi_modal_projector"):
         load_into(getattr(model, name), checkpoint.load_prefix(f"{name}.", dtype), f"{checkpoint.source} [{name}.*]")
+        if quantize is not None:
+            quantize_linears(getattr(model, name), quantize.under(f"{name}."))
     return model.eval()
 
 

@@ -121,6 +121,42 @@ def test_text_logits_and_loss_equal_the_reference(saved):
     torch.testing.assert_close(out.loss, shifted)
 
 
+def test_training_projects_only_the_answer_positions_onto_the_vocabulary(saved):
+    """The loss meets the vocabulary at the scored positions alone, never at the Q query positions nor the
+    prompt; logits read afterwards cover the text positions only; and the loss equals the cross entropy of
+    the full [queries; text] logits, gradients to the Q-Former's LoRA included."""
+    directory, _ = saved
+    ours = load_instructblip(directory)
+    inject_lora(ours, LoRAConfig(r"qformer.*\.(query|key|value)", r=2))
+    mark_only_lora_trainable(ours)
+    with torch.no_grad():  # B starts at zero: give A a gradient to compare
+        for layer in lora_layers(ours).values():
+            layer.lora_B.weight.normal_(0, 0.1)
+    lm = ours.language_model
+    lm.loss_chunk_size = 3
+    rows, head = [], lm.logits
+    lm.logits = lambda hidden: (rows.append(tuple(hidden.shape[:-1])), head(hidden))[1]  # forward's self.logits
+    pixel_values, qformer_ids, qformer_mask = images(0, 3)
+    ids, mask, labels = training_batch()
+    kwargs = dict(pixel_values=pixel_values, qformer_input_ids=qformer_ids, qformer_attention_mask=qformer_mask,
+                  input_ids=ids, attention_mask=mask)
+    lora = [p for p in ours.parameters() if p.requires_grad]
+    out = ours(**kwargs, labels=labels)
+    grads = torch.autograd.grad(out.loss, lora)
+    scored = int((labels[:, 1:] != -100).sum())
+    assert sorted(rows) == sorted(2 * [(3,), (3,), (scored - 6,)]), "chunks of the scored rows, each again in backward"
+    rows.clear()
+    assert out.logits.shape == (3, ids.shape[1], VOCAB) and rows == [(3, ids.shape[1])], "read logits: the text rows only"
+
+    embeds, full_mask = ours.language_model_inputs(pixel_values, qformer_ids, qformer_mask, ids, mask)
+    full = head(lm.model(embeds, full_mask))  # (B, Q + L, V): what the forward computed before models/lm_loss.py
+    expected = torch.nn.functional.cross_entropy(full[:, Q:-1].flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=1e-6)
+    for grad, reference in zip(grads, torch.autograd.grad(expected, lora)):
+        torch.testing.assert_close(grad, reference, atol=1e-6, rtol=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
 def test_greedy_generation_equals_the_reference_after_left_padded_prompts(saved):
     directory, reference = saved
     ours = load_instructblip(directory)

@@ -126,9 +126,44 @@ def test_bf16_language_model_beside_an_fp32_tower(pair):
     assert {p.dtype for p in half.audio_tower.parameters()} | {p.dtype for p in half.multi_modal_projector.parameters()} == {torch.float32}
     features, feature_mask = clips()
     input_ids, mask, labels = batch(left=False)
+    lm = half.language_model  # the two vocabulary-sized tables, frozen, stay 16-bit
+    assert lm.model.embed_tokens.weight.dtype == lm.lm_head.weight.dtype == torch.bfloat16
     out = half(input_ids, features, mask, feature_mask, labels)  # transformers' positional order
+    assert out.loss.dtype == torch.float32  # each chunk of bf16 logits upcast before the softmax
     assert out.logits.dtype == torch.bfloat16
-    torch.testing.assert_close(out.loss.float(), ours(input_ids, features, mask, feature_mask, labels).loss, atol=0.1, rtol=0.05)
+    full = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, full, atol=1e-6, rtol=1e-6)  # the reference's upcast of bf16 logits
+    torch.testing.assert_close(out.loss, ours(input_ids, features, mask, feature_mask, labels).loss, atol=0.1, rtol=0.05)
+
+
+def test_the_label_only_training_loss_equals_the_full_logits_loss_and_gradients(pair):
+    """LoRA on the tower and on the language model's q/k/v/o: the loss from the answer positions alone (in
+    chunks of 2) against the cross entropy of the full (B, L, V) logits, and every LoRA gradient."""
+    from lora import LoRAConfig, inject_lora, lora_layers, mark_only_lora_trainable
+
+    _, _, directory = pair
+    model = load_qwen2_audio(directory)
+    inject_lora(model, LoRAConfig([r"audio_tower.*self_attn\.(q|k|v|out)_proj", r"language_model.*self_attn\.(q|k|v|o)_proj"], r=2))
+    mark_only_lora_trainable(model, also=["multi_modal_projector"])
+    with torch.no_grad():  # B starts at zero: give A a gradient to compare
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.2)
+    model.language_model.loss_chunk_size = 2
+    features, feature_mask = clips()
+    input_ids, mask, labels = batch(left=True)
+    inputs = dict(input_ids=input_ids, attention_mask=mask, input_features=features, feature_attention_mask=feature_mask)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    losses, grads = [], []
+    for label_only in (True, False):
+        out = model(**inputs, labels=labels if label_only else None)
+        loss = out.loss if label_only else torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].flatten(0, 1), labels.masked_fill(mask == 0, -100)[:, 1:].flatten())
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, list(trainable.values())))
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
+    for name, new, old in zip(trainable, *grads):
+        torch.testing.assert_close(new, old, atol=1e-6, rtol=1e-6, msg=name)
+        assert old.abs().sum() > 0, name
 
 
 def test_one_placeholder_per_clip_and_a_tower_only_checkpoint_are_refused(pair, tmp_path):

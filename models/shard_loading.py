@@ -1,0 +1,126 @@
+"""Load a module shard by shard, optionally replacing frozen Linear layers as their weights arrive.
+
+`models/checkpoint.py` `load_into` adopts a whole state dict at once. For a 7B language model in
+16 bits that dict is 15 GB; with QLoRA the point is never to hold it: each Linear weight is
+quantized to NF4 (lora/quant.py, about 0.53 bytes a parameter) the moment its shard is read, and
+the 16-bit tensor is dropped before the next shard is opened. So the peak while loading is the
+quantized model plus one shard, not the 16-bit model.
+
+    model = LlamaForCausalLM(cfg) on the meta device       # names and shapes, no memory
+    for shard in checkpoint.iter_prefix("language_model.", bf16):
+        key -> Linear weight to quantize?  replace that meta nn.Linear by replace(path, linear, weight)
+               anything else               adopt the tensor (assign), as load_state_dict(assign=True)
+    check: every key seen once, shapes equal, nothing left on meta
+
+The checks are load_into's (missing, unexpected, mis-shaped keys, named); they run at the end,
+since the shards arrive one at a time.
+"""
+
+from dataclasses import dataclass, replace as with_fields
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lora.quant import NF4Linear, quantize_nf4
+from models.checkpoint import CheckpointError, _listed
+
+# (module path, the meta nn.Linear, its weight as read) -> the module to put there, or None to load it as is
+ReplaceLinear = Callable[[str, nn.Linear, torch.Tensor], nn.Module | None]
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """Which Linear layers a loader holds in NF4 (`--quantize nf4`): every nn.Linear of the model except
+    those at or under a `keep` path (the trainable heads, the output head). `base` is the model path of
+    the module being loaded (e.g. 'language_model.'), so `keep` names full model paths."""
+
+    keep: tuple[str, ...] = ()
+    blocksize: int = 64
+    base: str = ""
+
+    def under(self, path: str) -> "Quantize":
+        """The same policy for the submodule at model path `path` (loaded on its own)."""
+        return with_fields(self, base=self.base + path)
+
+    def keeping(self, path: str) -> "Quantize":
+        """The same policy, with the module at `path` (under `base`) kept in its 16-bit dtype too."""
+        return with_fields(self, keep=self.keep + (self.base + path,))
+
+    def kept(self, path: str) -> bool:
+        full = self.base + path
+        return any(full == k or full.startswith(k + ".") for k in self.keep)
+
+    def replacer(self) -> ReplaceLinear:
+        """For load_streaming: the NF4Linear of each Linear not kept, quantized from the weight just read
+        (the 16-bit tensor is dropped with the shard); its bias slot is filled when its key arrives."""
+        def replace(path: str, linear: nn.Linear, weight: torch.Tensor) -> nn.Module | None:
+            if self.kept(path):
+                return None
+            return NF4Linear(quantize_nf4(weight, self.blocksize, double_quant=True, name=self.base + path), linear.bias)
+        return replace
+
+
+def load_streaming(module: nn.Module, shards, source: str, replace: ReplaceLinear | None = None,
+                   skip: Callable[[str], bool] | None = None) -> nn.Module:
+    """Adopt the tensors of `shards` (an iterable of {key: tensor} dicts, e.g. Checkpoint.iter_prefix)
+    into `module`, built on the meta device; `replace` may swap a Linear for another module as its weight
+    arrives (its bias, in whatever shard, then lands on the new module); keys with skip(key) are dropped.
+    Raises CheckpointError naming `source` and the keys at fault."""
+    expected = {key: tensor.shape for key, tensor in module.state_dict().items()}  # on meta: no memory
+    seen, unexpected, mismatched = set(), [], []
+    for shard in shards:
+        for key in list(shard):
+            tensor = shard.pop(key)  # the shard's dict lets go of each tensor once it is placed
+            if skip is not None and skip(key):
+                continue
+            if key not in expected:
+                unexpected.append(key)
+                continue
+            seen.add(key)
+            if tensor.shape != expected[key]:
+                mismatched.append(f"{key} (module {tuple(expected[key])}, checkpoint {tuple(tensor.shape)})")
+                continue
+            path, _, name = key.rpartition(".")
+            owner = module.get_submodule(path)
+            if replace is not None and name == "weight" and type(owner) is nn.Linear:
+                replacement = replace(path, owner, tensor)
+                if replacement is not None:
+                    module.set_submodule(path, replacement)
+                    continue
+            adopt(owner, name, tensor)
+    missing = sorted(set(expected) - seen)
+    if missing or unexpected or mismatched:
+        problems = [f"cannot load {source} into {type(module).__name__}:"]
+        for label, keys in (("missing keys", missing), ("unexpected keys", sorted(unexpected)),
+                            ("shape mismatches", mismatched)):
+            if keys:
+                problems.append(f"  {label} ({len(keys)}): {_listed(keys)}")
+        raise CheckpointError("\n".join(problems))
+    for submodule in module.modules():
+        if callable(getattr(submodule, "init_non_persistent_buffers", None)):
+            submodule.init_non_persistent_buffers()
+    on_meta = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
+    if on_meta:
+        raise CheckpointError(f"after loading {source}, {type(module).__name__} still has tensors on the meta device: "
+                              f"{_listed(on_meta)}")
+    return module
+
+
+def adopt(owner: nn.Module, name: str, tensor: torch.Tensor):
+    """Put `tensor` in place of owner's parameter or buffer `name` (keeping requires_grad), no copy."""
+    if name in owner._parameters:
+        owner._parameters[name] = nn.Parameter(tensor, requires_grad=owner._parameters[name].requires_grad)
+    else:
+        owner._buffers[name] = tensor
+
+
+def quantize_linears(module: nn.Module, quantize: Quantize) -> nn.Module:
+    """Replace, one at a time, every nn.Linear of a loaded `module` that `quantize` does not keep by its
+    NF4Linear: for the towers, small enough to load whole first (the language model streams instead)."""
+    paths = [path for path, m in module.named_modules() if type(m) is nn.Linear and not quantize.kept(path)]
+    replace = quantize.replacer()
+    for path in paths:
+        linear = module.get_submodule(path)
+        module.set_submodule(path, replace(path, linear, linear.weight.detach()))
+    return module

@@ -1,0 +1,78 @@
+"""models/shard_loading.py: a sharded checkpoint adopted one shard at a time equals the whole-dict load,
+Linear layers can be swapped as their weights arrive (their bias following from any shard), and the
+missing, unexpected and mis-shaped keys are named as load_into names them."""
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from common.errors import UserError
+from models.checkpoint import Checkpoint, load_into
+from models.llama import LlamaConfig, LlamaForCausalLM
+from models.shard_loading import load_streaming
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, attention_bias=True)
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    reference = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY))  # q/k/v carry biases
+    reference.save_pretrained(tmp_path / "saved", max_shard_size="20KB")
+    checkpoint = Checkpoint.open(tmp_path / "saved")
+    assert len(set(checkpoint.weight_map.values())) > 3, "the test needs many shards"
+    return checkpoint
+
+
+def meta_model(checkpoint):
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig.from_hf(checkpoint.config))
+
+
+def test_shard_by_shard_equals_the_whole_dict(sharded):
+    whole = load_into(meta_model(sharded), sharded.load_prefix(""), "whole")
+    streamed = load_streaming(meta_model(sharded), sharded.iter_prefix(""), "streamed")
+    ours, theirs = streamed.state_dict(), whole.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(p.requires_grad for p in streamed.parameters())  # as the module built them
+
+
+class Recorded(nn.Module):
+    """A stand-in for a quantized Linear: keeps the weight it was given and the meta Linear's bias slot."""
+
+    def __init__(self, linear: nn.Linear, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("kept", weight.clone())
+        self.bias = linear.bias
+
+
+def test_linears_are_replaced_as_their_weights_arrive_and_their_biases_follow(sharded):
+    calls = []
+
+    def replace(path, linear, weight):
+        calls.append(path)
+        return Recorded(linear, weight) if path.endswith(("q_proj", "o_proj")) else None
+
+    model = load_streaming(meta_model(sharded), sharded.iter_prefix(""), "streamed", replace=replace)
+    reference = load_into(meta_model(sharded), sharded.load_prefix(""), "whole")
+    linears = [name for name, m in reference.named_modules() if type(m) is nn.Linear]
+    assert sorted(calls) == sorted(linears)  # every Linear offered once, lm_head included
+    for layer in range(2):
+        q, ref = model.model.layers[layer].self_attn.q_proj, reference.model.layers[layer].self_attn.q_proj
+        assert isinstance(q, Recorded) and torch.equal(q.kept, ref.weight) and torch.equal(q.bias, ref.bias)
+        assert type(model.model.layers[layer].self_attn.k_proj) is nn.Linear  # not chosen: loaded as is
+
+
+def test_missing_unexpected_and_mis_shaped_keys_are_named(sharded):
+    state = sharded.load_prefix("")
+    state["model.extra.weight"] = torch.zeros(2)
+    state["model.norm.weight"] = torch.zeros(3)
+    del state["lm_head.weight"]
+    with pytest.raises(UserError) as error:
+        load_streaming(meta_model(sharded), [state], "tiny [*]")
+    message = str(error.value)
+    assert "cannot load tiny [*] into LlamaForCausalLM" in message
+    assert "missing keys (1): lm_head.weight" in message
+    assert "unexpected keys (1): model.extra.weight" in message
+    assert "model.norm.weight (module (32,), checkpoint (3,))" in message
