@@ -4,6 +4,10 @@ heads, a stopped run resumes bit for bit, and eval.py / load_run rebuild the run
 weights (the same numbers as the run's own evaluation)."""
 
 import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,8 @@ from data.demo_shapes import ensure_shapes_set
 from lora import lora_layers
 from lora.quant import NF4Linear, NF4Tensor
 from models.audio_text import load_run
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +130,23 @@ def test_the_export_of_an_nf4_run_merges_onto_the_16_bit_originals(tiny_sets, ti
         assert torch.equal(original[key], expected), key
         on_dequantized = (quantize_nf4(base[key]).dequantize().float() + delta).to(base[key].dtype)
         assert not torch.equal(original[key], on_dequantized), key
+
+
+def test_nf4_under_bf16_autocast_trains(tiny_sets, tmp_path):
+    out = tmp_path / "bf16"
+    model, _ = train.train(train.parse_args(flags(tiny_sets, "audio-qa", out, "--max-steps", "2", "--precision", "bf16")))
+    assert all(layer.lora_A.weight.dtype == torch.float32 for layer in lora_layers(model).values())  # LoRA stays fp32
+    assert len(losses(out)) == 2 and all(math.isfinite(loss) for _, loss in losses(out))
+
+
+def test_two_processes_train_the_nf4_run_of_one(tiny_sets, tmp_path):
+    """torchrun: DDP broadcasts the NF4 buffers with the parameters, and the global batch gives the same run."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.train(train.parse_args(flags(tiny_sets, "audio-text", one, "--max-steps", "3", "--dropout", "0")))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                             *flags(tiny_sets, "audio-text", two, "--max-steps", "3", "--dropout", "0")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert json.loads((two / "run_config.json").read_text())["world_size"] == 2
+    assert [loss for _, loss in losses(two)] == pytest.approx([loss for _, loss in losses(one)], abs=1e-4)
