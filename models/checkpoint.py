@@ -339,6 +339,13 @@ def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], source: st
     unexpected = sorted(set(state_dict) - set(expected))
     mismatched = [f"{key} (module {tuple(expected[key].shape)}, checkpoint {tuple(state_dict[key].shape)})"
                   for key in sorted(set(expected) & set(state_dict)) if expected[key].shape != state_dict[key].shape]
+    refuse_key_problems(module, source, missing, unexpected, mismatched)
+    module.load_state_dict(state_dict, strict=True, assign=True)  # requires_grad stays the module's
+    return finish_loading(module, source)
+
+
+def refuse_key_problems(module: nn.Module, source: str, missing: list, unexpected: list, mismatched: list):
+    """A ValueError listing what does not fit, if anything (shared with models/shard_loading.py)."""
     if missing or unexpected or mismatched:
         problems = [f"cannot load {source} into {type(module).__name__}:"]
         if missing:
@@ -350,7 +357,10 @@ def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], source: st
         if missing and unexpected:
             problems.append("  (many of both usually mean a wrong prefix, or a config that does not match the weights)")
         raise ValueError("\n".join(problems))
-    module.load_state_dict(state_dict, strict=True, assign=True)  # requires_grad stays the module's
+
+
+def finish_loading(module: nn.Module, source: str) -> nn.Module:
+    """Rebuild non-persistent buffers, then refuse a module with anything left on the meta device."""
     for submodule in module.modules():
         if callable(getattr(submodule, "init_non_persistent_buffers", None)):
             submodule.init_non_persistent_buffers()

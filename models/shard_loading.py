@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lora.quant import NF4Linear, quantize_nf4
-from models.checkpoint import CheckpointError, _listed
+from models.checkpoint import finish_loading, refuse_key_problems
 
 # (module path, the meta nn.Linear, its weight as read) -> the module to put there, or None to load it as is
 ReplaceLinear = Callable[[str, nn.Linear, torch.Tensor], nn.Module | None]
@@ -66,7 +66,7 @@ def load_streaming(module: nn.Module, shards, source: str, replace: ReplaceLinea
     """Adopt the tensors of `shards` (an iterable of {key: tensor} dicts, e.g. Checkpoint.iter_prefix)
     into `module`, built on the meta device; `replace` may swap a Linear for another module as its weight
     arrives (its bias, in whatever shard, then lands on the new module); keys with skip(key) are dropped.
-    Raises CheckpointError naming `source` and the keys at fault."""
+    Raises ValueError naming `source` and the keys at fault, as load_into does."""
     expected = {key: tensor.shape for key, tensor in module.state_dict().items()}  # on meta: no memory
     seen, unexpected, mismatched = set(), [], []
     for shard in shards:
@@ -89,22 +89,8 @@ def load_streaming(module: nn.Module, shards, source: str, replace: ReplaceLinea
                     module.set_submodule(path, replacement)
                     continue
             adopt(owner, name, tensor)
-    missing = sorted(set(expected) - seen)
-    if missing or unexpected or mismatched:
-        problems = [f"cannot load {source} into {type(module).__name__}:"]
-        for label, keys in (("missing keys", missing), ("unexpected keys", sorted(unexpected)),
-                            ("shape mismatches", mismatched)):
-            if keys:
-                problems.append(f"  {label} ({len(keys)}): {_listed(keys)}")
-        raise CheckpointError("\n".join(problems))
-    for submodule in module.modules():
-        if callable(getattr(submodule, "init_non_persistent_buffers", None)):
-            submodule.init_non_persistent_buffers()
-    on_meta = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
-    if on_meta:
-        raise CheckpointError(f"after loading {source}, {type(module).__name__} still has tensors on the meta device: "
-                              f"{_listed(on_meta)}")
-    return module
+    refuse_key_problems(module, source, sorted(set(expected) - seen), sorted(unexpected), mismatched)
+    return finish_loading(module, source)
 
 
 def adopt(owner: nn.Module, name: str, tensor: torch.Tensor):

@@ -7,7 +7,6 @@ import torch
 import transformers
 from torch import nn
 
-from common.errors import UserError
 from models.checkpoint import Checkpoint, load_into
 from models.llama import LlamaConfig, LlamaForCausalLM
 from models.shard_loading import load_streaming
@@ -69,7 +68,7 @@ def test_missing_unexpected_and_mis_shaped_keys_are_named(sharded):
     state["model.extra.weight"] = torch.zeros(2)
     state["model.norm.weight"] = torch.zeros(3)
     del state["lm_head.weight"]
-    with pytest.raises(UserError) as error:
+    with pytest.raises(ValueError) as error:
         load_streaming(meta_model(sharded), [state], "tiny [*]")
     message = str(error.value)
     assert "cannot load tiny [*] into LlamaForCausalLM" in message
