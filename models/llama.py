@@ -145,6 +145,36 @@ def rope_inverse_frequencies(cfg: LlamaConfig) -> torch.Tensor:
     return inv_freq
 
 
+class RopeTables:
+    """cos and sin of every position's rotary angles, computed once (in fp32, as the reference) up to the
+    longest position seen, and cast once per (device, dtype): a generation step, a training step and a
+    new batch all read rows of the same tables instead of recomputing `positions x inv_freq`.
+
+    A plain attribute, not a buffer: `model.to(torch.bfloat16)` casts buffers, and angles of large
+    positions rounded to bf16 before cos/sin would rotate by the wrong amount; here only the finished
+    cos/sin are cast, to the dtype the activations have."""
+
+    def __init__(self, cfg: LlamaConfig):
+        self.config = cfg  # the frequencies are computed at the first lookup: models are built on the meta device
+        self.length = 0
+        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) long -> (cos, sin), each (B, T, d) in `dtype`."""
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        if needed > self.length:  # grow to the next power of two: a generation extends it a few times at most
+            self.length, self.tables = 1 << max(needed - 1, 1).bit_length(), {}
+        key = (positions.device, dtype)
+        if key not in self.tables:
+            inv_freq = rope_inverse_frequencies(self.config).to(positions.device)  # (d/2,) fp32
+            angles = torch.arange(self.length, device=positions.device).float()[:, None] * inv_freq  # (L, d/2)
+            angles = torch.cat([angles, angles], dim=-1)  # (L, d): one angle per half, see rotate_half
+            self.tables[key] = angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = self.tables[key]
+        rows = positions.clamp(min=0)  # a padding position may be negative; its output is never used
+        return cos[rows], sin[rows]  # (B, T, d) each
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (x1, x2) -> (-x2, x1)
@@ -268,6 +298,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False  # train.py --grad-checkpointing
+        self.rope = RopeTables(cfg)
 
     def forward(self, inputs_embeds, attention_mask=None, position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
         """inputs_embeds (B, T, D) -> last hidden state (B, T, D), normed."""
@@ -275,10 +306,7 @@ class LlamaModel(nn.Module):
         start = 0 if cache is None else cache.length
         mask, positions = attention_mask_and_positions(attention_mask, B, start, T, inputs_embeds.device)
         positions = positions if position_ids is None else position_ids
-        inv_freq = rope_inverse_frequencies(self.config).to(inputs_embeds.device)
-        angles = positions[..., None].float() * inv_freq  # (B, T, d/2), in fp32 as the reference
-        angles = torch.cat([angles, angles], dim=-1)  # (B, T, d): one angle per half, see rotate_half
-        cos, sin = angles.cos().to(inputs_embeds.dtype), angles.sin().to(inputs_embeds.dtype)
+        cos, sin = self.rope.lookup(positions, inputs_embeds.dtype)  # (B, T, d) each
         x = inputs_embeds
         for layer in self.layers:
             # not `self.training`: a frozen LM runs in eval mode yet carries the gradient to LoRA before it

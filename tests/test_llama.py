@@ -251,3 +251,29 @@ def test_tied_checkpoint_with_a_differing_lm_head_is_refused(tmp_path):
         load_llama(tmp_path)
     save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, str(tmp_path / "model.safetensors"))
     assert isinstance(load_llama(tmp_path), LlamaForCausalLM)
+
+
+def test_rope_tables_are_computed_once_per_dtype_and_survive_a_dtype_cast():
+    from models.llama import rope_inverse_frequencies
+
+    cfg = LlamaConfig.from_hf(dict(TINY, model_type="llama", num_key_value_heads=2))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, VOCAB, (2, 7))
+    with torch.no_grad():
+        model(input_ids=ids)
+        tables = dict(model.model.rope.tables)
+        model(input_ids=ids[:, :5])  # a shorter batch reads rows of the same tables
+        assert model.model.rope.tables.keys() == tables.keys() and len(tables) == 1
+        assert all(a is b for key in tables for a, b in zip(tables[key], model.model.rope.tables[key]))
+        model.generate(input_ids=ids, max_new_tokens=4)  # 11 positions: the same length-16 table
+        assert model.model.rope.length == 16 and len(model.model.rope.tables) == 1
+        cos, _ = next(iter(model.model.rope.tables.values()))
+        angles = torch.arange(16).float()[:, None] * rope_inverse_frequencies(cfg)
+        # the table is the reference's fp32 cos of the same fp32 angles (an elementwise cos: at most an ulp)
+        torch.testing.assert_close(cos, torch.cat([angles, angles], -1).cos(), atol=2 * torch.finfo(torch.float32).eps,
+                                   rtol=0)
+        model.to(torch.bfloat16)  # casts parameters and buffers, never the fp32 angles
+        model(input_ids=ids)
+        bf16_cos, _ = model.model.rope.tables[(ids.device, torch.bfloat16)]
+        assert torch.equal(bf16_cos, cos.to(torch.bfloat16))
