@@ -61,7 +61,9 @@ from lora.distributed import (Distributed, barrier, host_all_gather_object, host
                               set_rng_states, shutdown_distributed)
 from lora.training import LaunchedStep, StepEnv, StepResult, TrainingError, TrainState, WarmupCosine, param_groups, set_train_mode, train_step
 from lora.summary import lora_placement
-from lora.targets import check_target_alternatives, format_preview, preview_targets
+from lora.init import modifies_base
+from lora.inject import all_linear_paths, expand_targets, initial_adapter
+from lora.targets import check_target_alternatives, compact_paths, format_preview, preview_targets
 from models.audio_text import ENCODING_STRATEGIES, autocast_dtype, save_heads
 
 STATE_FILE = "training_state.safetensors"  # tensors + JSON (common/state_file.py): reading it runs no code
@@ -77,7 +79,27 @@ DEMO = {  # steps that fit a few CPU minutes
 FINGERPRINT = ("task", "audio_model", "text_model", "model", "train_data", "train_data_sha256", "targets", "rank", "alpha",
                "dropout", "rslora", "train_also", "embed_dim", "lr", "weight_decay", "batch_size", "warmup_steps",
                "max_steps", "grad_clip", "seed", "precision", "pad_to_30s", "language_model_dtype", "bucket_across_batches",
-               "encoding_strategy", "quantize", "quantize_keep")
+               "encoding_strategy", "quantize", "quantize_keep", "dora", "rank_pattern", "alpha_pattern", "lora_plus_ratio",
+               "init")
+
+
+def pattern_value(cast):
+    """argparse type for REGEX=VALUE (split at the last '='): (regex, value)."""
+    def parse(text: str):
+        key, sep, value = text.rpartition("=")
+        try:
+            if not sep or not key:
+                raise ValueError
+            return key, cast(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected REGEX={cast.__name__.upper()}, e.g. 'q_proj=8'") from None
+    return parse
+
+
+def lora_init(text: str) -> str:
+    if text in ("default", "gaussian", "pissa", "olora") or (text.startswith("pissa_niter_") and text[12:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use default, gaussian, pissa, pissa_niter_N (N subspace iterations) or olora")
 
 
 def parse_args(argv=None):
@@ -104,6 +126,17 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--dora", action="store_true", help="DoRA (Liu et al. 2024): a trained magnitude per output row over the "
+                   "normalised direction W + s·B@A (lora/dora.py)")
+    p.add_argument("--rank-pattern", action="append", default=[], metavar="REGEX=R", type=pattern_value(int),
+                   help="the rank of the layers a key selects (PEFT's rank_pattern: the first matching key wins); repeatable")
+    p.add_argument("--alpha-pattern", action="append", default=[], metavar="REGEX=A", type=pattern_value(float),
+                   help="the alpha of the layers a key selects (PEFT's alpha_pattern); repeatable")
+    p.add_argument("--lora-plus-ratio", type=float, help="LoRA+ (Hayou et al. 2024): lora_B at this many times the learning "
+                   "rate (PEFT's create_loraplus_optimizer; the paper suggests 16)")
+    p.add_argument("--init", default="default", type=lora_init, help="how A and B start: default (Kaiming A, zero B), "
+                   "gaussian, pissa, pissa_niter_N or olora (PiSSA and OLoRA move the top of W into the adapter; the adapter "
+                   "is saved as plain LoRA over the base as released, lora/init.py)")
     p.add_argument("--train-also", action="append", default=[], help="extra module/parameter to train fully (repeatable)")
     p.add_argument("--embed-dim", type=int, default=256, help="width of the shared embedding space")
     p.add_argument("--batch-size", type=int, help="the GLOBAL batch: examples per optimizer step over all processes and "
@@ -181,10 +214,10 @@ def plot_curves(metrics_path: Path, png_path: Path, curves: tuple[str, str, dict
     plt.close(fig)
 
 
-def save_outputs(out: Path, model, lora_config, run: dict, state: dict):
+def save_outputs(out: Path, model, lora_config, run: dict, state: dict, initial: dict | None = None):
     """Adapter (PEFT format), heads, run config, skipped inputs, then the resumable state last:
     each file atomic, so a crash at any point leaves a loadable set."""
-    save_adapter(model, out, lora_config, base_model_name_or_path=run.get("model") or run.get("audio_model"))
+    save_adapter(model, out, lora_config, base_model_name_or_path=run.get("model") or run.get("audio_model"), initial=initial)
     save_heads(model, out / "heads.safetensors")
     atomic_write_text(out / "run_config.json", json.dumps(run, indent=2) + "\n")
     skipped = [dict(path=path, **entry) for path, entry in state["skipped"].items()]
@@ -246,6 +279,10 @@ def build_task(args, env: Distributed, say):
     torch.manual_seed(args.seed)
     with main_first(env), contextlib.redirect_stdout(sys.stdout if env.main else io.StringIO()):  # only rank 0 prints
         task = TASKS[args.task](args, demo, say)
+    targets = expand_targets(task.model, args.targets or task.default_targets, exclude=task.heads + args.train_also)
+    if any(t.lower() == "all-linear" for t in args.targets or []):
+        paths = all_linear_paths(task.model, exclude=task.heads + args.train_also)
+        say(f"--targets all-linear: {len(paths)} Linear layers: {'; '.join(compact_paths(paths))}")
     quantize = quantization(args, task.heads)
     task.run.update(quantize=args.quantize, quantize_keep=list(quantize.keep) if quantize else [])
     if quantize is not None:
@@ -253,7 +290,16 @@ def build_task(args, env: Distributed, say):
         n_layers = sum(isinstance(m, NF4Linear) for m in task.model.modules())
         say(f"--quantize nf4: {n_layers} Linear layers held in NF4, {size(original)} -> {size(held)}; "
             f"kept in their dtype: the output head, norms, embeddings" + "".join(f", {k}" for k in quantize.keep))
-    return task, args.targets or task.default_targets, defaults
+    return task, targets, defaults
+
+
+def lora_config(args, targets: list[str], model: nn.Module) -> LoRAConfig:
+    """The LoRA of the flags: rank, alpha, dropout, rsLoRA, DoRA, per-module ranks and alphas, init, and the
+    --train-also modules that are modules (PEFT's modules_to_save, so PEFT loads them with the adapter)."""
+    modules = dict(model.named_modules())
+    return LoRAConfig(targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora, use_dora=args.dora,
+                      rank_pattern=dict(args.rank_pattern), alpha_pattern=dict(args.alpha_pattern), init=args.init,
+                      modules_to_save=tuple(name for name in args.train_also if name in modules))
 
 
 class Recipe:
@@ -293,6 +339,8 @@ class Recipe:
         self.eval_every = args.eval_every if args.eval_every is not None else defaults.get("eval_every", 500)
         self.save_every = args.save_every if args.save_every is not None else defaults.get("save_every", 500)
         self.run = dict(self.task.run, targets=targets, rank=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora,
+                        dora=args.dora, rank_pattern=dict(args.rank_pattern), alpha_pattern=dict(args.alpha_pattern),
+                        lora_plus_ratio=args.lora_plus_ratio, init=args.init,
                         train_also=args.train_also, precision=args.precision, seed=args.seed, batch_size=args.batch_size,
                         micro_batch_size=self.sampler.micro_batch, world_size=env.world_size, lr=args.lr,
                         weight_decay=args.weight_decay, grad_clip=args.grad_clip, max_steps=self.max_steps, warmup_steps=self.warmup,
@@ -333,9 +381,11 @@ class Recipe:
             raise TrainingError(warnings.format(strict=True))
         if warnings:
             self.say(warnings.message)
-        self.lora_config = LoRAConfig(targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora)
+        self.lora_config = lora_config(args, targets, model)
         try:
             inject_lora(model, self.lora_config)
+            # PiSSA/OLoRA: A and B as they start, so the adapter is saved as plain LoRA over the base as released
+            self.initial_adapter = initial_adapter(model) if modifies_base(args.init) else None
             mark_only_lora_trainable(model, also=self.task.heads + args.train_also)
         except ValueError as error:
             raise TrainingError(f"--targets: {error}") from error
@@ -369,7 +419,8 @@ class Recipe:
         """AdamW, the schedule, the fp16 scaler, the autocast of --precision, and the state holding them."""
         args, env = self.args, self.env
         # fused: one kernel for all tensors, and it can skip an update on the device (found_inf)
-        optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), lr=args.lr, fused=True)
+        optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay, lora_plus_ratio=args.lora_plus_ratio), lr=args.lr,
+                                      fused=True)
         schedule = WarmupCosine(args.lr, self.warmup, self.max_steps, env.device)
         self.amp_dtype = autocast_dtype(args.precision)
         scaler = torch.amp.GradScaler(env.device.type, enabled=args.precision == "fp16")  # fp16 gradients underflow without it
@@ -431,7 +482,7 @@ class Recipe:
         self.state.elapsed = time.perf_counter() - started
         self.state.rng = host_all_gather_object(rng_states(self.env.device))
         if self.env.main:
-            save_outputs(self.out, self.model, self.lora_config, self.run, self.state.state_dict())
+            save_outputs(self.out, self.model, self.lora_config, self.run, self.state.state_dict(), self.initial_adapter)
         barrier(self.env)
 
     def record_skipped(self, micro_batches: list[dict]):
@@ -611,7 +662,7 @@ def run_diagnosis(args) -> int:
     placeable = [t for t in targets if strategy is None or t not in strategy.misplaced]
     try:
         if placeable:  # targets that select only modules the strategy never loads are reported, not injected
-            inject_lora(model, LoRAConfig(placeable, r=args.rank, alpha=args.alpha, dropout=args.dropout, rslora=args.rslora))
+            inject_lora(model, lora_config(args, placeable, model))
             mark_only_lora_trainable(model, also=task.heads + args.train_also)
     except ValueError as error:
         raise TrainingError(f"--targets: {error}") from error

@@ -145,7 +145,7 @@ def diagnose(model: nn.Module, step_fn, strategy: ForwardStrategy | None = None)
         if unplaced:  # nothing could be injected where the targets point: say why
             report.add("LoRA sits where the forward runs", False, "\n".join(_strategy_lines(strategy, [])), number=7)
         return report
-    lora_params = {f"{path}.{name}": p for path, layer in layers.items() for name, p in (("lora_A.weight", layer.lora_A.weight), ("lora_B.weight", layer.lora_B.weight))}
+    lora_params = {f"{path}.{name}": layer.get_parameter(name) for path, layer in layers.items() for name in layer.adapter_params()}
     n_lora = sum(p.numel() for p in lora_params.values())
     report.add("LoRA parameters exist", n_lora > 0, f"{n_lora:,} parameters, {100 * n_lora / total:.4f}% of {total:,}")
     frozen = [name for name, p in lora_params.items() if not p.requires_grad]

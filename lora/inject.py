@@ -4,6 +4,7 @@ Every function here works on any nn.Module: the model ports in models/ need no L
 Injection swaps a matched nn.Linear for a LinearWithLoRA that keeps the same `weight`/`bias`
 Parameters, so the model's state_dict keys are unchanged apart from the added lora_A/lora_B.
 An NF4Linear (a Linear quantized to 4 bits, lora/quant.py) is a target exactly like an nn.Linear.
+`all_linear_paths` is PEFT's `target_modules="all-linear"` spelled out for a model, so it can be printed.
 """
 
 import difflib
@@ -12,13 +13,18 @@ import re
 import torch
 from torch import nn
 
-from lora.config import LoRAConfig
+from lora.config import LoRAConfig, pattern_key
+from lora.init import refusal as init_refusal
 from lora.layer import LinearWithLoRA
+from lora.modules_to_save import modules_to_save_paths
 from lora.quant import NF4Linear, NF4Tensor
 
 LORA_BASES = (nn.Linear, NF4Linear)  # the layers LoRA wraps: a 16-bit Linear or its NF4 form
 
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
+ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND
+# what trains in a LoRA layer: A, B, lora_B's bias (lora_bias), DoRA's magnitude
+LORA_PARAMS = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector")
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
@@ -36,6 +42,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         f"{path}.{child}" for path, m in modules.items() if isinstance(m, LinearWithLoRA) for child in ("lora_A", "lora_B", "lora_dropout")
     }
     for pattern in config.patterns:
+        if pattern.lower() == ALL_LINEAR:
+            raise ValueError("target 'all-linear' is PEFT's shorthand, not a regex: expand it first with "
+                             "expand_targets(model, patterns), which lists the module paths it stands for")
         if not any(re.fullmatch(pattern, path) for path in modules if path):
             raise ValueError(no_match_message(pattern, model))
 
@@ -53,7 +62,22 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
                 "(or its NF4 form, NF4Linear). "
                 f"Anchor the pattern so it stops at Linear layers (e.g. '...\\.(query|key|value)' instead of '...(query|key|value)')."
             )
+        problem = init_refusal(module, config.rank_for(path), config.init, path)
+        if problem:
+            raise ValueError(problem)
         to_wrap.append(path)
+    for name, keys in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        for key in keys:  # PEFT ignores a key that applies nowhere; here it is a typo caught before training
+            if not any(pattern_key([key], path) for path in to_wrap):
+                raise ValueError(f"{name} key {key!r} applies to none of the {len(to_wrap)} targeted layers (a key "
+                                 "must match a dotted tail of a path, e.g. 'q_proj' or 'layers\\.0\\..*'): "
+                                 f"e.g. {to_wrap[0]!r}")
+    for name in config.modules_to_save:
+        saved = modules_to_save_paths(model, [name])
+        inside = [p for p in to_wrap for s in saved if p == s or p.startswith(s + ".")]
+        if inside:
+            raise ValueError(f"modules_to_save {name!r} holds the LoRA target {inside[0]}: a module is either adapted "
+                             "or trained fully, not both")
 
     for path in to_wrap:
         wrap_linear(model, path, config)
@@ -64,7 +88,8 @@ def wrap_linear(model: nn.Module, path: str, config: LoRAConfig) -> LinearWithLo
     """Replace the nn.Linear (or NF4Linear) at `path` by a LinearWithLoRA around it, and return the new layer."""
     parent_path, _, child_name = path.rpartition(".")
     parent = model.get_submodule(parent_path)
-    layer = LinearWithLoRA(getattr(parent, child_name), config.r, config.alpha, config.dropout, config.rslora)
+    layer = LinearWithLoRA(getattr(parent, child_name), config.rank_for(path), config.alpha_for(path), config.dropout,
+                           config.rslora, lora_bias=config.lora_bias, init=config.init, use_dora=config.use_dora)
     layer.module_path = path
     setattr(parent, child_name, layer)
     return layer
@@ -111,7 +136,7 @@ def mark_only_lora_trainable(model: nn.Module, also=()) -> int:
             raise ValueError(f"also={prefix!r} names no parameter or module of the model; close names: {close}")
     trainable = 0
     for name, param in model.named_parameters():
-        is_lora = name.endswith((".lora_A.weight", ".lora_B.weight"))
+        is_lora = name.endswith(LORA_PARAMS)
         is_also = any(name == p or name.startswith(p + ".") for p in also)
         param.requires_grad_(is_lora or is_also)
         trainable += param.numel() if param.requires_grad else 0
@@ -122,9 +147,54 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter alone: ``{"<module path>.lora_A.weight": tensor, ...}`` (detached, same storage)."""
     state = {}
     for path, layer in lora_layers(model).items():
-        state[f"{path}.lora_A.weight"] = layer.lora_A.weight.detach()
-        state[f"{path}.lora_B.weight"] = layer.lora_B.weight.detach()
+        for name in layer.adapter_params():
+            state[f"{path}.{name}"] = layer.get_parameter(name).detach()
     return state
+
+
+def initial_adapter(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """A copy of every layer's A and B, ``{path: {"lora_A": A, "lora_B": B}}``: take it right after a PiSSA/OLoRA
+    init, before training, for save_adapter(..., initial=) to write the adapter as plain LoRA (lora/init.py)."""
+    return {path: {"lora_A": layer.lora_A.weight.detach().clone(), "lora_B": layer.lora_B.weight.detach().clone()}
+            for path, layer in lora_layers(model).items()}
+
+
+def all_linear_paths(model: nn.Module, exclude=()) -> list[str]:
+    """What PEFT's ``target_modules="all-linear"`` selects in `model` (tuners_utils._maybe_include_all_linear_layers).
+
+    Every Linear (nn.Linear, its NF4 form, or one that already has LoRA), except the output head: for a
+    transformers model PEFT drops ``get_output_embeddings()`` (the LM head, which maps to the vocabulary and
+    is usually tied); this repo's ports have no such method, and their output head is the Linear named
+    `lm_head` (``language_model.lm_head`` in InstructBLIP), so that is dropped. A plain nn.Module without
+    either keeps every Linear, as in PEFT. `exclude` drops more: modules under these paths (the heads that
+    train fully, which need no LoRA on top). PEFT's sequence-classification rule (drop `score`/`classifier`
+    when task_type is SEQ_CLS) has no counterpart: no task here is one.
+    """
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    paths = []
+    for path, module in model.named_modules():
+        if not path or not isinstance(module, (*LORA_BASES, LinearWithLoRA)) or ".lora_" in path:
+            continue
+        if (module is output) or (output is None and path.rpartition(".")[2] == "lm_head"):
+            continue
+        if any(path == e or path.startswith(e + ".") for e in exclude):
+            continue
+        paths.append(path)
+    return paths
+
+
+def expand_targets(model: nn.Module, patterns, exclude=()) -> list[str]:
+    """The target patterns with PEFT's "all-linear" (any case, as PEFT) replaced by one escaped regex per
+    module path all_linear_paths finds, so LoRAConfig, the previews and the saved adapter see explicit paths."""
+    expanded = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        if pattern.lower() == ALL_LINEAR:
+            paths = [re.escape(path) for path in all_linear_paths(model, exclude)]
+            expanded += [path for path in paths if path not in expanded]
+        elif pattern not in expanded:
+            expanded.append(pattern)
+    return expanded
 
 
 def merge_lora(model: nn.Module) -> list[str]:

@@ -59,7 +59,7 @@ def lora_placement(model: nn.Module) -> str:
     """One line that verifies where LoRA sits, e.g. 'LoRA: 2,359,296 parameters, 0.06% of the model,
     in 96 layers, all inside qformer' — a pattern that spread into a language model shows here."""
     layers = lora_layers(model)
-    n_lora = sum(layer.lora_A.weight.numel() + layer.lora_B.weight.numel() for layer in layers.values())
+    n_lora = sum(layer.get_parameter(name).numel() for layer in layers.values() for name in layer.adapter_params())
     total = sum(numel for _, numel, _ in counted_weights(model))
     children: dict[str, int] = {}
     for path in layers:

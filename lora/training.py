@@ -180,7 +180,7 @@ def train_step(task, model, micro_batches, optimizer, schedule, scaler, env: Ste
     applied = loss_ok & grads_ok
     lr = schedule.lr()
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr  # LoRA+: B's groups run at lr·ratio
     if scaler.is_enabled():
         scaler.step(optimizer)  # skips, on the device, an update with inf gradients
         scaler.update()
@@ -200,14 +200,39 @@ def train_step(task, model, micro_batches, optimizer, schedule, scaler, env: Ste
     return step
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay for matrices (LoRA A/B, projections); none for biases, norm weights and
-    logit_scale (the CLIP/open_clip convention: decaying logit_scale pulls the temperature to 1)."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, lora_plus_ratio: float | None = None) -> list[dict]:
+    """AdamW groups. Without LoRA+: decay for matrices (LoRA A/B, projections); none for biases, norm
+    weights and logit_scale (the CLIP/open_clip convention: decaying logit_scale pulls the temperature to 1).
+
+    With `lora_plus_ratio` (LoRA+, Hayou et al. 2024, arXiv:2402.12354: B's learning rate ratio × A's,
+    since with A and B at one rate the update of a wide layer is far from optimal), the groups are PEFT's
+    `create_loraplus_optimizer` (peft/optimizers/loraplus.py) with its `loraplus_weight_decay` = weight_decay:
+    lora_B and every 1-d tensor at lr·ratio, decayed unless inside an nn.LayerNorm or named *bias*;
+    everything else (lora_A, trained matrices, a 0-d logit_scale) at lr, decayed. PEFT's fourth group,
+    LoRA on nn.Embedding at a fixed 1e-6, is always empty here: this LoRA wraps Linear layers only.
+    Each group's `lr_scale` is the factor train_step puts on the scheduled learning rate.
+    """
+    if lora_plus_ratio is None:
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or name.endswith("logit_scale") else decay).append(param)
+        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    if not lora_plus_ratio > 0:
+        raise ValueError(f"the LoRA+ ratio must be positive (the paper uses 2 to 16), got {lora_plus_ratio!r}")
+    in_layer_norm = {f"{path}.{name}" if path else name for path, m in model.named_modules()
+                     if isinstance(m, nn.LayerNorm) for name, _ in m.named_parameters()}
+    group_a, group_b, group_b_no_decay = [], [], []
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or name.endswith("logit_scale") else decay).append(param)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        if not param.requires_grad:
+            continue
+        if "lora_B" in name or param.ndim == 1:
+            (group_b_no_decay if name in in_layer_norm or "bias" in name else group_b).append(param)
+        else:
+            group_a.append(param)
+    return [dict(params=group_a, weight_decay=weight_decay, lr_scale=1.0),
+            dict(params=group_b, weight_decay=weight_decay, lr_scale=float(lora_plus_ratio)),
+            dict(params=group_b_no_decay, weight_decay=0.0, lr_scale=float(lora_plus_ratio))]
 
 
 def set_train_mode(model: nn.Module):

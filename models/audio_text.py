@@ -50,7 +50,7 @@ from tqdm import tqdm
 from common.errors import PathNotFound
 from lora.adapter import load_adapter
 from lora.atomic import atomic_write
-from lora.inject import cast_frozen
+from lora.inject import LORA_PARAMS, cast_frozen
 from models.audio import ClipFeatures, clip_features, clip_waveform, pad_clip_features
 from models.bert import mean_pool
 from models.contrastive import caption_keys, contrastive_loss, contrastive_targets
@@ -285,7 +285,7 @@ def save_heads(model: nn.Module, path) -> list[str]:
     tensors = {
         name: param.detach().cpu().contiguous()
         for name, param in model.named_parameters()
-        if param.requires_grad and ".lora_A." not in name and ".lora_B." not in name
+        if param.requires_grad and not name.endswith(LORA_PARAMS)  # LoRA (and DoRA's magnitude) go in the adapter
     }
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     return sorted(tensors)
@@ -376,7 +376,7 @@ def hold_in_run_precision(model: nn.Module, precision: str, trainable) -> int:
     autocast_dtype(precision)  # an unknown name is an error here, not at the first forward
     trainable = set(trainable)
     for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable or name.endswith((".lora_A.weight", ".lora_B.weight")))
+        param.requires_grad_(name in trainable or name.endswith(LORA_PARAMS))
     return cast_frozen(model, torch.bfloat16) if precision == "bf16" else 0
 
 

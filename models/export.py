@@ -49,6 +49,7 @@ from torch import nn
 
 from lora.adapter import read_adapter_config, read_adapter_weights
 from lora.atomic import atomic_write, atomic_write_text
+from lora.init import modifies_base
 from lora.layer import LinearWithLoRA
 from lora.targets import compact_paths
 from models.audio_text import HEADS_FILE, read_run_config
@@ -111,23 +112,33 @@ def locate(bases: list[Base], name: str) -> tuple[Base, str] | None:
     return None
 
 
-def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, config, path: str) -> torch.Tensor:
-    """W + s·B@A computed in fp32 by the LoRA layer itself, returned in `weight`'s dtype."""
+def merged_layer(weight: torch.Tensor, bias: torch.Tensor | None, pair: dict, config, path: str) -> tuple:
+    """(W', b') of the module at `path` with its adapter merged, computed in fp32 by the LoRA layer itself
+    (LinearWithLoRA.merge: plain LoRA, rsLoRA, per-module rank and alpha, DoRA's magnitude, lora_bias)
+    and returned in the base tensors' dtypes; b' is None when the base has no bias."""
     with torch.device("meta"):
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     linear.weight = nn.Parameter(weight.float(), requires_grad=False)
-    layer = LinearWithLoRA(linear, config.r, config.alpha, rslora=config.rslora)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.float(), requires_grad=False)
+    layer = LinearWithLoRA(linear, config.rank_for(path), config.alpha_for(path), rslora=config.rslora,
+                           lora_bias="lora_B.bias" in pair, use_dora=config.use_dora)
     layer.module_path = path
     with torch.no_grad():
-        layer.lora_A.weight.copy_(lora_a)
-        layer.lora_B.weight.copy_(lora_b)
+        for name in layer.adapter_params():  # lora_A.weight, lora_B.weight[, lora_B.bias][, lora_magnitude_vector]
+            layer.get_parameter(name).copy_(pair[name.removesuffix(".weight")] if name.endswith(".weight") else pair[name])
     layer.merge()  # raises, naming the layer, if the merged weight is not finite
-    return layer.weight.detach().to(weight.dtype)
+    merged_bias = None if bias is None else layer.bias.detach().to(bias.dtype)
+    return layer.weight.detach().to(weight.dtype), merged_bias
 
 
 def plan(run_dir: Path, bases: list[Base]) -> dict:
     """Fill each base's `replaced` with the heads that are base tensors and the merged LoRA weights."""
     config = read_adapter_config(run_dir)
+    if modifies_base(config.init):
+        raise ValueError(f"{run_dir}: a {config.init} adapter moved part of the base weight into LoRA, so merging it "
+                         "onto the checkpoint as released would count that part twice; save it converted to a plain "
+                         "adapter (save_adapter(..., initial=...), as train.py does) and export that")
     pairs = read_adapter_weights(run_dir)
     heads = load_file(str(run_dir / HEADS_FILE))
     beside, into = [], []
@@ -149,7 +160,14 @@ def plan(run_dir: Path, bases: list[Base]) -> dict:
         base, key = found
         original = base.tensor(key)
         weight = base.replaced[key].to(original.dtype) if key in base.replaced else original  # a trained-also weight merges too
-        base.replaced[key] = merged_weight(weight, pair["lora_A"], pair["lora_B"], config, path)
+        bias_key = key.removesuffix("weight") + "bias"
+        bias = base.tensor(bias_key) if bias_key in base.checkpoint.weight_map else None
+        if bias is not None and bias_key in base.replaced:
+            bias = base.replaced[bias_key].to(bias.dtype)
+        merged, merged_bias = merged_layer(weight, bias, pair, config, path)
+        base.replaced[key] = merged
+        if merged_bias is not None and "lora_B.bias" in pair:  # lora_bias adds s·b_B to the base bias
+            base.replaced[bias_key] = merged_bias
     return {"config": config, "merged": sorted(pairs), "heads_beside": beside, "heads_into": into}
 
 

@@ -164,7 +164,8 @@ def test_garbage_weights_file_is_named(tmp_path):
     "edit, message",
     [
         (lambda c: c.update(peft_type="IA3"), "only 'LORA'"),
-        (lambda c: c.update(use_dora=True), "use_dora"),
+        (lambda c: c.update(layers_to_transform=[0]), r"layers_to_transform=\[0\] \(would need restricting the targets"),
+        (lambda c: c.update(init_lora_weights="loftq"), r"init_lora_weights='loftq' \(would need its initialisation"),
         (lambda c: c.update(bias="all"), "bias"),
         (lambda c: c.pop("r"), "has no 'r'"),
     ],
@@ -212,3 +213,4 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, monkeypatch):
         save_adapter(ours, adapter, LoRAConfig(r".*q_proj", r=4, alpha=8, dropout=0.1))
     assert (adapter / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
