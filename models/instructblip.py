@@ -166,16 +166,15 @@ def load_instructblip(path_or_hub_id, dtype=torch.float32, language_model_dtype=
         raise ValueError("fp16 for the T5 language model is refused: flan-t5 activations overflow fp16 (inf/NaN); use bf16 or fp32")
     else:
         language_model = load_t5(checkpoint, f"{prefix}language_model.", config.text_config, dtype=lm_dtype)
-        if quantize is not None:  # flan-t5-xl's 3B load whole, then shrink: T5's shared-table aliases need every key
-            quantize_linears(language_model, quantize.under("language_model.").keeping("lm_head"))
     with torch.device("meta"):
         model = InstructBlip(config, language_model)
     for name in ("vision_model", "qformer", "language_projection"):
         load_into(getattr(model, name), checkpoint.load_prefix(f"{prefix}{name}.", dtype), f"{checkpoint.source} [{prefix}{name}.*]")
-        if quantize is not None:
-            quantize_linears(getattr(model, name), quantize.under(f"{name}."))
     query_tokens = checkpoint.load_prefix(f"{prefix}query_tokens", dtype)[""]
     if query_tokens.shape != model.query_tokens.shape:
         raise ValueError(f"{checkpoint.source}: query_tokens has shape {tuple(query_tokens.shape)}, the config implies {tuple(model.query_tokens.shape)}")
     model.query_tokens = nn.Parameter(query_tokens)
+    if quantize is not None:  # the rest once loaded (a Vicuna's Linears already are NF4; flan-t5-xl's 3B load whole:
+        # T5's shared-table aliases need every key at once); language_projection is a bare Linear of the model
+        quantize_linears(model, quantize.keeping("language_model.lm_head"))
     return model.eval()

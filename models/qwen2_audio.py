@@ -222,8 +222,8 @@ def load_qwen2_audio(path_or_hub_id: str | Path, dtype: str | torch.dtype = torc
         model = Qwen2AudioForConditionalGeneration(config, language_model)
     for name in ("audio_tower", "multi_modal_projector"):
         load_into(getattr(model, name), checkpoint.load_prefix(f"{name}.", dtype), f"{checkpoint.source} [{name}.*]")
-        if quantize is not None:
-            quantize_linears(getattr(model, name), quantize.under(f"{name}."))
+    if quantize is not None:  # the tower and projector, once loaded; the language model's Linears already are NF4
+        quantize_linears(model, quantize.keeping("language_model.lm_head"))
     return model.eval()
 
 

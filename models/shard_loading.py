@@ -104,6 +104,8 @@ def adopt(owner: nn.Module, name: str, tensor: torch.Tensor):
 def quantize_linears(module: nn.Module, quantize: Quantize) -> nn.Module:
     """Replace, one at a time, every nn.Linear of a loaded `module` that `quantize` does not keep by its
     NF4Linear: for the towers, small enough to load whole first (the language model streams instead)."""
+    if type(module) is nn.Linear:  # set_submodule cannot replace the root: quantize it from its parent instead
+        raise ValueError(f"quantize_linears got a bare Linear ({quantize.base or 'the root'}); pass the module holding it")
     paths = [path for path, m in module.named_modules() if type(m) is nn.Linear and not quantize.kept(path)]
     replace = quantize.replacer()
     for path in paths:

@@ -150,3 +150,16 @@ def test_two_processes_train_the_nf4_run_of_one(tiny_sets, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert json.loads((two / "run_config.json").read_text())["world_size"] == 2
     assert [loss for _, loss in losses(two)] == pytest.approx([loss for _, loss in losses(one)], abs=1e-4)
+
+
+def test_a_frozen_language_projection_is_quantized_too(tiny_sets):
+    """language_projection is a bare Linear of InstructBLIP: without --train-also it is frozen base, so NF4."""
+    from models import load_instructblip
+    from models.shard_loading import Quantize
+
+    blip = tiny_sets["instructblip"][tiny_sets["instructblip"].index("--model") + 1]
+    model = load_instructblip(blip, quantize=Quantize())
+    assert isinstance(model.language_projection, NF4Linear)
+    assert type(model.language_model.lm_head) is nn.Linear  # the output head stays 16-bit
+    kept = load_instructblip(blip, quantize=Quantize(keep=("language_projection",)))
+    assert type(kept.language_projection) is nn.Linear
