@@ -77,3 +77,14 @@ def online_without_network(monkeypatch, port: int | None = None, serve=None) -> 
     monkeypatch.setattr(checkpoint_module, "hf_hub_download", download)
     monkeypatch.setattr(socket, "create_connection", connect)
     return calls
+
+
+def forbid_network(monkeypatch) -> None:
+    """Any name lookup or socket connect fails the test: for loads that must be served from the cache alone."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a cached checkpoint touched the network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)

@@ -23,7 +23,7 @@ from common.errors import UserError
 from models import checkpoint as checkpoint_module
 from models.checkpoint import (INDEX, SINGLE, Checkpoint, CheckpointError, CheckpointNotFound, NotCached, load_into,
                                resolve_dtype)
-from tests.hub_fixtures import closed_loopback_port, make_hub_cache, online_without_network
+from tests.hub_fixtures import closed_loopback_port, forbid_network, make_hub_cache, online_without_network
 
 
 def tiny_qwen2_audio():
@@ -318,12 +318,7 @@ def test_cached_hub_checkpoint_loads_with_the_network_impossible(saved, tmp_path
     make_hub_cache(tmp_path / "hub", "org/cached", {name: directory / name for name in files})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     calls = online_without_network(monkeypatch)
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("a cached checkpoint touched the network")
-
-    monkeypatch.setattr(socket, "getaddrinfo", no_network)
-    monkeypatch.setattr(socket.socket, "connect", no_network)
+    forbid_network(monkeypatch)
     checkpoint = Checkpoint.open("org/cached")
     assert_same_tensors(checkpoint.load_prefix(audio_prefix(checkpoint.weight_map)), reference_audio_tower(state))
     assert checkpoint.file("generation_config.json").name == "generation_config.json"

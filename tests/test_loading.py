@@ -16,7 +16,7 @@ from models import audio_to_features, load_audio_encoder, load_text_encoder, loa
 from models import checkpoint as checkpoint_module
 from models.checkpoint import INDEX, CheckpointError, CheckpointNotFound, NotCached
 from models.tokenizer import tokenize
-from tests.hub_fixtures import make_hub_cache, online_without_network
+from tests.hub_fixtures import forbid_network, make_hub_cache, online_without_network
 
 AUDIO = dict(num_mel_bins=16, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, max_source_positions=20)
 TEXT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=40)
@@ -245,12 +245,7 @@ def test_cached_hub_text_model_and_tokenizer_load_with_the_network_impossible(be
     cache_hub_model(tmp_path / "hub", "org/bert", bert_dir)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     calls = online_without_network(monkeypatch)
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("a cached checkpoint touched the network")
-
-    monkeypatch.setattr(socket, "getaddrinfo", no_network)
-    monkeypatch.setattr(socket.socket, "connect", no_network)
+    forbid_network(monkeypatch)
     encoder, tok = load_text_encoder("org/bert"), load_tokenizer("org/bert")
     input_ids, attention_mask = tokenize(tok, ["a dog barks"])
     assert encoder(input_ids, attention_mask).shape == (1, input_ids.shape[1], TEXT["hidden_size"])
