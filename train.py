@@ -642,7 +642,7 @@ class Recipe:
 def list_targets(args) -> int:
     """--list-targets: what the patterns select, before anything is injected."""
     task, targets, _ = build_task(args, Distributed(), print)
-    preview = preview_targets(task.model, targets, args.rank)
+    preview = preview_targets(task.model, targets, lora_config(args, targets, task.model).rank_for)
     also = task.heads + args.train_also
     heads = sum(p.numel() for n, p in task.model.named_parameters() if any(n == h or n.startswith(h + ".") for h in also))
     print(format_preview(preview, targets, extra_trainable=heads))

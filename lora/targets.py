@@ -180,8 +180,10 @@ class TargetPreview:
         return bool(self.matched) and not self.not_linear and not self.unmatched_patterns
 
 
-def preview_targets(model: nn.Module, patterns: list[str], r: int) -> TargetPreview:
-    """What inject_lora(model, LoRAConfig(patterns, r=r)) would do, and what looks unintended."""
+def preview_targets(model: nn.Module, patterns: list[str], r) -> TargetPreview:
+    """What inject_lora(model, LoRAConfig(patterns, r=r)) would do, and what looks unintended. `r` is the rank,
+    or a function of the module path giving each layer's (LoRAConfig.rank_for, for --rank-pattern)."""
+    rank_for = r if callable(r) else (lambda path: r)
     modules = {p: m for p, m in model.named_modules() if p and ".lora_" not in p}
     linear = {p: m for p, m in modules.items() if isinstance(m, (*LORA_BASES, LinearWithLoRA))}
     preview = TargetPreview(total_params=sum(numel for _, numel, _ in counted_weights(model)))
@@ -189,7 +191,7 @@ def preview_targets(model: nn.Module, patterns: list[str], r: int) -> TargetPrev
         if any(re.fullmatch(pattern, path) for pattern in patterns):
             if path in linear:
                 preview.matched.append(path)
-                preview.lora_params += r * (module.in_features + module.out_features)
+                preview.lora_params += rank_for(path) * (module.in_features + module.out_features)
             else:
                 preview.not_linear[path] = type(module).__name__
     preview.unmatched_patterns = [p for p in patterns if not any(re.fullmatch(p, path) for path in modules)]

@@ -74,3 +74,13 @@ def test_the_export_is_the_trained_tower(tiny_audio_text, tmp_path, variant):
     with torch.no_grad():
         untrained = load_run(out, with_adapter=False).audio_tower(features)
     assert (trained - untrained).abs().max() > 1e-4  # the adapter changed the tower beyond that tolerance
+
+
+def test_list_targets_counts_each_layers_own_rank(tiny_audio_text, tmp_path, capsys):
+    base = flags(tiny_audio_text, tmp_path / "run", "--list-targets")
+    train.main(base)
+    plain = capsys.readouterr().out
+    train.main(base + ["--rank-pattern", "q_proj=4"])
+    patterned = capsys.readouterr().out
+    # the demo tower: 2 layers x q_proj (128 -> 128): rank 16 -> 4 removes 2 x 12 x 256 parameters
+    assert "LoRA parameters: 32,768" in plain and "LoRA parameters: 26,624" in patterned
