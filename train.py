@@ -51,7 +51,7 @@ from tqdm import tqdm
 from common.errors import UserError, user_message
 from common.state_file import load_state, save_state
 from data.sampling import GlobalBatchSampler, WithEpoch, accumulation_steps, steps_for_epochs
-from data.tasks import TASKS, quantization
+from data.tasks import TASKS
 from lora import LoRAConfig, cast_frozen, inject_lora, mark_only_lora_trainable, save_adapter, trainable_summary
 from lora.atomic import atomic_write, atomic_write_text
 from lora.diagnose import blame_nonfinite, diagnose
@@ -283,7 +283,7 @@ def build_task(args, env: Distributed, say):
     if any(t.lower() == "all-linear" for t in args.targets or []):
         paths = all_linear_paths(task.model, exclude=task.heads + args.train_also)
         say(f"--targets all-linear: {len(paths)} Linear layers: {'; '.join(compact_paths(paths))}")
-    quantize = quantization(args, task.heads)
+    quantize = task.quantize
     task.run.update(quantize=args.quantize, quantize_keep=list(quantize.keep) if quantize else [])
     if quantize is not None:
         held, original = nf4_bytes(task.model)

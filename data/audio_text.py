@@ -40,14 +40,13 @@ import random
 import warnings
 from typing import NamedTuple
 
-import soundfile
 import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
 from common.errors import UserError
 from data.feature_cache import CACHE_STATUSES, FeatureCache
-from data.manifest import Clip, readable_file_problem
+from data.manifest import Clip, audio_header, readable_file_problem
 from models.audio import (
     CHUNK_LENGTH,
     HOP_LENGTH,
@@ -208,8 +207,8 @@ def clip_durations(clips: list[Clip]) -> list[float]:
     durations = []
     for clip in clips:
         try:
-            info = soundfile.info(str(clip.audio))
-            durations.append(info.frames / info.samplerate)
+            frames, sample_rate = audio_header(clip.audio)  # read already by the check before training
+            durations.append(frames / sample_rate)
         except (RuntimeError, OSError, ZeroDivisionError):  # soundfile raises LibsndfileError (a RuntimeError)
             durations.append(0.0)
     return durations

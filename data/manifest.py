@@ -29,6 +29,7 @@ for the run to count and list in skipped.jsonl; whole-file problems are errors e
 """
 
 import csv
+import functools
 import io
 import json
 import os
@@ -169,6 +170,19 @@ def file_problem(path: Path, what: str) -> str | None:
     return None
 
 
+def audio_header(path) -> tuple[int, int]:
+    """(frames, sample rate) from an audio file's header, read once per file version: the check before
+    training and --bucket-by-length's durations both ask, and a data set may hold 100k files."""
+    stat = os.stat(path)
+    return _audio_header(os.fspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 20)
+def _audio_header(path: str, size: int, mtime_ns: int) -> tuple[int, int]:  # size, mtime: a changed file is read anew
+    info = soundfile.info(path)
+    return info.frames, info.samplerate
+
+
 def readable_file_problem(path: Path, what: str) -> str | None:
     """file_problem, then the header: an audio file's (soundfile.info), an image's (PIL's lazy open).
     Cheap, nothing is decoded: what train.py and eval.py check of every file before any work, so a
@@ -179,10 +193,10 @@ def readable_file_problem(path: Path, what: str) -> str | None:
         return problem
     if what == "audio":
         try:
-            info = soundfile.info(str(path))
+            frames, _ = audio_header(path)
         except (RuntimeError, OSError) as error:  # soundfile's LibsndfileError is a RuntimeError
             return f"audio file cannot be decoded ({error}); convert it to wav, flac or ogg"
-        return "audio file holds 0 samples" if info.frames == 0 else None
+        return "audio file holds 0 samples" if frames == 0 else None
     if what == "image":
         try:
             with Image.open(path) as image:

@@ -84,6 +84,7 @@ class AudioTextTask:
     min_examples = 2  # a global batch of one clip has no negative: its InfoNCE loss is 0, nothing to learn
 
     def __init__(self, args, demo: bool, say=print):
+        self.quantize = quantization(args, self.heads)  # --quantize nf4: what the loaders hold in NF4 (None: nothing)
         if not demo and not all([args.audio_model, args.text_model, args.train_data]):
             raise TrainingError("give --audio-model, --text-model and --train-data together, or none of them for the offline demo")
         src = dict(audio_model=args.audio_model, text_model=args.text_model, train_data=resolved(args.train_data),
@@ -104,7 +105,7 @@ class AudioTextTask:
         try:
             self.model = build_audio_text_model(src["audio_model"], src["text_model"], args.embed_dim, seed=args.seed,
                                                 encoding_strategy=self.encoding_strategy, language_model_dtype=args.language_model_dtype,
-                                                quantize=quantization(args, self.heads))
+                                                quantize=self.quantize)
         except ValueError as error:  # e.g. full_forward on a checkpoint without the language model
             raise TrainingError(str(error)) from error
         self.audio_config = Checkpoint.open(src["audio_model"], weights=False).config  # names what the strategy leaves out
@@ -334,6 +335,7 @@ class InstructBlipTask(AnswerTask):
     batch_keys = ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask", "labels")
 
     def __init__(self, args, demo: bool, say=print):
+        self.quantize = quantization(args, self.heads)  # --quantize nf4: what the loaders hold in NF4 (None: nothing)
         if not demo and not all([args.model, args.train_data]):
             raise TrainingError("give --model and --train-data together, or neither for the offline demo")
         src = dict(model=args.model, train_data=resolved(args.train_data), eval_data=resolved(args.eval_data))
@@ -346,7 +348,7 @@ class InstructBlipTask(AnswerTask):
                        train_data=shapes["train"], eval_data=src["eval_data"] or shapes["eval"])
             say("offline demo: synthetic coloured shapes and a small RANDOM-INIT InstructBLIP (a pipeline check, not a pretrained model)")
         self.model = load_instructblip(src["model"], language_model_dtype=args.language_model_dtype,
-                                       quantize=quantization(args, self.heads))
+                                       quantize=self.quantize)
         decoder_only = self.model.config.decoder_only  # Vicuna (LLaMA) or flan-t5 behind the Q-Former
         if args.precision == "fp16" and not decoder_only:
             raise TrainingError("--precision fp16 is refused for instructblip with a T5 language model: flan-t5 activations "
@@ -400,6 +402,7 @@ class AudioQATask(AnswerTask):
     batch_keys = ("input_ids", "attention_mask", "input_features", "feature_attention_mask", "labels")
 
     def __init__(self, args, demo: bool, say=print):
+        self.quantize = quantization(args, self.heads)  # --quantize nf4: what the loaders hold in NF4 (None: nothing)
         if not demo and not all([args.model, args.train_data]):
             raise TrainingError("give --model (a whole Qwen2-Audio) and --train-data together, or neither for the offline demo")
         src = dict(model=args.model, train_data=resolved(args.train_data), eval_data=resolved(args.eval_data))
@@ -411,7 +414,7 @@ class AudioQATask(AnswerTask):
             say("offline demo: questions about synthetic sounds and a tiny RANDOM-INIT Qwen2-Audio (a pipeline check, not a pretrained model)")
         try:
             self.model = load_qwen2_audio(src["model"], language_model_dtype=args.language_model_dtype,
-                                          quantize=quantization(args, self.heads))
+                                          quantize=self.quantize)
         except ValueError as error:
             raise TrainingError(f"--model: {error}") from error
         self.tokenizer = load_qwen2_audio_tokenizer(src["model"])

@@ -121,10 +121,15 @@ def discard(path: Path):
         os.rename(path, aside)
     except FileNotFoundError:  # nothing there, or another process moved it first
         return
-    if aside.is_dir() and not aside.is_symlink():
-        shutil.rmtree(aside, ignore_errors=True)
+    remove(aside)
+
+
+def remove(path: Path):
+    """Delete a folder tree or a file (a link is unlinked, never followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        aside.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
 
 def scratch_path(target: Path) -> Path:
@@ -143,10 +148,7 @@ def remove_dead_builders_folders(target: Path):
         pid, _, host = (path.name[len(prefix):].split("-", 2) + ["", ""])[:3]
         if host != socket.gethostname() or not pid.isdigit() or process_runs(int(pid)):
             continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        remove(path)
 
 
 def process_runs(pid: int) -> bool:
