@@ -294,9 +294,14 @@ class Checkpoint:
             state.update(shard_state)
         return dict(sorted(state.items()))
 
-    def iter_prefix(self, prefix: str, dtype: str | torch.dtype | None = None):
-        """load_prefix one shard at a time: yields each shard's tensors under `prefix` (prefix stripped),
-        so a caller can adopt or quantize them and let them go before the next shard is read."""
+    def iter_prefix(self, prefix: str, dtype: str | torch.dtype | None = None, group_bytes: int | None = None):
+        """load_prefix piece by piece: yields {key: tensor} dicts under `prefix` (prefix stripped), each shard's
+        tensors whole, or with `group_bytes` in groups of about that many bytes (a tensor larger than that is a
+        group of its own), so a caller can adopt or quantize them and let them go before more are read.
+
+        Each group is read through its own opening of the shard. safetensors maps the file into memory, and
+        the pages a read touched count in the process's resident memory until the mapping is closed: read
+        through one opening, a 4 GB shard would count whole however soon its tensors were quantized."""
         dtype = resolve_dtype(dtype) if dtype is not None else None
         keys = self.keys_with_prefix(prefix)
         if not keys:
@@ -309,21 +314,27 @@ class Checkpoint:
             raise CheckpointError(f"no tensor in {self.source} starts with {prefix!r}; this checkpoint's top-level "
                                   f"prefixes are: {', '.join(self.top_level_prefixes())}{hint}")
         for shard in self.shards_for(prefix):
-            wanted = [key for key in keys if self.weight_map[key] == shard]
-            state = {}
-            with self._open_shard(shard) as handle:
-                absent = sorted(set(wanted) - set(handle.keys()))
-                if absent:
-                    raise CheckpointError(f"{shard} does not hold {absent[:5]} although {self.index_file} of "
-                                          f"{self.source} says it does: the index and the shards disagree; "
-                                          "download the checkpoint again")
-                for key in wanted:
-                    tensor = handle.get_tensor(key)
-                    if dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
-                    state[key[len(prefix):]] = tensor
-            yield state
-            del state  # this shard's tensors now belong to the caller alone
+            pending = [key for key in keys if self.weight_map[key] == shard]
+            checked = False
+            while pending:
+                state, size = {}, 0
+                with self._open_shard(shard) as handle:
+                    if not checked:
+                        absent = sorted(set(pending) - set(handle.keys()))
+                        if absent:
+                            raise CheckpointError(f"{shard} does not hold {absent[:5]} although {self.index_file} of "
+                                                  f"{self.source} says it does: the index and the shards disagree; "
+                                                  "download the checkpoint again")
+                        checked = True
+                    while pending and (group_bytes is None or not state or size < group_bytes):
+                        key = pending.pop(0)
+                        tensor = handle.get_tensor(key)
+                        if dtype is not None and tensor.is_floating_point():
+                            tensor = tensor.to(dtype)
+                        state[key[len(prefix):]] = tensor
+                        size += tensor.numel() * tensor.element_size()
+                yield state
+                del state  # these tensors now belong to the caller alone
 
 
 def _listed(names: list[str], limit: int = 10) -> str:

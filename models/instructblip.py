@@ -44,7 +44,7 @@ from models.blip_vision import BlipVisionConfig, BlipVisionModel
 from models.checkpoint import Checkpoint, load_into, resolve_dtype
 from models.llama import CausalLMOutput, LlamaForCausalLM, load_llama
 from models.qformer import QFormerConfig, QFormerModel
-from models.shard_loading import Quantize, quantize_linears
+from models.shard_loading import Quantize, load_weights, quantize_linears
 from models.t5 import Seq2SeqLMOutput, T5ForConditionalGeneration, load_t5
 
 CHILDREN = ("vision_model", "qformer", "language_projection", "language_model")  # + query_tokens, a bare Parameter
@@ -168,13 +168,15 @@ def load_instructblip(path_or_hub_id, dtype=torch.float32, language_model_dtype=
         language_model = load_t5(checkpoint, f"{prefix}language_model.", config.text_config, dtype=lm_dtype)
     with torch.device("meta"):
         model = InstructBlip(config, language_model)
-    for name in ("vision_model", "qformer", "language_projection"):
-        load_into(getattr(model, name), checkpoint.load_prefix(f"{prefix}{name}.", dtype), f"{checkpoint.source} [{prefix}{name}.*]")
+    for name in ("vision_model", "qformer"):  # with quantize, streamed: their Linears NF4 as they are read
+        load_weights(getattr(model, name), checkpoint, f"{prefix}{name}.", dtype, quantize.under(f"{name}.") if quantize is not None else None)
+    load_into(model.language_projection, checkpoint.load_prefix(f"{prefix}language_projection.", dtype),
+              f"{checkpoint.source} [{prefix}language_projection.*]")
     query_tokens = checkpoint.load_prefix(f"{prefix}query_tokens", dtype)[""]
     if query_tokens.shape != model.query_tokens.shape:
         raise ValueError(f"{checkpoint.source}: query_tokens has shape {tuple(query_tokens.shape)}, the config implies {tuple(model.query_tokens.shape)}")
     model.query_tokens = nn.Parameter(query_tokens)
-    if quantize is not None:  # the rest once loaded (a Vicuna's Linears already are NF4; flan-t5-xl's 3B load whole:
-        # T5's shared-table aliases need every key at once); language_projection is a bare Linear of the model
+    if quantize is not None:  # the rest once loaded: language_projection (a bare Linear of the model) and T5 (flan-t5-xl's
+        # 3B load whole: T5's shared-table aliases need every key at once); a Vicuna's Linears already are NF4
         quantize_linears(model, quantize.keeping("language_model.lm_head"))
     return model.eval()

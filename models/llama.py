@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.checkpoint import Checkpoint, CheckpointError, resolve_dtype
 from models.lm_loss import CHUNK_POSITIONS, next_token_loss
-from models.shard_loading import Quantize, load_streaming
+from models.shard_loading import STREAM_GROUP_BYTES, Quantize, load_streaming
 
 ROPE_TYPES = ("default", "linear", "llama3")
 MODEL_TYPES = ("llama", "qwen2")
@@ -424,7 +424,8 @@ def load_llama(checkpoint: Checkpoint | str, prefix: str = "", config: dict | No
         return key.endswith(LEGACY_SUFFIXES)
 
     def shards():
-        for state in checkpoint.iter_prefix(prefix, resolve_dtype(dtype) if dtype is not None else None):
+        group_bytes = STREAM_GROUP_BYTES if quantize is not None else None  # unquantized, every tensor is kept anyway
+        for state in checkpoint.iter_prefix(prefix, resolve_dtype(dtype) if dtype is not None else None, group_bytes):
             if cfg.tie_word_embeddings and "lm_head.weight" in state:
                 tied_copies.append(state["lm_head.weight"])
             yield state

@@ -18,8 +18,8 @@ import torch
 from tokenizers import Tokenizer
 
 from models.bert import BertConfig, BertModel, bert_prefix, has_pooler
-from models.checkpoint import Checkpoint, CheckpointError, CheckpointNotFound, load_into, resolve_dtype
-from models.shard_loading import Quantize, quantize_linears
+from models.checkpoint import Checkpoint, CheckpointError, CheckpointNotFound
+from models.shard_loading import Quantize, load_weights
 from models.qwen2_audio_encoder import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
 from models.tokenizer import load_llama_tokenizer, load_t5_tokenizer, load_tokenizer_files
 
@@ -67,12 +67,9 @@ def load_audio_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = to
     checkpoint = Checkpoint.open(path_or_hub_id, revision=revision)
     config = config_from_hf(checkpoint, Qwen2AudioEncoderConfig)
     prefix = audio_tower_prefix(checkpoint)
-    state = checkpoint.load_prefix(prefix, resolve_dtype(dtype))
     with torch.device("meta"):
         encoder = Qwen2AudioEncoder(config)
-    load_into(encoder, state, f"{checkpoint.source} [{prefix or '(no prefix)'}*]")
-    del state
-    return (encoder if quantize is None else quantize_linears(encoder, quantize)).eval()
+    return load_weights(encoder, checkpoint, prefix, dtype, quantize).eval()
 
 
 def load_text_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = torch.float32, revision: str | None = None,
@@ -85,16 +82,14 @@ def load_text_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = tor
         prefix = bert_prefix(checkpoint.weight_map)
     except ValueError as error:  # the keys hold no BERT encoder
         raise CheckpointError(f"{checkpoint.source}: {error}") from None
-    state = checkpoint.load_prefix(prefix, resolve_dtype(dtype))
-    for key in LEGACY_BERT_KEYS:
-        state.pop(key, None)
-    if prefix == "":  # a bare BertModel save: heads of other architectures would carry a prefix
-        state = {k: v for k, v in state.items() if not k.startswith(("cls.", "classifier."))}
     with torch.device("meta"):
         encoder = BertModel(config, with_pooler=has_pooler(checkpoint.weight_map, prefix))
-    load_into(encoder, state, f"{checkpoint.source} [{prefix or '(no prefix)'}*]")
-    del state
-    return (encoder if quantize is None else quantize_linears(encoder, quantize)).eval()
+
+    def skip(key: str) -> bool:  # a bare BertModel save: heads of other architectures would carry a prefix
+        return key in LEGACY_BERT_KEYS or (prefix == "" and key.startswith(("cls.", "classifier.")))
+
+    return load_weights(encoder, checkpoint, prefix, dtype, quantize, skip).eval()
+
 
 
 def load_tokenizer(path_or_hub_id: str | Path, revision: str | None = None) -> Tokenizer:

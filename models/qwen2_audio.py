@@ -43,10 +43,10 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from models.checkpoint import Checkpoint, load_into, resolve_dtype
+from models.checkpoint import Checkpoint, resolve_dtype
 from models.llama import CausalLMOutput, LlamaConfig, LlamaForCausalLM, load_llama
 from models.qwen2_audio_encoder import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
-from models.shard_loading import Quantize, quantize_linears
+from models.shard_loading import Quantize, load_weights
 
 AUDIO, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -220,10 +220,8 @@ def load_qwen2_audio(path_or_hub_id: str | Path, dtype: str | torch.dtype = torc
                                 quantize=quantize.under("language_model.") if quantize is not None else None)
     with torch.device("meta"):
         model = Qwen2AudioForConditionalGeneration(config, language_model)
-    for name in ("audio_tower", "multi_modal_projector"):
-        load_into(getattr(model, name), checkpoint.load_prefix(f"{name}.", dtype), f"{checkpoint.source} [{name}.*]")
-    if quantize is not None:  # the tower and projector, once loaded; the language model's Linears already are NF4
-        quantize_linears(model, quantize.keeping("language_model.lm_head"))
+    for name in ("audio_tower", "multi_modal_projector"):  # with quantize, streamed: their Linears NF4 as they are read
+        load_weights(getattr(model, name), checkpoint, f"{name}.", dtype, quantize.under(f"{name}.") if quantize is not None else None)
     return model.eval()
 
 

@@ -2,18 +2,18 @@
 
 `models/checkpoint.py` `load_into` adopts a whole state dict at once. For a 7B language model in
 16 bits that dict is 15 GB; with QLoRA the point is never to hold it: each Linear weight is
-quantized to NF4 (lora/quant.py, about 0.53 bytes a parameter) the moment its shard is read, and
-the 16-bit tensor is dropped before the next shard is opened. So the peak while loading is the
-quantized model plus one shard, not the 16-bit model.
+quantized to NF4 (lora/quant.py, about 0.53 bytes a parameter) the moment it is read, and the
+16-bit tensor is dropped before the next group of tensors is read. So the peak while loading is the
+quantized model plus one group (STREAM_GROUP_BYTES), not the 16-bit model, nor even one 4 GB shard.
 
     model = LlamaForCausalLM(cfg) on the meta device       # names and shapes, no memory
-    for shard in checkpoint.iter_prefix("language_model.", bf16):
+    for group in checkpoint.iter_prefix("language_model.", bf16, STREAM_GROUP_BYTES):
         key -> Linear weight to quantize?  replace that meta nn.Linear by replace(path, linear, weight)
                anything else               adopt the tensor (assign), as load_state_dict(assign=True)
     check: every key seen once, shapes equal, nothing left on meta
 
 The checks are load_into's (missing, unexpected, mis-shaped keys, named); they run at the end,
-since the shards arrive one at a time.
+since the tensors arrive a group at a time.
 """
 
 from dataclasses import dataclass, replace as with_fields
@@ -23,8 +23,11 @@ import torch
 from torch import nn
 
 from lora.quant import NF4Linear, quantize_nf4
-from models.checkpoint import finish_loading, refuse_key_problems
+from models.checkpoint import Checkpoint, finish_loading, load_into, refuse_key_problems, resolve_dtype
 
+# Tensors read at a time while quantizing (Checkpoint.iter_prefix's group_bytes): the 16-bit weights alive at once
+# are at most this much plus one tensor (the largest: an embedding, 1.28 GB at Qwen2-Audio-7B, which is kept).
+STREAM_GROUP_BYTES = 256 * 2**20
 # (module path, the meta nn.Linear, its weight as read) -> the module to put there, or None to load it as is
 ReplaceLinear = Callable[[str, nn.Linear, torch.Tensor], nn.Module | None]
 
@@ -91,6 +94,19 @@ def load_streaming(module: nn.Module, shards, source: str, replace: ReplaceLinea
             adopt(owner, name, tensor)
     refuse_key_problems(module, source, sorted(set(expected) - seen), sorted(unexpected), mismatched)
     return finish_loading(module, source)
+
+
+def load_weights(module: nn.Module, checkpoint: Checkpoint, prefix: str, dtype, quantize: Quantize | None,
+                 skip=None) -> nn.Module:
+    """The tensors under `prefix` into `module` (built on meta), strictly. With `quantize`, streamed a group of
+    tensors at a time, each Linear weight held in NF4 as it is read (models/shard_loading.py), so even a tower
+    never sits in memory whole in 16 or 32 bits."""
+    source = f"{checkpoint.source} [{prefix or '(no prefix)'}*]"
+    if quantize is not None:
+        groups = checkpoint.iter_prefix(prefix, resolve_dtype(dtype) if dtype is not None else None, STREAM_GROUP_BYTES)
+        return load_streaming(module, groups, source, replace=quantize.replacer(), skip=skip)
+    state = checkpoint.load_prefix(prefix, resolve_dtype(dtype) if dtype is not None else None)
+    return load_into(module, {k: v for k, v in state.items() if skip is None or not skip(k)}, source)
 
 
 def adopt(owner: nn.Module, name: str, tensor: torch.Tensor):

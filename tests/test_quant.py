@@ -62,6 +62,19 @@ def test_nf4_is_bit_identical_to_bitsandbytes(shape, dtype, double_quant):
     assert torch.equal(dequantized, expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantizing_a_slice_of_blocks_at_a_time_is_bit_identical_to_bitsandbytes(monkeypatch, dtype):
+    """dequantize() fills its result a few blocks at a time (lora.quant.DEQUANTIZE_BLOCKS): with 3 blocks a
+    slice, a 13 x 37 weight (481 values: 7 whole blocks of 64 and a partial one) crosses slice ends
+    mid-way through the blocks' codes and ends in a partial slice; the values must not change."""
+    import lora.quant
+
+    monkeypatch.setattr(lora.quant, "DEQUANTIZE_BLOCKS", 3)
+    weight = awkward_weight((13, 37), dtype, seed=7)
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(quantize_nf4(weight).dequantize(), bnb_functional.dequantize_4bit(packed, state))
+
+
 def test_ties_at_code_midpoints_go_to_the_lower_code_as_bitsandbytes():
     code = torch.tensor(NF4_CODE)
     midpoints = (code[:-1] + code[1:]) / 2

@@ -37,6 +37,19 @@ def test_shard_by_shard_equals_the_whole_dict(sharded):
     assert all(p.requires_grad for p in streamed.parameters())  # as the module built them
 
 
+def test_groups_of_a_few_bytes_hold_every_tensor_once_and_load_the_same(sharded):
+    """iter_prefix(group_bytes=...) cuts each shard into groups (each read through its own opening of the
+    file): together they hold exactly load_prefix's tensors, and streaming them loads the same model."""
+    groups = list(sharded.iter_prefix("", group_bytes=4096))
+    assert len(groups) > len(set(sharded.weight_map.values()))  # shards really were cut
+    keys = [key for group in groups for key in group]
+    whole = sharded.load_prefix("")
+    assert sorted(keys) == sorted(whole) and len(keys) == len(set(keys))
+    assert all(torch.equal(group[k], whole[k]) for group in groups for k in group)
+    streamed = load_streaming(meta_model(sharded), sharded.iter_prefix("", group_bytes=4096), "streamed")
+    assert all(torch.equal(streamed.state_dict()[k], v) for k, v in whole.items())
+
+
 class Recorded(nn.Module):
     """A stand-in for a quantized Linear: keeps the weight it was given and the meta Linear's bias slot."""
 
