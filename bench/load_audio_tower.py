@@ -71,12 +71,14 @@ def checkpoint_shapes(lm: dict) -> dict[str, tuple[int, ...]]:
     for i in range(lm["num_hidden_layers"]):
         layer = f"language_model.model.layers.{i}."
         for name in ("q", "k", "v"):  # Qwen2: biases on q, k, v; none on o_proj
-            shapes |= {f"{layer}self_attn.{name}_proj.weight": (hidden, hidden), f"{layer}self_attn.{name}_proj.bias": (hidden,)}
+            shapes |= {f"{layer}self_attn.{name}_proj.weight": (hidden, hidden),
+                       f"{layer}self_attn.{name}_proj.bias": (hidden,)}
         shapes |= {f"{layer}self_attn.o_proj.weight": (hidden, hidden), f"{layer}mlp.down_proj.weight": (hidden, inner),
                    f"{layer}mlp.gate_proj.weight": (inner, hidden), f"{layer}mlp.up_proj.weight": (inner, hidden),
                    f"{layer}input_layernorm.weight": (hidden,), f"{layer}post_attention_layernorm.weight": (hidden,)}
     shapes |= {"language_model.model.norm.weight": (hidden,), "language_model.lm_head.weight": (LM_VOCAB, hidden),
-               "multi_modal_projector.linear.weight": (hidden, TOWER.d_model), "multi_modal_projector.linear.bias": (hidden,)}
+               "multi_modal_projector.linear.weight": (hidden, TOWER.d_model),
+               "multi_modal_projector.linear.bias": (hidden,)}
     with torch.device("meta"):  # our module's own names and shapes, at no memory cost
         tower = Qwen2AudioEncoder(TOWER)
     return shapes | {f"audio_tower.{key}": tuple(t.shape) for key, t in tower.state_dict().items()}
@@ -140,9 +142,11 @@ def load_naive(directory: Path, backend: str) -> Qwen2AudioEncoder:
 def load_reference(directory: Path) -> torch.nn.Module:
     from transformers import Qwen2AudioForConditionalGeneration
 
-    model, info = Qwen2AudioForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16, output_loading_info=True)
+    model, info = Qwen2AudioForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16,
+                                                                     output_loading_info=True)
     if any(info.values()):  # a key left to random init would make the reference look cheaper than it is
-        raise RuntimeError(f"transformers did not load the checkpoint strictly: { {k: v for k, v in info.items() if v} }")
+        raise RuntimeError(f"transformers did not load the checkpoint strictly: "
+                           f"{ {k: v for k, v in info.items() if v} }")
     load_reference.model = model  # the whole model stays alive, as for a user of it
     return model.model.audio_tower
 
@@ -168,7 +172,8 @@ def child(method: str, directory: Path) -> None:
         wrapped.append(transformers.modeling_utils)
     opened = set()  # shard names, recorded by wrapping safe_open where each method calls it
     for module in wrapped:
-        module.safe_open = lambda name, *a, _open=module.safe_open, **kw: opened.add(Path(name).name) or _open(name, *a, **kw)
+        module.safe_open = lambda name, *a, _open=module.safe_open, **kw: (
+            opened.add(Path(name).name) or _open(name, *a, **kw))
     with torch.device("meta"):
         torch.nn.Embedding(1, 1)  # torch imports torch._dynamo (~1 s) on a process's first Embedding
     base = memory_status("VmRSS")
@@ -180,7 +185,8 @@ def child(method: str, directory: Path) -> None:
             tensor.sum()  # reads every page of it
     ready = time.perf_counter()
     params = sum(p.numel() for p in tower.parameters())
-    print(json.dumps(dict(load=loaded - start, ready=ready - start, peak=memory_status("VmHWM"), base=base, shards=len(opened), params=params)))
+    print(json.dumps(dict(load=loaded - start, ready=ready - start, peak=memory_status("VmHWM"), base=base,
+                          shards=len(opened), params=params)))
 
 
 # ---- the parent: generate, alternate, report ----------------------------------------------------
@@ -197,7 +203,8 @@ def set_page_cache(files: list[Path], cache: str) -> None:
 
 
 def run_child(method: str, directory: Path) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", method, "--dir", str(directory)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, __file__, "--child", method, "--dir", str(directory)],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{method} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -224,7 +231,8 @@ def measure(args, directory: Path, shapes: dict) -> None:
             for method in order:
                 set_page_cache(files, cache)
                 results[method, cache].append(run_child(method, directory))
-                print(f"  run {repeat + 1}/{args.repeats} {cache} {method:11s} ready {results[method, cache][-1]['ready']:6.2f} s", flush=True)
+                print(f"  run {repeat + 1}/{args.repeats} {cache} {method:11s} "
+                      f"ready {results[method, cache][-1]['ready']:6.2f} s", flush=True)
 
     params = {r["params"] for runs in results.values() for r in runs}
     assert len(params) == 1, f"the methods built towers of different sizes: {params}"
@@ -232,29 +240,39 @@ def measure(args, directory: Path, shapes: dict) -> None:
     tower_gb = gigabytes(s for k, s in shapes.items() if k.startswith("audio_tower."))
     print(f"\n$ python {' '.join(sys.argv)}")
     print(f"machine: {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads), {platform.machine()}, "
-          f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 1e9:.0f} GB RAM, torch {torch.__version__}, python {platform.python_version()}")
-    print(f"checkpoint: {total:.2f} GB bf16 in {len(files)} shards; LM {args.lm_layers} x {args.lm_hidden} = {lm_gb:.2f} GB; "
+          f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 1e9:.0f} GB RAM, torch {torch.__version__}, "
+          f"python {platform.python_version()}")
+    print(f"checkpoint: {total:.2f} GB bf16 in {len(files)} shards; "
+          f"LM {args.lm_layers} x {args.lm_hidden} = {lm_gb:.2f} GB; "
           f"audio tower {params.pop() / 1e6:.0f}M params = {tower_gb:.2f} GB in shards {', '.join(tower_shards)}")
     print(f"medians of {args.repeats}, each run a fresh process; ready = load + read every tower weight once\n")
-    print(f"{'method':12s} {'cache':5s} {'load s':>7s} {'ready s':>8s} {'peak RSS GB':>12s} {'RSS before GB':>14s} {'shards opened':>14s}")
-    median = {key: {f: statistics.median(r[f] for r in runs) for f in ("load", "ready", "peak", "base")} for key, runs in results.items()}
+    print(f"{'method':12s} {'cache':5s} {'load s':>7s} {'ready s':>8s} {'peak RSS GB':>12s} {'RSS before GB':>14s} "
+          f"{'shards opened':>14s}")
+    median = {key: {f: statistics.median(r[f] for r in runs) for f in ("load", "ready", "peak", "base")}
+              for key, runs in results.items()}
     for (method, cache), m in median.items():
         shards = f"{results[method, cache][0]['shards']}/{len(files)}"
-        print(f"{method:12s} {cache:5s} {m['load']:7.2f} {m['ready']:8.2f} {m['peak'] / 1e9:12.2f} {m['base'] / 1e9:14.2f} {shards:>14s}")
+        print(f"{method:12s} {cache:5s} {m['load']:7.2f} {m['ready']:8.2f} {m['peak'] / 1e9:12.2f} "
+              f"{m['base'] / 1e9:14.2f} {shards:>14s}")
     print()
     for cache in caches:
         for other in methods[2:]:
             ours, them = median["ours-bf16", cache], median[other, cache]
-            print(f"{cache} ours-bf16 / {other:11s}  ready time {ours['ready'] / them['ready']:5.2f}   peak RSS {ours['peak'] / them['peak']:5.2f}")
+            print(f"{cache} ours-bf16 / {other:11s}  ready time {ours['ready'] / them['ready']:5.2f}   "
+                  f"peak RSS {ours['peak'] / them['peak']:5.2f}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", type=Path, help="where the checkpoint is made, or reused (default: in the temp dir, deleted after unless --keep)")
+    parser.add_argument("--dir", type=Path,
+                        help="where the checkpoint is made, or reused (default: in the temp dir, deleted after unless "
+                             "--keep)")
     parser.add_argument("--lm-layers", type=int, default=12, help="fake Qwen2 LM layers (the real 7B has 32)")
-    parser.add_argument("--lm-hidden", type=int, default=4096, help="fake LM width, a multiple of 128 (the real 7B: 4096)")
+    parser.add_argument("--lm-hidden", type=int, default=4096,
+                        help="fake LM width, a multiple of 128 (the real 7B: 4096)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cache", choices=["both", "cold", "warm"], default="both", help="OS page cache state before each run")
+    parser.add_argument("--cache", choices=["both", "cold", "warm"], default="both",
+                        help="OS page cache state before each run")
     parser.add_argument("--skip-reference", action="store_true", help="do not run transformers")
     parser.add_argument("--keep", action="store_true", help="keep a checkpoint generated in the temp dir")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)

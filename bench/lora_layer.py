@@ -51,7 +51,8 @@ def main():
     base.requires_grad_(False)
     ours = copy.deepcopy(base)
     inject_lora(ours, LoRAConfig("0", r=args.rank, alpha=2 * args.rank, dropout=0.1))
-    peft = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules="0", r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.1))
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules="0", r=args.rank, lora_alpha=2 * args.rank,
+                                                          lora_dropout=0.1))
     ours.train()
     peft.train()
     x = torch.randn(batch, length, args.dim, device=args.device, dtype=dtype)
@@ -65,7 +66,8 @@ def main():
         ours_times.append(time_step(ours, x, grad))
         peft_times.append(time_step(peft, x, grad))
     ours_ms, peft_ms = 1e3 * statistics.median(ours_times), 1e3 * statistics.median(peft_times)
-    print(f"device={args.device} dtype={args.dtype} dim={args.dim} tokens={batch}x{length} r={args.rank} repeats={args.repeats} threads={torch.get_num_threads()}")
+    print(f"device={args.device} dtype={args.dtype} dim={args.dim} tokens={batch}x{length} r={args.rank} "
+          f"repeats={args.repeats} threads={torch.get_num_threads()}")
     print(f"ours  LinearWithLoRA  fwd+bwd median {ours_ms:8.2f} ms")
     print(f"peft  lora.Linear     fwd+bwd median {peft_ms:8.2f} ms")
     print(f"ratio ours/peft = {ours_ms / peft_ms:.3f}  (below 1 means ours is faster)")

@@ -75,7 +75,7 @@ def decode(tree, tensors: dict):
 
 
 def save_state(state, path: str | os.PathLike):
-    """Write `state` to `path` (not atomic by itself: call it through lora.atomic.atomic_write)."""
+    """Write `state` to `path` (not atomic by itself: call it through common.atomic.atomic_write)."""
     tensors: dict[str, torch.Tensor] = {}
     tree = encode(state, tensors)
     save_file(tensors, str(path), metadata={"format": FORMAT, "state": json.dumps(tree, allow_nan=True)})

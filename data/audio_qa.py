@@ -15,6 +15,9 @@
                                                prompt, the audio placeholders and the padding
            prompt_input_ids / prompt_attention_mask (B, Lp)   the prompt alone, padded on the LEFT,
                                                so generation continues each row after its own prompt
+           padding_share                       padding / all tokens of input_ids
+      -> collate_audio_qa(pack=N): the same examples end to end in rows of at most N tokens, with
+           position_ids / segment_ids (R, W) for the block-diagonal attention (data/packing.py)
 
 The chat format is Qwen2-Audio-7B-Instruct's (models/qwen2_audio.py `chat_prompt`); the answer is
 tokenized on its own and <|im_end|> appended, the token the Instruct model ends its turns with and
@@ -34,7 +37,9 @@ from torch.utils.data import Dataset
 
 from data.audio_text import BAD_AUDIO_POLICIES, BadAudioError, Skipped, checked_clip_features, split_skipped
 from data.feature_cache import CACHE_STATUSES, FeatureCache
-from data.manifest import BadLine, missing_keys, read_examples, readable_file_problem, resolve_path
+from data.manifest import (BadLine, Media, entry_name, media_where, missing_keys, read_examples, readable_file_problem,
+                           resolve_path)
+from data.packing import pack_examples, padding_counts
 from models.audio import AudioDecodeError, ClipFeatures, pad_clip_features
 from models.qwen2_audio import AUDIO, IM_END, audio_token_count, chat_prompt, expand_audio_placeholder
 
@@ -46,15 +51,15 @@ MAX_ANSWER_TOKENS = 256  # the answer and its <|im_end|>
 
 @dataclass(frozen=True)
 class AudioQAExample:
-    audio: Path  # absolute, so an example means the same file from any working directory
+    audio: Media  # an absolute Path (the same file from any working directory), or a RowRef / MemberRef
     prompt: str  # the question or instruction, not blank
     answer: str  # the target text, not blank
-    source: str  # the manifest's path, for messages
-    line: int  # 1-based line in the manifest
+    source: str  # the manifest's path, for messages (or the table's, the shard's)
+    line: int  # 1-based line in the manifest (0-based row or sample of a table or shard)
 
     @property
     def where(self) -> str:
-        return f"{self.source}:{self.line}"
+        return media_where(self.audio, self.source, self.line)
 
 
 def read_audio_qa_manifest(path, audio_dir=None, bad_lines: list[BadLine] | None = None) -> list[AudioQAExample]:
@@ -138,8 +143,8 @@ class AudioQADataset(Dataset):
         except (OSError, AudioDecodeError) as e:  # OSError: missing or unreadable file
             if self.on_bad_audio == "skip":
                 return Skipped(str(example.audio), example.line, str(e))
-            raise BadAudioError(f"{example.where}: {e}. Fix or remove this manifest line, or pass --on-bad-audio skip "
-                                "to leave such clips out and report them") from e
+            raise BadAudioError(f"{example.where}: {e}. Fix or remove this {entry_name(example.source)}, or pass "
+                                "--on-bad-audio skip to leave such clips out and report them") from e
         return {"index": index, "features": features, "prompt": example.prompt, "answer": example.answer,
                 "path": str(example.audio), "line": example.line, "where": example.where, "cache": status}
 
@@ -156,20 +161,28 @@ def pad_rows(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[to
 
 
 def collate_audio_qa(items: list, tokenizer, pad_to_30s: bool = False, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
-                     max_answer_tokens: int = MAX_ANSWER_TOKENS) -> dict:
+                     max_answer_tokens: int = MAX_ANSWER_TOKENS, pack: int | None = None) -> dict:
     """Dataset items -> {"input_features": (B, n_mels, T) float32, "feature_attention_mask": (B, T) long,
     "input_ids" / "attention_mask" / "labels": (B, L) long, "prompt_input_ids" / "prompt_attention_mask":
     (B, Lp) long, "prompts", "answers", "paths": [B str], "lines": [B int], "index": (B,) long,
-    "skipped": [Skipped, ...], "cache": {"hit", "miss", "recomputed"}} (see the module docstring). If every
-    item was skipped, the tensors are None. `tokenizer`: the checkpoint's (models/qwen2_audio.py
-    load_qwen2_audio_tokenizer); use functools.partial(collate_audio_qa, tokenizer=...) as a collate_fn."""
+    "skipped": [Skipped, ...], "cache": {"hit", "miss", "recomputed"}, "padding_tokens", "lm_tokens": int,
+    "padding_share": float (padding / all tokens of input_ids)} (see the module docstring). If every item was
+    skipped, the tensors are None. `tokenizer`: the checkpoint's (models/qwen2_audio.py
+    load_qwen2_audio_tokenizer); use functools.partial(collate_audio_qa, tokenizer=...) as a collate_fn.
+
+    pack=N (tokens): padding-free rows (data/packing.py). input_ids / attention_mask / labels and the added
+    "position_ids" / "segment_ids" are (R, W <= N), several examples a row; the model takes all five with
+    the clips. Everything per example (the clips, prompt_input_ids, prompts, answers, paths, lines, index)
+    lists the examples in the order the rows hold them, which is how place_audio finds each clip's
+    placeholders; "order" gives that order as positions among the kept items."""
     kept, skipped = split_skipped(items, "collate_audio_qa")
     cache = {status: sum(item["cache"] == status for item in kept) for status in CACHE_STATUSES}
     if not kept:
+        packed_keys = ("position_ids", "segment_ids") if pack is not None else ()
         return {key: None for key in ("input_features", "feature_attention_mask", "input_ids", "attention_mask", "labels",
-                                      "prompt_input_ids", "prompt_attention_mask")} | {
+                                      "prompt_input_ids", "prompt_attention_mask", *packed_keys)} | {
             "prompts": [], "answers": [], "paths": [], "lines": [], "index": torch.zeros(0, dtype=torch.long),
-            "skipped": skipped, "cache": cache}
+            "skipped": skipped, "cache": cache, "padding_tokens": 0, "lm_tokens": 0, "padding_share": 0.0}
     audio_id = tokenizer.token_to_id(AUDIO)
     pad_id = tokenizer.token_to_id("<|endoftext|>")  # Qwen's pad token; never read: masked, labels -100
     prompt_rows, answer_rows = [], []
@@ -182,16 +195,26 @@ def collate_audio_qa(items: list, tokenizer, pad_to_30s: bool = False, max_promp
         # one placeholder per audio-tower output of this clip, as transformers 5's processor writes them
         prompt_rows.append(expand_audio_placeholder(prompt_ids, audio_id, audio_token_count(item["features"].valid_frames)))
         answer_rows.append(answer_ids)
+    token_rows = [p + a for p, a in zip(prompt_rows, answer_rows)]
+    label_rows = [[-100] * len(p) + a for p, a in zip(prompt_rows, answer_rows)]
+    if pack is None:
+        input_ids, attention_mask = pad_rows(token_rows, pad_id)  # (B, L)
+        labels, _ = pad_rows(label_rows, -100)
+        text = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        text |= padding_counts(attention_mask)
+    else:
+        packed = pack_examples(token_rows, label_rows, pack, pad_id, names=[item["where"] for item in kept])
+        kept, prompt_rows = [kept[i] for i in packed.order], [prompt_rows[i] for i in packed.order]  # reading order
+        text = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask, "labels": packed.labels,
+                "position_ids": packed.position_ids, "segment_ids": packed.segment_ids, "order": packed.order,
+                "padding_tokens": packed.padding_tokens, "lm_tokens": packed.lm_tokens,
+                "padding_share": packed.padding_share}
     features, frame_mask = pad_clip_features([item["features"] for item in kept], pad_to_30s)  # (B, n_mels, T), (B, T)
-    input_ids, attention_mask = pad_rows([p + a for p, a in zip(prompt_rows, answer_rows)], pad_id)
-    labels, _ = pad_rows([[-100] * len(p) + a for p, a in zip(prompt_rows, answer_rows)], -100)
     prompt_ids, prompt_mask = pad_rows(prompt_rows, pad_id, left=True)
     return {
         "input_features": features,
         "feature_attention_mask": frame_mask.long(),
-        "input_ids": input_ids,  # (B, L)
-        "attention_mask": attention_mask,
-        "labels": labels,
+        **text,
         "prompt_input_ids": prompt_ids,  # (B, Lp), left-padded
         "prompt_attention_mask": prompt_mask,
         "prompts": [item["prompt"] for item in kept],

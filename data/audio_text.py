@@ -9,6 +9,10 @@
                               tokenizer the captions' input_ids and attention_mask   (workers too)
       -> the training loop
 
+A clip's audio is a file (a Path) or bytes inside a bigger file (a row of a parquet / Arrow
+dataset, a member of a tar shard: a data/refs.py reference); both decode alike, key the feature
+cache alike and pass the same checks.
+
 Training shows one caption per clip per epoch, drawn from (seed, epoch, index) alone, so a resumed
 run and every worker see the same caption. Evaluation scores every caption: `captions_flat`.
 
@@ -46,7 +50,8 @@ from torch.utils.data import Dataset
 
 from common.errors import UserError
 from data.feature_cache import CACHE_STATUSES, FeatureCache
-from data.manifest import Clip, audio_header, readable_file_problem
+from data.manifest import Clip, audio_header, entry_name, readable_file_problem
+from data.refs import MediaRef, media_input
 from models.audio import (
     CHUNK_LENGTH,
     HOP_LENGTH,
@@ -81,21 +86,27 @@ def audio_problem(audio: torch.Tensor) -> str | None:
     return None
 
 
+def audio_name(media) -> str:
+    """How messages name a clip's audio: `audio file '/data/a.wav'`, or `the audio of train.parquet: row 3`."""
+    return f"the audio of {media}" if isinstance(media, MediaRef) else f"audio file {str(media)!r}"
+
+
 def checked_clip_features(path, where: str, n_mels: int) -> ClipFeatures:
-    """Decode, check and transform one clip: AudioDecodeError (or OSError) for bad audio. A clip over
-    30 s is cut there with a warning naming `where` (its manifest line)."""
-    audio = load_audio(path)
+    """Decode, check and transform one clip (a file's path, or a RowRef / MemberRef): AudioDecodeError
+    (or OSError) for bad audio. A clip over 30 s is cut there with a warning naming `where` (its
+    manifest line)."""
+    audio = load_audio(media_input(path), name=str(path))
     if len(audio) > N_SAMPLES:
         warnings.warn(f"{where}: {path} is {len(audio) / SAMPLE_RATE:.2f} s long; "
                       f"truncating it to {CHUNK_LENGTH} s as the Whisper feature extractor does")
         audio = audio[:N_SAMPLES]
     problem = audio_problem(audio)
     if problem:
-        raise AudioDecodeError(f"audio file {str(path)!r}: {problem}")
+        raise AudioDecodeError(f"{audio_name(path)}: {problem}")
     features = clip_features(audio, n_mels)
     if not (torch.isfinite(features.features).all() and math.isfinite(features.fill)):
         # finite samples whose power overflows float32 (|x| ~ 1e17 and up in a float file): a NaN loss otherwise
-        raise AudioDecodeError(f"audio file {str(path)!r}: its log-mel is non-finite, its samples reach "
+        raise AudioDecodeError(f"{audio_name(path)}: its log-mel is non-finite, its samples reach "
                                f"{audio.abs().max().item():.3g} (audio lies in [-1, 1]); re-export it normalised")
     return features
 
@@ -106,8 +117,8 @@ class BadAudioError(UserError, RuntimeError):
 
 class Skipped(NamedTuple):
     """A clip left out of a batch (on_bad_audio="skip"): what the training loop counts and prints."""
-    path: str  # the audio file
-    line: int  # its line in the manifest
+    path: str  # the audio file (str of a reference: `train.parquet: row 3`)
+    line: int  # its line in the manifest (row or sample of a table or shard)
     reason: str
 
 
@@ -176,8 +187,8 @@ class AudioTextDataset(Dataset):
         except (OSError, AudioDecodeError) as e:  # OSError: missing or unreadable file
             if self.on_bad_audio == "skip":
                 return Skipped(str(clip.audio), clip.line, str(e))
-            raise BadAudioError(f"{clip.where}: {e}. Fix or remove this manifest line, or pass --on-bad-audio skip "
-                                "to leave such clips out and report them") from e
+            raise BadAudioError(f"{clip.where}: {e}. Fix or remove this {entry_name(clip.source)}, or pass "
+                                "--on-bad-audio skip to leave such clips out and report them") from e
         return {"index": index, "features": features, "caption": self.caption(index, epoch),
                 "path": str(clip.audio), "line": clip.line, "cache": status}
 
@@ -202,8 +213,8 @@ def count_truncated_captions(tokenizer: Tokenizer, clips: list[Clip], chunk: int
 
 
 def clip_durations(clips: list[Clip]) -> list[float]:
-    """Seconds of audio in each clip's file, from its header alone (for --bucket-by-length); 0.0 for
-    a file that cannot be read, which decoding will report in its turn."""
+    """Seconds of audio in each clip's file (or embedded bytes), from its header alone (for
+    --bucket-by-length); 0.0 for a file that cannot be read, which decoding will report in its turn."""
     durations = []
     for clip in clips:
         try:

@@ -26,10 +26,11 @@ import torch
 
 from data.demo_models import build_wordpiece, save_checkpoint
 from data.demo_sounds import ATTRIBUTES, render_clip
-from lora.atomic import atomic_write_text, build_directory_once
+from common.atomic import atomic_write_text, build_directory_once
 from models.audio import SAMPLE_RATE
 from models.llama import LlamaConfig, LlamaForCausalLM
-from models.qwen2_audio import AUDIO, CHAT_TOKENS, END_OF_TEXT, IM_END, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, chat_prompt
+from models.qwen2_audio import (AUDIO, CHAT_TOKENS, END_OF_TEXT, IM_END, Qwen2AudioConfig,
+                                Qwen2AudioForConditionalGeneration, chat_prompt)
 
 VERSION = 1  # bump when anything below changes what is generated
 N_TRAIN_CLIPS, N_EVAL_CLIPS = 320, 40  # two questions each: 640 training and 80 evaluation examples
@@ -41,9 +42,10 @@ SPECIAL_TOKENS = [END_OF_TEXT, *[t for t in CHAT_TOKENS if t != END_OF_TEXT], UN
 MODEL_PRESET = dict(  # Qwen2-Audio-7B shrunk to a few CPU minutes: 128 mel bins kept, everything else tiny
     audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=128, d_model=64, encoder_layers=2,
                       encoder_attention_heads=4, encoder_ffn_dim=256, max_source_positions=1500),
-    text_config=dict(model_type="qwen2", hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, use_sliding_window=False),
+    text_config=dict(model_type="qwen2", hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                     tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                     use_sliding_window=False),
 )
 
 
@@ -57,13 +59,16 @@ def questions(segment: dict, rng) -> list[tuple[str, str]]:
         kind_answer = "tones"
     elif kind == "chirp":
         direction = "rises" if segment["direction"] == "rising" else "falls"
-        specific, description, kind_answer = ("Does the pitch rise or fall?", direction), f"a {segment['direction']} chirp", "a chirp"
+        specific, description, kind_answer = (("Does the pitch rise or fall?", direction),
+                                              f"a {segment['direction']} chirp", "a chirp")
     elif kind == "noise":
         specific = ("Is the noise loud or quiet?", segment["loudness"])
         description, kind_answer = f"{segment['loudness']} {segment['colour']} noise", "noise"
     else:
-        specific, description, kind_answer = ("Are the clicks slow or fast?", segment["rate"]), f"{segment['rate']} clicks", "clicks"
-    general = [("What kind of sound is this?", kind_answer), ("Describe the sound briefly.", description)][rng.integers(2)]
+        specific, description, kind_answer = (("Are the clicks slow or fast?", segment["rate"]),
+                                              f"{segment['rate']} clicks", "clicks")
+    general = [("What kind of sound is this?", kind_answer),
+               ("Describe the sound briefly.", description)][rng.integers(2)]
     return [specific, general]
 
 
@@ -135,7 +140,7 @@ def write_model(directory: Path, texts: list[str], seed: int) -> str:
 def ensure_demo_audio_qa(cache_dir, n_train: int = N_TRAIN_CLIPS, n_eval: int = N_EVAL_CLIPS, seed: int = DEMO_SEED,
                          verbose: bool = True) -> dict[str, str]:
     """{"model", "train_data", "eval_data"} of the demo under `cache_dir`, built once however many processes
-    ask at once (lora/atomic.py build_directory_once), and again when missing, damaged, or made with other
+    ask at once (common/atomic.py build_directory_once), and again when missing, damaged, or made with other
     parameters. The demo is fixed data: `seed` is not a run's --seed."""
     cache_dir = Path(cache_dir)
 

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 from torch import nn
 
-from lora.atomic import atomic_write, atomic_write_text, build_directory_once
+from common.atomic import atomic_write, atomic_write_text, build_directory_once
 from models.bert import BertConfig, BertModel
 from models.instructblip import InstructBlip, InstructBlipConfig
 from models.t5 import T5Config, T5ForConditionalGeneration
@@ -30,7 +30,8 @@ from models.qwen2_audio_encoder import Qwen2AudioEncoder, Qwen2AudioEncoderConfi
 
 VERSION = 4  # bump when a preset below changes, so cached models are rebuilt
 AUDIO_PRESET = dict(  # a Qwen2-Audio tower shrunk 10x in width and 16x in depth; 128 mel bins kept
-    num_mel_bins=128, d_model=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=512, max_source_positions=1500
+    num_mel_bins=128, d_model=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=512,
+    max_source_positions=1500
 )
 TEXT_PRESET = dict(  # a 2-layer BERT; 64 positions hold the longest demo caption with room to spare
     hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512, max_position_embeddings=64,
@@ -43,14 +44,16 @@ DEMO_SEED = 0  # the demo models are fixed: a run's --seed is the training's ran
 
 INSTRUCTBLIP_PRESET = dict(  # InstructBLIP-flan-t5-xl shrunk to a few CPU minutes; 64 px images, 8 queries
     num_query_tokens=8,
-    vision_config=dict(model_type="instructblip_vision_model", hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, image_size=64, patch_size=8, hidden_act="gelu", layer_norm_eps=1e-6),
+    vision_config=dict(model_type="instructblip_vision_model", hidden_size=64, intermediate_size=256,
+                       num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=8, hidden_act="gelu",
+                       layer_norm_eps=1e-6),
     qformer_config=dict(model_type="instructblip_qformer", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=256, max_position_embeddings=64, cross_attention_frequency=1, encoder_hidden_size=64,
-                        pad_token_id=0),
+                        intermediate_size=256, max_position_embeddings=64, cross_attention_frequency=1,
+                        encoder_hidden_size=64, pad_token_id=0),
     text_config=dict(model_type="t5", d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-                     relative_attention_num_buckets=16, relative_attention_max_distance=64, feed_forward_proj="gated-gelu",
-                     tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.1),
+                     relative_attention_num_buckets=16, relative_attention_max_distance=64,
+                     feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+                     pad_token_id=0, eos_token_id=1, dropout_rate=0.1),
 )
 T5_SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
 
@@ -67,7 +70,8 @@ def init_like_transformers(module: nn.Module, seed: int):
             elif name.endswith("layer_norm.weight"):  # T5LayerNorm has no bias and no nn.LayerNorm type
                 param.fill_(1.0)
         for name, m in module.named_modules():
-            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or (isinstance(m, nn.Embedding) and name != "embed_positions"):
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or (
+                    isinstance(m, nn.Embedding) and name != "embed_positions"):
                 m.weight.normal_(0.0, INIT_STD, generator=generator)
                 if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
@@ -115,7 +119,8 @@ def build_wordpiece(texts: list[str], special_tokens: list[str], unk: str, templ
     `tokenizers` trainers break frequency ties in a per-process hash order, so two runs would give
     two vocabularies and the demo could not be reproduced."""
     normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-    words = sorted({word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))})
+    words = sorted({word for text in texts
+                    for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))})
     vocab = {token: i for i, token in enumerate(special_tokens + [w for w in words if w not in special_tokens])}
     tok = Tokenizer(WordPiece(vocab, unk_token=unk, continuing_subword_prefix="##"))
     tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece(prefix="##")
@@ -144,7 +149,8 @@ def write_instructblip(directory: Path, texts: list[str], seed: int):
     qformer_tok = build_wordpiece(texts, SPECIAL_TOKENS, "[UNK]", "[CLS] $A [SEP]")
     t5_tok = build_wordpiece(texts, T5_SPECIAL_TOKENS, "<unk>", "$A </s>")
     preset = INSTRUCTBLIP_PRESET
-    config = {"model_type": "instructblip", "num_query_tokens": preset["num_query_tokens"], "vision_config": preset["vision_config"],
+    config = {"model_type": "instructblip", "num_query_tokens": preset["num_query_tokens"],
+              "vision_config": preset["vision_config"],
               "qformer_config": {**preset["qformer_config"], "vocab_size": qformer_tok.get_vocab_size()},
               "text_config": {**preset["text_config"], "vocab_size": t5_tok.get_vocab_size()}}
     parsed = InstructBlipConfig.from_hf(config)
@@ -160,7 +166,7 @@ def write_instructblip(directory: Path, texts: list[str], seed: int):
 
 def build_once(cache_dir: Path, texts_file, seed: int, outputs: list[str], write) -> list[str]:
     """The folders named `outputs` under `cache_dir`, as write(folder, texts) makes them in `folder`,
-    built once however many processes ask at once (lora/atomic.py build_directory_once): reused while
+    built once however many processes ask at once (common/atomic.py build_directory_once): reused while
     cache_dir/DONE.json says they were made from these texts, seed and VERSION and every file is whole,
     otherwise built again from scratch."""
     texts = Path(texts_file).read_text(encoding="utf-8")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lora.atomic import build_directory_once
+from common.atomic import build_directory_once
 
 VERSION = 1  # bump when anything below changes what is generated, so cached sets are rebuilt
 N_TRAIN = 600  # examples (manifest lines): 200 images x 3 questions, enough for a tiny model to fit a bit
@@ -179,7 +179,7 @@ def generate_shapes_set(out_dir, n_train=N_TRAIN, n_eval=N_EVAL, image_size=IMAG
 
 def ensure_shapes_set(cache_dir, n_train=N_TRAIN, n_eval=N_EVAL, image_size=IMAGE_SIZE, seed=DEMO_SEED, verbose=True):
     """The shapes set in the folder `cache_dir`, built once however many processes ask at once
-    (lora/atomic.py build_directory_once): reused when its DONE.json records these parameters and
+    (common/atomic.py build_directory_once): reused when its DONE.json records these parameters and
     this VERSION and every file it lists is whole, otherwise (missing, partial, damaged or different)
     built again from scratch. The set is fixed data: `seed` is not a run's --seed."""
     paths = output_paths(cache_dir)

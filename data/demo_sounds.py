@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from lora.atomic import build_directory_once
+from common.atomic import build_directory_once
 from models.audio import SAMPLE_RATE
 
 VERSION = 1  # bump when anything below changes what is generated, so cached sets are rebuilt
@@ -263,7 +263,7 @@ def generate_demo_set(out_dir, n_train=N_TRAIN, n_eval=N_EVAL, seed=DEMO_SEED, v
 
 def ensure_demo_set(cache_dir, n_train=N_TRAIN, n_eval=N_EVAL, seed=DEMO_SEED, verbose=True):
     """The demo set in the folder `cache_dir`, built once however many processes ask at once
-    (lora/atomic.py build_directory_once): reused when its DONE.json records these parameters and
+    (common/atomic.py build_directory_once): reused when its DONE.json records these parameters and
     this VERSION and every file it lists is whole, otherwise (missing, partial, damaged or different)
     built again from scratch. The set is fixed data: `seed` is not a run's --seed."""
     paths = output_paths(cache_dir)

@@ -11,8 +11,12 @@ of the batch, so it is computed once and reused across epochs, evaluations, resu
            an entry that fails its checks:                     compute, rewrite it   "recomputed"
 
 Key: the file's identity (resolved path, size, mtime_ns) and the front-end setting (n_mels and
-`FRONTEND_VERSION`, bumped whenever the computation changes). A changed file or setting has a new
-key, hence a new entry; old entries are left behind, so delete the folder to reclaim the space.
+`FRONTEND_VERSION`, bumped whenever the computation changes). A clip embedded in a bigger file (a
+row of a parquet / Arrow dataset, a member of a tar shard: data/refs.py) is keyed by that file's
+identity and its place in it: the row and column, or the member's name and offset. So a rewritten
+table or shard gets new keys for all of its clips, and two rows holding the same bytes two entries.
+A changed file or setting has a new key, hence a new entry; old entries are left behind, so delete
+the folder to reclaim the space.
 The padding mode (--pad-to-30s) is not in the key on purpose: an entry holds exactly what both
 modes take from the clip (`pad_clip_features` adds the padding), so one entry serves both.
 
@@ -28,7 +32,7 @@ computed again, rewritten, counted, and reported with a warning.
 Concurrency: DataLoader workers and ranks may write the same entry at once. Each writer writes
 its own temporary file (pid and a random suffix, unique across hosts sharing the folder) and
 renames it over the entry with os.replace, which is atomic, so a reader sees a whole entry, old
-or new; the writers' bytes are identical anyway. There is no fsync, unlike lora/atomic.py: an
+or new; the writers' bytes are identical anyway. There is no fsync, unlike common/atomic.py: an
 entry torn by a power cut fails its checksum and is recomputed, and an fsync per clip would
 make the first epoch wait on the disk.
 """
@@ -47,6 +51,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from data.refs import MediaRef
 from models.audio import FRONTEND_VERSION, N_FRAMES, ClipFeatures
 
 CACHE_STATUSES = ("hit", "miss", "recomputed")
@@ -57,7 +62,10 @@ class DamagedEntry(Exception):
 
 
 def file_key(path, n_mels: int) -> dict:
-    """What an entry's features depend on: the file's identity and the front-end setting."""
+    """What an entry's features depend on: the file's identity and the front-end setting. `path` is
+    a file's path or a RowRef / MemberRef (its container's identity, and the row or member)."""
+    if isinstance(path, MediaRef):
+        return {**path.identity(), "n_mels": n_mels, "frontend": FRONTEND_VERSION}
     resolved = os.path.realpath(path)
     stat = os.stat(resolved)
     return {"path": resolved, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
@@ -84,7 +92,8 @@ class FeatureCache:
 
     def load_or_compute(self, path, n_mels: int, compute: Callable[[], ClipFeatures]) -> tuple[ClipFeatures, str]:
         """(the clip's features, "hit" | "miss" | "recomputed"). `compute()` decodes the file and
-        returns its ClipFeatures, or raises for bad audio; then nothing is written."""
+        returns its ClipFeatures, or raises for bad audio; then nothing is written. `path` is a
+        file's path, or a reference to a clip inside a bigger file (data/refs.py)."""
         try:
             key = file_key(path, n_mels)
         except OSError:  # missing or unreadable: the decoder raises the error that names it

@@ -8,9 +8,11 @@
                             qformer_input_ids/attention_mask       -> qformer, beside the query tokens
            T5 (flan-t5):    input_ids/attention_mask (prompt)      -> T5 encoder, after the projected queries
                             labels (answer + </s>, pads -100)      -> T5 decoder and the LM loss
-           LLaMA (Vicuna):  input_ids/attention_mask               -> [BOS prompt answer </s>], padded on the right
+           LLaMA family:    input_ids/attention_mask               -> [BOS prompt answer eos], padded on the right
                             labels (same positions; -100 on the prompt and the padding) -> next-token loss
                             prompt_input_ids/prompt_attention_mask -> [BOS prompt], padded on the LEFT, for generate
+           LLaMA, pack=N:   the examples [Q query slots; BOS prompt answer eos] end to end in rows of at most N
+                            tokens, with position_ids/segment_ids (data/packing.py)
 
 The prompt is tokenized twice, as in InstructBLIP: the Q-Former reads it with its own BERT
 WordPiece (so the queries extract what the instruction asks about), and the language model reads it
@@ -20,7 +22,9 @@ same image stay separate examples: each asks its own question.
 Which layout a batch gets is read from the language model's tokenizer (`language_model_layout`):
 T5's appends </s> to every text, LLaMA's puts a BOS in front and no </s> after; `decoder_only`
 states it explicitly and is then checked against the tokenizer. For the decoder-only LM the answer
-is tokenized on its own (no BOS), then </s> appended, as LAVIS's `blip2_vicuna_instruct` does.
+is tokenized on its own (no BOS), then the model's eos appended, as LAVIS's `blip2_vicuna_instruct` does;
+BOS and eos come from `special_tokens` (models/tokenizer.py SpecialTokens: Llama 3's <|begin_of_text|> and
+<|eot_id|>, SmolLM2's none and <|im_end|>, ...), by default Vicuna's (the tokenizer's BOS, </s>).
 
 Token budgets: `check_texts` measures every line's prompt and answer before training, returning
 (example, reason) like `check_images`, so the run can fail naming the line or skip it; the collate
@@ -41,9 +45,14 @@ from torch.utils.data import Dataset
 from common.errors import UserError
 from data.audio_text import Skipped, split_skipped
 # the manifest helpers are shared on purpose: the same UTF-8 errors and path rules for both tasks
-from data.manifest import BadLine, missing_keys, read_examples, readable_file_problem, resolve_path
+from data.manifest import (BadLine, Media, entry_name, media_where, missing_keys, read_examples, readable_file_problem,
+                           resolve_path)
+from data.packing import pack_examples, padding_counts
+from data.refs import media_input
 from models.image import load_image, preprocess_images
-from models.tokenizer import LLAMA_EOS, T5_EOS, tokenize  # each answer ends with its EOS, or generation never learns to stop
+from models.instructblip import QUERY_SLOT
+# each answer ends with its EOS, or generation never learns to stop; LLAMA_EOS is re-exported (the evaluation reads it)
+from models.tokenizer import LLAMA_EOS, T5_EOS, SpecialTokens, read_special_tokens, tokenize
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
 REQUIRED_KEYS = ("image", "prompt", "answer")
@@ -51,6 +60,7 @@ EXAMPLE_LINE = '{"image": "images/a.png", "prompt": "What colour is the shape?",
 # LAVIS's InstructBLIP limits (max_txt_len, max_output_txt_len); LAVIS truncates silently, we refuse
 MAX_PROMPT_TOKENS = 128
 MAX_ANSWER_TOKENS = 256
+NUM_QUERY_TOKENS = 32  # Q of every released InstructBLIP: the rows of the language model's input before the text
 
 
 class BadImageError(UserError, RuntimeError):
@@ -59,15 +69,15 @@ class BadImageError(UserError, RuntimeError):
 
 @dataclass(frozen=True)
 class VQAExample:
-    image: Path  # absolute, so an example means the same file from any working directory
+    image: Media  # an absolute Path (the same file from any working directory), or a RowRef / MemberRef
     prompt: str  # the instruction or question, not blank
     answer: str  # the target text, not blank
-    source: str  # the manifest's path, for messages
-    line: int  # 1-based line in the manifest
+    source: str  # the manifest's path, for messages (or the table's, the shard's)
+    line: int  # 1-based line in the manifest (0-based row or sample of a table or shard)
 
     @property
     def where(self) -> str:
-        return f"{self.source}:{self.line}"
+        return media_where(self.image, self.source, self.line)
 
 
 def read_vqa_manifest(path, image_dir=None, bad_lines: list[BadLine] | None = None) -> list[VQAExample]:
@@ -106,8 +116,16 @@ def language_model_layout(tokenizer) -> str:
                      "use the checkpoint's own tokenizer.json")
 
 
-def resolve_layout(lm_tokenizer, decoder_only: bool | None) -> str:
-    """The tokenizer's layout, which must agree with `decoder_only` when that is given."""
+def resolve_layout(lm_tokenizer, decoder_only: bool | None, special_tokens: SpecialTokens | None = None) -> str:
+    """The tokenizer's layout, which must agree with `decoder_only` when that is given. A decoder whose prompts take
+    no BOS (Qwen2, SmolLM2) is known by `decoder_only=True` or by its `special_tokens`, which only decoders have."""
+    if special_tokens is not None:
+        if decoder_only is False:
+            raise ValueError("decoder_only=False but special_tokens were given: they belong to a decoder-only language "
+                             "model; pass neither for T5")
+        decoder_only = True
+    if decoder_only and lm_tokenizer.encode("a").ids[-1:] != [lm_tokenizer.token_to_id(T5_EOS)]:
+        return "decoder-only"
     layout = language_model_layout(lm_tokenizer)
     if decoder_only is not None and (layout == "decoder-only") != decoder_only:
         raise ValueError(f"decoder_only={decoder_only} but the language model's tokenizer is {layout} "
@@ -129,21 +147,24 @@ def _too_long(what: str, n_tokens: int, limit_name: str, limit: int) -> str:
 
 
 def check_texts(examples: list[VQAExample], qformer_tokenizer, lm_tokenizer, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
-                max_answer_tokens: int = MAX_ANSWER_TOKENS, decoder_only: bool | None = None) -> list[tuple[VQAExample, str]]:
+                max_answer_tokens: int = MAX_ANSWER_TOKENS, decoder_only: bool | None = None,
+                special_tokens: SpecialTokens | None = None) -> list[tuple[VQAExample, str]]:
     """(example, problem) for each example whose prompt or answer exceeds its token budget (the problem
     names neither file nor line: the caller prints `example.where`, as for check_images), measured
-    as collate_vqa will (special tokens and the answer's </s> included, nothing truncated): run it on
+    as collate_vqa will (special tokens and the answer's eos included, nothing truncated): run it on
     the whole manifest before training, so a long line 40 000 examples in fails now, not hours later."""
-    layout = resolve_layout(lm_tokenizer, decoder_only)
+    layout = resolve_layout(lm_tokenizer, decoder_only, special_tokens)
     lm_name = "T5" if layout == "encoder-decoder" else "LLaMA"
     qformer, lm = _untruncated(qformer_tokenizer), _untruncated(lm_tokenizer)
     prompts, answers = [e.prompt for e in examples], [e.answer for e in examples]
     qformer_lengths = [len(e.ids) for e in qformer.encode_batch(prompts)]
-    prompt_lengths = [len(e.ids) for e in lm.encode_batch(prompts)]
     if layout == "encoder-decoder":
+        prompt_lengths = [len(e.ids) for e in lm.encode_batch(prompts)]
         answer_lengths = [len(e.ids) for e in lm.encode_batch(answers)]  # </s> comes from the template
     else:
-        answer_lengths = [len(e.ids) + 1 for e in lm.encode_batch(answers, add_special_tokens=False)]  # + </s>
+        bos = decoder_special_tokens(lm_tokenizer, special_tokens).bos_id is not None
+        prompt_lengths = [len(e.ids) + bos for e in lm.encode_batch(prompts, add_special_tokens=False)]  # BOS + prompt
+        answer_lengths = [len(e.ids) + 1 for e in lm.encode_batch(answers, add_special_tokens=False)]  # + eos
     problems = []
     for example, n_qformer, n_prompt, n_answer in zip(examples, qformer_lengths, prompt_lengths, answer_lengths):
         checks = [(n_qformer, "prompt in Q-Former tokens", "max_prompt_tokens", max_prompt_tokens),
@@ -174,12 +195,12 @@ class VQADataset(Dataset):
         index = key[1] if isinstance(key, tuple) else key  # (epoch, index) from WithEpoch: nothing here varies by epoch
         example = self.examples[index]
         try:
-            image = load_image(example.image)
+            image = load_image(media_input(example.image), name=str(example.image))  # a path, or embedded bytes
         except (OSError, ValueError) as e:  # OSError: missing or unreadable; ValueError: not an image
             if self.on_bad_image == "skip":
                 return Skipped(str(example.image), example.line, str(e))
-            raise BadImageError(f"{example.where}: {e}. Fix or remove this manifest line, or pass --on-bad-image skip "
-                                "to leave such images out and report them") from e
+            raise BadImageError(f"{example.where}: {e}. Fix or remove this {entry_name(example.source)}, or pass "
+                                "--on-bad-image skip to leave such images out and report them") from e
         return {"index": index, "image": image, "prompt": example.prompt, "answer": example.answer,
                 "path": str(example.image), "line": example.line, "where": example.where}
 
@@ -210,22 +231,31 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.
     return ids, mask
 
 
-def decoder_only_tensors(lm_tokenizer, prompts: list[str], answers: list[str], items: list[dict],
-                         max_prompt_tokens: int, max_answer_tokens: int) -> dict:
-    """One causal sequence per example, [BOS prompt answer </s>], and its prompt alone for generation.
+def decoder_special_tokens(lm_tokenizer, special_tokens: SpecialTokens | None) -> SpecialTokens:
+    """`special_tokens` (models/loading.py `load_special_tokens`) if given, else what the tokenizer alone shows:
+    its post-processor's BOS and </s> as eos, which is InstructBLIP-Vicuna's (LAVIS: BOS = eos = </s>)."""
+    if special_tokens is not None:
+        return special_tokens
+    if lm_tokenizer.token_to_id(LLAMA_EOS) is None:
+        raise ValueError(f"the language model's tokenizer has no {LLAMA_EOS}, so the token its answers end with must "
+                         "come from the checkpoint: pass special_tokens=load_special_tokens(CHECKPOINT) "
+                         "(models/loading.py) to collate_vqa and check_texts")
+    return read_special_tokens(lm_tokenizer)
 
-    input_ids/attention_mask (B, L), right-padded; labels (B, L): the answer and </s> where they sit,
+
+def decoder_only_tensors(lm_tokenizer, prompts: list[str], answers: list[str], items: list[dict],
+                         max_prompt_tokens: int, max_answer_tokens: int,
+                         special_tokens: SpecialTokens | None = None) -> dict:
+    """One causal sequence per example, [BOS prompt answer eos], and its prompt alone for generation.
+
+    The BOS (none for Qwen2 or SmolLM2) and eos are the special tokens' (`decoder_special_tokens`): the BOS is
+    written here, not left to the tokenizer's post-processor, which may lack it where the model wants one;
+    the eos is the model's own (`</s>`, `<|eot_id|>`, `<|im_end|>`, ...), so generation learns where to stop.
+    input_ids/attention_mask (B, L), right-padded; labels (B, L): the answer and eos where they sit,
     -100 on the prompt (it is given, not predicted) and on padding; prompt_input_ids/attention_mask
     (B, Lp), left-padded, so generation continues every row right after its own last prompt token."""
-    eos_id = lm_tokenizer.token_to_id(LLAMA_EOS)
-    pad_id = lm_tokenizer.padding["pad_id"] if lm_tokenizer.padding else eos_id  # never read: masked, labels -100
-    prompt_rows = [_real_ids(e) for e in lm_tokenizer.encode_batch(prompts)]  # BOS prompt
-    answer_rows = [_real_ids(e) + [eos_id] for e in lm_tokenizer.encode_batch(answers, add_special_tokens=False)]
-    for item, prompt, answer in zip(items, prompt_rows, answer_rows):
-        if len(prompt) > max_prompt_tokens:
-            raise ValueError(f"{item['where']}: {_too_long('prompt in LLaMA tokens', len(prompt), 'max_prompt_tokens', max_prompt_tokens)}")
-        if len(answer) > max_answer_tokens:
-            raise ValueError(f"{item['where']}: {_too_long('answer in LLaMA tokens', len(answer), 'max_answer_tokens', max_answer_tokens)}")
+    prompt_rows, answer_rows, pad_id = decoder_only_rows(lm_tokenizer, prompts, answers, items, max_prompt_tokens,
+                                                         max_answer_tokens, special_tokens)
     input_ids, attention_mask = _pad([p + a for p, a in zip(prompt_rows, answer_rows)], pad_id)
     labels, _ = _pad([[-100] * len(p) + a for p, a in zip(prompt_rows, answer_rows)], -100)
     prompt_ids, prompt_mask = _pad(prompt_rows, pad_id, left=True)
@@ -233,38 +263,102 @@ def decoder_only_tensors(lm_tokenizer, prompts: list[str], answers: list[str], i
             "prompt_input_ids": prompt_ids, "prompt_attention_mask": prompt_mask}
 
 
+def decoder_only_rows(lm_tokenizer, prompts: list[str], answers: list[str], items: list[dict], max_prompt_tokens: int,
+                      max_answer_tokens: int, special_tokens: SpecialTokens | None = None
+                      ) -> tuple[list[list[int]], list[list[int]], int]:
+    """([BOS prompt] per example, [answer eos] per example, the pad id), each text checked against its budget."""
+    special = decoder_special_tokens(lm_tokenizer, special_tokens)
+    bos = [] if special.bos_id is None else [special.bos_id]
+    prompt_rows = [bos + _real_ids(e) for e in lm_tokenizer.encode_batch(prompts, add_special_tokens=False)]
+    answer_rows = [_real_ids(e) + [special.eos_id]
+                   for e in lm_tokenizer.encode_batch(answers, add_special_tokens=False)]
+    for item, prompt, answer in zip(items, prompt_rows, answer_rows):
+        if len(prompt) > max_prompt_tokens:
+            reason = _too_long("prompt in LLaMA tokens", len(prompt), "max_prompt_tokens", max_prompt_tokens)
+            raise ValueError(f"{item['where']}: {reason}")
+        if len(answer) > max_answer_tokens:
+            reason = _too_long("answer in LLaMA tokens", len(answer), "max_answer_tokens", max_answer_tokens)
+            raise ValueError(f"{item['where']}: {reason}")
+    return prompt_rows, answer_rows, special.pad_id  # the pad is never read: masked, labels -100
+
+
+def packed_decoder_only_tensors(prompt_rows: list[list[int]], answer_rows: list[list[int]], pad_id: int,
+                                items: list[dict], pack: int, num_query_tokens: int) -> dict:
+    """Examples end to end in rows of at most `pack` tokens of the language model's input (data/packing.py), each
+    [Q query slots; BOS prompt answer eos]: the model writes the projected queries over the slots (which hold
+    QUERY_SLOT), so the budget counts them. input_ids / attention_mask / labels / position_ids / segment_ids (R, W);
+    prompt_input_ids / prompt_attention_mask (B, Lp) left-padded, in reading order ("order")."""
+    Q = num_query_tokens
+    packed = pack_examples([[QUERY_SLOT] * Q + p + a for p, a in zip(prompt_rows, answer_rows)],
+                           [[-100] * (Q + len(p)) + a for p, a in zip(prompt_rows, answer_rows)], pack, pad_id,
+                           names=[item["where"] for item in items])
+    prompt_ids, prompt_mask = _pad([prompt_rows[i] for i in packed.order], pad_id, left=True)
+    return {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask, "labels": packed.labels,
+            "position_ids": packed.position_ids, "segment_ids": packed.segment_ids,
+            "prompt_input_ids": prompt_ids, "prompt_attention_mask": prompt_mask, "order": packed.order,
+            "padding_tokens": packed.padding_tokens, "lm_tokens": packed.lm_tokens,
+            "padding_share": packed.padding_share}
+
+
 def collate_vqa(items: list, image_size: int, qformer_tokenizer, lm_tokenizer,
                 max_prompt_tokens: int = MAX_PROMPT_TOKENS, max_answer_tokens: int = MAX_ANSWER_TOKENS, *,
-                decoder_only: bool | None = None) -> dict:
+                decoder_only: bool | None = None, special_tokens: SpecialTokens | None = None, pack: int | None = None,
+                num_query_tokens: int = NUM_QUERY_TOKENS) -> dict:
     """Dataset items -> {"pixel_values": (B, 3, S, S) float32, "qformer_input_ids" / "qformer_attention_mask":
     (B, Lq) long, "input_ids" / "attention_mask" / "labels": (B, L) long (see below), "prompts", "answers",
-    "paths": [B str], "lines": [B int], "index": (B,) long, "skipped": [Skipped, ...]}. Token tensors are
-    padded to the batch's longest text. If every item was skipped, the tensor entries are None (and "index"
-    is empty).
+    "paths": [B str], "lines": [B int], "index": (B,) long, "skipped": [Skipped, ...], "padding_tokens",
+    "lm_tokens": int, "padding_share": float}. Token tensors are padded to the batch's longest text. If every
+    item was skipped, the tensor entries are None (and "index" is empty). The padding share is padding / all
+    positions of the language model's input, whose every row starts with `num_query_tokens` queries (the
+    model's config.num_query_tokens; 32 in every released InstructBLIP).
 
     T5 (the tokenizer appends </s>): input_ids is the prompt, labels the answer + </s> (-100 on padding).
-    LLaMA (the tokenizer prepends a BOS): input_ids is [BOS prompt answer </s>], labels the same positions
-    with -100 on the prompt and padding, plus "prompt_input_ids" / "prompt_attention_mask" (B, Lp) padded
-    on the left for generation (`decoder_only_tensors`). `decoder_only` (default: read from the
-    tokenizer, `language_model_layout`) must match the tokenizer when given.
+    LLaMA family: input_ids is [BOS prompt answer eos], labels the same positions with -100 on the prompt and
+    padding, plus "prompt_input_ids" / "prompt_attention_mask" (B, Lp) padded on the left for generation
+    (`decoder_only_tensors`). `decoder_only` (default: read from the tokenizer, `language_model_layout`) must
+    match the tokenizer when given. `special_tokens` (models/loading.py `load_special_tokens`) give the BOS,
+    eos and pad of any LLaMA-family checkpoint; without them, the tokenizer's BOS and </s> (Vicuna's).
+
+    pack=N (LLaMA family only): padding-free rows of at most N tokens of the language model's input, queries
+    included (`packed_decoder_only_tensors`): input_ids / attention_mask / labels and the added "position_ids" /
+    "segment_ids" are (R, W), in the LM's own coordinates (models/instructblip.py `packed_forward`); the model
+    takes all five with the image and Q-Former inputs. Everything per example (pixel_values, the Q-Former and
+    prompt ids, prompts, answers, paths, lines, index) lists the examples in the order the rows hold them.
 
     The tokenizers are `tokenizers.Tokenizer`s with padding enabled (models/tokenizer.py). Use
     `functools.partial(collate_vqa, image_size=..., qformer_tokenizer=..., lm_tokenizer=...)` as a
     DataLoader's collate_fn: Tokenizer objects pickle, so workers get their own copies.
     """
     kept, skipped = split_skipped(items, "collate_vqa")
+    layout = resolve_layout(lm_tokenizer, decoder_only, special_tokens)
+    if pack is not None and layout != "decoder-only":
+        raise ValueError("packing needs a decoder-only language model (Vicuna, LLaMA): flan-t5 reads the prompt with "
+                         "its encoder and the answer with its decoder, so there is no one sequence to pack; "
+                         "collate without pack")
     if not kept:
+        packed_keys = {"position_ids": None, "segment_ids": None} if pack is not None else {}
         return {"pixel_values": None, "qformer_input_ids": None, "qformer_attention_mask": None,
-                "input_ids": None, "attention_mask": None, "labels": None, "prompts": [], "answers": [],
-                "paths": [], "lines": [], "index": torch.zeros(0, dtype=torch.long), "skipped": skipped}
+                "input_ids": None, "attention_mask": None, "labels": None, **packed_keys, "prompts": [], "answers": [],
+                "paths": [], "lines": [], "index": torch.zeros(0, dtype=torch.long), "skipped": skipped,
+                "padding_tokens": 0, "lm_tokens": 0, "padding_share": 0.0}
 
     prompts, answers = [item["prompt"] for item in kept], [item["answer"] for item in kept]
     qformer_ids, qformer_mask = _tokenize_checked(qformer_tokenizer, prompts, kept, max_prompt_tokens,
                                                   "max_prompt_tokens", "prompt in Q-Former tokens")
-    if resolve_layout(lm_tokenizer, decoder_only) == "decoder-only":
-        text = decoder_only_tensors(lm_tokenizer, prompts, answers, kept, max_prompt_tokens, max_answer_tokens)
-    else:
+    if layout == "encoder-decoder":
         text = _encoder_decoder_tensors(lm_tokenizer, prompts, answers, kept, max_prompt_tokens, max_answer_tokens)
+    elif pack is None:
+        text = decoder_only_tensors(lm_tokenizer, prompts, answers, kept, max_prompt_tokens, max_answer_tokens,
+                                    special_tokens)
+    else:
+        rows = decoder_only_rows(lm_tokenizer, prompts, answers, kept, max_prompt_tokens, max_answer_tokens,
+                                 special_tokens)
+        text = packed_decoder_only_tensors(*rows, kept, pack, num_query_tokens)
+        order = text["order"]  # every per-example field follows the examples' order in the rows
+        kept, prompts, answers = [kept[i] for i in order], [prompts[i] for i in order], [answers[i] for i in order]
+        qformer_ids, qformer_mask = qformer_ids[order], qformer_mask[order]
+    if pack is None:
+        text |= padding_counts(text["attention_mask"], real_prefix=num_query_tokens)
 
     return {
         "pixel_values": preprocess_images([item["image"] for item in kept], image_size),  # (B, 3, S, S)

@@ -177,7 +177,8 @@ def locate(path: Path, kind: str, names: list[list[str]], audio_dir, flag: str, 
         return location(beside, "beside the manifest")
     tried = [(beside, "beside the manifest", found_in(beside))]
     if tried[0][2] < len(names):  # unless the manifest's folder holds every file, look where the set ships it
-        tried += [(folder, f"{kind} layout", found_in(folder)) for folder in layout_folders(path, kind) if folder != beside]
+        tried += [(folder, f"{kind} layout", found_in(folder))
+                  for folder in layout_folders(path, kind) if folder != beside]
     folder, how, found = max(tried, key=lambda t: t[2])  # max keeps the first of equals: the manifest's folder
     if found >= max(1, math.ceil(len(names) / 2)):
         return location(folder, how, found)

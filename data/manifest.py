@@ -21,27 +21,37 @@ Where the audio is: relative paths resolve against `audio_dir` when given, else 
 manifest's folder, else (a CSV) the folder where its data set ships the audio: data/layouts.py.
 
 Every error starts with `manifest:line:` (1-based), or with the manifest's path when it concerns
-the whole file. A missing audio file is not a parse error, since a manifest may be written before
-its audio is fetched: `check_files` lists those. A training run that skips bad input passes a
+the whole file. The same records and reports serve the other data sources (data/sources.py), whose
+examples are rows of a table or samples of a tar shard: `where_of` names them `file.parquet: row 12`
+(0-based, as pyarrow counts) and `shard.tar: key 'abc'`, and their media may be a reference into the
+bigger file (data/refs.py) instead of a Path, which every check here takes as well.
+
+A missing audio file is not a parse error, since a manifest may be written before its audio is
+fetched: `check_files` lists those. A training run that skips bad input passes a
 `bad_lines` list: a row that cannot be read (invalid JSON, a missing key, a blank or invisible or
 non-string caption, a CSV row with a missing cell) then becomes a `BadLine` there and is left out,
 for the run to count and list in skipped.jsonl; whole-file problems are errors either way.
+
+The records and reports (`Clip`, `BadLine`, `ManifestError`, `where_of`) live in data/records.py, the
+checks of one file or text (`readable_file_problem`, `text_problem`) in data/input_checks.py; this module
+re-exports them.
 """
 
 import csv
-import functools
 import io
 import json
 import os
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-import soundfile
-from PIL import Image, UnidentifiedImageError
-
-from common.errors import PathNotFound, UserError
+from common.errors import PathNotFound
+from data.input_checks import file_problem, text_problem
 from data.layouts import AudioLocation, AudioNotFound, DiskNames, find_file, locate, nfc, resolve_path
+from data.records import BadLine, BadRow, Clip, ManifestError, refuse_or_collect
+
+# re-exported: these were defined here first, and the data sources, tasks and tests import them from here
+from data.input_checks import audio_header, readable_file_problem  # noqa: F401
+from data.records import SHARD_SUFFIXES, TABLE_SUFFIXES, Media, entry_name, media_where, where_of  # noqa: F401
 
 CLOTHO_HEADER = ["file_name", "caption_1", "caption_2", "caption_3", "caption_4", "caption_5"]
 AUDIOCAPS_HEADER = ["audiocap_id", "youtube_id", "start_time", "caption"]
@@ -57,49 +67,6 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")  # all decoded by soundfile (
 JSON_SUFFIXES = (".jsonl", ".json")
 CLIP_SECONDS = 10  # every AudioCaps clip is the 10 s from start_time on
 FLAG_HINT = "the audio folder option (--train-audio-dir / --eval-audio-dir of train.py, --audio-dir of eval.py)"
-
-
-class ManifestError(UserError, ValueError):
-    """A manifest that cannot be read as written; the message starts with `manifest:line:`."""
-
-
-@dataclass(frozen=True)
-class BadLine:
-    """A manifest line left out because it cannot be read: what a reader appends to the
-    `bad_lines` list it was given (a training run under `--on-bad-audio skip`) instead of
-    raising a ManifestError naming the line."""
-    source: str  # the manifest's path
-    line: int  # 1-based
-    reason: str  # what is wrong with the line and what to do, without the `manifest:line:` prefix
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.line}"
-
-
-class BadRow(ValueError):
-    """Raised by the parser of one row: that line's problem, to which `refuse_or_collect` adds
-    the `manifest:line:` prefix (or which it collects)."""
-
-
-def refuse_or_collect(bad_lines: list[BadLine] | None, path, line: int, reason: str) -> None:
-    """A line that cannot be read: a ManifestError naming it (bad_lines is None: the default, and
-    always for evaluation manifests), or one more BadLine in `bad_lines`, the line left out."""
-    if bad_lines is None:
-        raise ManifestError(f"{path}:{line}: {reason}")
-    bad_lines.append(BadLine(str(path), line, reason))
-
-
-@dataclass(frozen=True)
-class Clip:
-    audio: Path  # absolute, so a clip means the same file from any working directory
-    captions: tuple[str, ...]  # at least one, none blank
-    source: str  # the manifest's path, for messages
-    line: int  # 1-based line of the clip's first row in the manifest
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.line}"
 
 
 @dataclass
@@ -159,53 +126,6 @@ def load_manifest(path, audio_dir=None, flag: str = FLAG_HINT,
     return list(clips.values()), location
 
 
-def file_problem(path: Path, what: str) -> str | None:
-    """Why `path` cannot be a data file (missing, not a file, empty), or None. No byte of it is read."""
-    if not path.exists():
-        return f"{what} file not found"
-    if not path.is_file():
-        return f"{what} path is not a regular file"
-    if path.stat().st_size == 0:
-        return f"{what} file is empty (0 bytes)"
-    return None
-
-
-def audio_header(path) -> tuple[int, int]:
-    """(frames, sample rate) from an audio file's header, read once per file version: the check before
-    training and --bucket-by-length's durations both ask, and a data set may hold 100k files."""
-    stat = os.stat(path)
-    return _audio_header(os.fspath(path), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=1 << 20)
-def _audio_header(path: str, size: int, mtime_ns: int) -> tuple[int, int]:  # size, mtime: a changed file is read anew
-    info = soundfile.info(path)
-    return info.frames, info.samplerate
-
-
-def readable_file_problem(path: Path, what: str) -> str | None:
-    """file_problem, then the header: an audio file's (soundfile.info), an image's (PIL's lazy open).
-    Cheap, nothing is decoded: what train.py and eval.py check of every file before any work, so a
-    file that is no audio (or image) at all stops the run at once, not after the first evaluation.
-    Samples damaged past a readable header are still found only when a dataset decodes them."""
-    problem = file_problem(path, what)
-    if problem is not None:
-        return problem
-    if what == "audio":
-        try:
-            frames, _ = audio_header(path)
-        except (RuntimeError, OSError) as error:  # soundfile's LibsndfileError is a RuntimeError
-            return f"audio file cannot be decoded ({error}); convert it to wav, flac or ogg"
-        return "audio file holds 0 samples" if frames == 0 else None
-    if what == "image":
-        try:
-            with Image.open(path) as image:
-                image.size  # noqa: B018 -- the header is parsed on open; size proves it was
-        except (UnidentifiedImageError, OSError) as error:
-            return f"image file cannot be read ({error})"
-    return None
-
-
 def check_files(clips: list[Clip]) -> list[tuple[Clip, str]]:
     """(clip, problem) for each clip whose audio file is missing or empty."""
     return [(clip, problem) for clip in clips if (problem := file_problem(clip.audio, "audio"))]
@@ -219,21 +139,6 @@ def read_utf8(path: Path) -> str:
         line = data.count(b"\n", 0, e.start) + 1
         raise ManifestError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); "
                             "re-save the manifest as UTF-8") from e
-
-
-def text_problem(value, field: str) -> str | None:
-    """Why `value` cannot be a caption (or a prompt, an answer), or None: not a string, blank, or
-    without one visible character. Zero-width spaces, a byte-order mark, control characters and
-    lone combining accents pass `str.strip()`, but tokenizers drop them all, and a text of special
-    tokens alone would train on nothing without a word."""
-    if not isinstance(value, str):
-        return f"{field} must be a string, got {type(value).__name__} {value!r:.60}"
-    if not value.strip():
-        return f"{field} is empty"
-    if not any(unicodedata.category(ch)[0] in "LNPS" for ch in value):  # letters, numbers, punctuation, symbols
-        return (f"{field} has no visible character ({value!r:.60}: only spaces, control, zero-width or "
-                "combining characters), so it tokenizes to nothing")
-    return None
 
 
 def _check_caption(caption, field: str) -> str:

@@ -28,12 +28,22 @@ Bucketing by length, so little of a forward is padding (audio clips of 1 to 30 s
 All of it is a function of (seed, epoch), so bucketing stays deterministic and resumable, and
 composes with the sharding above.
 
+Another example order (`order`, default None: `epoch_order`, unchanged): a function
+`order(seed, epoch) -> list[int]`, a permutation of range(n) and a pure function of its arguments,
+replaces `epoch_order` as the sequence the global batches are cut from; everything after it (the
+dropped tail, bucketing, the split over ranks, resume) is as above. WebDataset tar shards use it
+(data/shards.py `ShardOrder`: the shards shuffled, then a shuffle within a buffer of examples), so
+reading stays near-sequential in each shard while ranks and workers still never overlap, the global
+batch still does not depend on the number of processes, and a resume at (epoch, batches_done) still
+takes exactly the remaining batches.
+
 The last partial global batch of an epoch is dropped, so every step has exactly B examples (for
 a contrastive loss the batch is the set of negatives); each epoch reshuffles, so no example is
 left out for good.
 """
 
 import math
+from typing import Callable
 
 import torch
 from torch.utils.data import Sampler
@@ -85,8 +95,9 @@ class GlobalBatchSampler(Sampler):
     `epoch` (see the module docstring). Use as a DataLoader's `batch_sampler`; call set_state
     before every epoch. Each global batch yields exactly `accumulation` micro-batches."""
 
-    def __init__(self, n: int, global_batch: int, micro_batch: int | None = None, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 lengths: list[float] | None = None, across_batches: bool = False):
+    def __init__(self, n: int, global_batch: int, micro_batch: int | None = None, world_size: int = 1, rank: int = 0,
+                 seed: int = 0, lengths: list[float] | None = None, across_batches: bool = False,
+                 order: Callable[[int, int], list[int]] | None = None):
         micro_batch = micro_batch or global_batch // world_size
         self.accumulation = accumulation_steps(global_batch, world_size, micro_batch)
         if n < global_batch:
@@ -100,6 +111,7 @@ class GlobalBatchSampler(Sampler):
             raise ValueError("bucketing across batches needs the examples' lengths")
         self.lengths = lengths  # None: no bucketing
         self.across_batches = across_batches
+        self.example_order = order  # None: epoch_order
         self.epoch, self.batches_done = 0, 0
 
     @property
@@ -114,13 +126,24 @@ class GlobalBatchSampler(Sampler):
     def set_state(self, epoch: int, batches_done: int = 0) -> None:
         if not 0 <= batches_done <= self.batches_per_epoch:
             raise ValueError(f"batches_done={batches_done} is outside 0..{self.batches_per_epoch}, the global batches "
-                             f"in one epoch of {self.n} examples at batch size {self.global_batch}; was the state saved "
-                             "with another data set or batch size?")
+                             f"in one epoch of {self.n} examples at batch size {self.global_batch}; "
+                             "was the state saved with another data set or batch size?")
         self.epoch, self.batches_done = epoch, batches_done
+
+    def shuffled(self) -> list[int]:
+        """This epoch's permutation of the examples: `epoch_order`, or the `order` hook's, checked."""
+        if self.example_order is None:
+            return epoch_order(self.n, self.seed, self.epoch)
+        order = list(self.example_order(self.seed, self.epoch))
+        if len(order) != self.n or set(order) != set(range(self.n)):
+            # an overlap or a gap here would show some examples twice and others never, silently
+            raise ValueError(f"the example order of epoch {self.epoch} is not a permutation of the {self.n} examples "
+                             f"({len(order)} indices, {len(set(order))} distinct); was it built for another data set?")
+        return order
 
     def order(self) -> list[int]:
         """This epoch's examples, a whole number of global batches, in the order they are taken."""
-        order = epoch_order(self.n, self.seed, self.epoch)[: self.batches_per_epoch * self.global_batch]
+        order = self.shuffled()[: self.batches_per_epoch * self.global_batch]
         return bucketed(order, self.lengths, self.global_batch, self.seed, self.epoch) if self.across_batches else order
 
     def micro_batches(self, global_batch: list[int]) -> list[list[int]]:

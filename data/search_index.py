@@ -20,8 +20,8 @@ import numpy as np
 import soundfile as sf
 
 from lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from lora.atomic import atomic_write
-from models.audio_text import HEADS_FILE, RUN_CONFIG
+from common.atomic import atomic_write
+from common.run_files import HEADS_FILE, RUN_CONFIG
 
 
 def save_npz(path, **arrays):
@@ -61,7 +61,8 @@ def read_index(path: Path) -> dict | None:
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
     n = len(index["paths"])
-    if int(index["version"]) != INDEX_VERSION or not len(index["sizes"]) == len(index["mtimes"]) == len(index["embeddings"]) == n:
+    if int(index["version"]) != INDEX_VERSION or not (
+            len(index["sizes"]) == len(index["mtimes"]) == len(index["embeddings"]) == n):
         return None
     return index
 
@@ -94,15 +95,19 @@ def search_index(model, files: list[Path], root: Path, index_path: Path, with_ad
     if not keep:
         raise ValueError(f"none of the {len(files)} audio files under {root} can be read")
     embed = [i for i in todo if i not in bad]
-    fresh = (model.embed_audio([files[i] for i in embed], batch_size=batch_size, workers=workers, feature_cache=feature_cache).numpy()
+    fresh = (model.embed_audio([files[i] for i in embed], batch_size=batch_size, workers=workers,
+                               feature_cache=feature_cache).numpy()
              if embed else None)
     fresh_row = {i: row for row, i in enumerate(embed)}
-    embeddings = np.stack([fresh[fresh_row[i]] if i in fresh_row else old["embeddings"][known[names[i]][2]] for i in keep])
+    embeddings = np.stack([fresh[fresh_row[i]] if i in fresh_row else old["embeddings"][known[names[i]][2]]
+                           for i in keep])
     dropped = len(set(known) - {names[i] for i in keep})
     if embed or dropped or not known:
         arrays = dict(version=np.array(INDEX_VERSION), identity=np.array(identity), root=np.array(str(root)),
-                      paths=np.array([names[i] for i in keep]), sizes=np.array([stamps[i][0] for i in keep], dtype=np.int64),
-                      mtimes=np.array([stamps[i][1] for i in keep], dtype=np.int64), embeddings=embeddings.astype(np.float32))
+                      paths=np.array([names[i] for i in keep]),
+                      sizes=np.array([stamps[i][0] for i in keep], dtype=np.int64),
+                      mtimes=np.array([stamps[i][1] for i in keep], dtype=np.int64),
+                      embeddings=embeddings.astype(np.float32))
         index_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(index_path, functools.partial(save_npz, **arrays))
     print(f"index {index_path}: {len(keep) - len(embed)} clips reused, {len(embed)} embedded, {dropped} dropped"

@@ -11,7 +11,8 @@
 from lora.adapter import load_adapter, save_adapter
 from lora.config import LoRAConfig
 from lora.diagnose import DiagnosisReport, diagnose, first_nonfinite_module
-from lora.inject import cast_frozen, inject_lora, lora_layers, lora_state_dict, mark_only_lora_trainable, merge_lora, unmerge_lora
+from lora.inject import (cast_frozen, inject_lora, lora_layers, lora_state_dict, mark_only_lora_trainable, merge_lora,
+                         unmerge_lora)
 from lora.layer import LinearWithLoRA
 from lora.summary import TrainableSummary, trainable_summary
 

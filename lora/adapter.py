@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.errors import PathNotFound, UserError
-from lora.atomic import atomic_write, atomic_write_text
+from common.atomic import atomic_write, atomic_write_text
 from lora.config import LoRAConfig
 from lora.init import converted_config, subtract_initial
 from lora.inject import LORA_BASES, lora_layers, wrap_linear
@@ -105,12 +105,20 @@ def save_adapter(model: nn.Module, out_dir, config: LoRAConfig, base_model_name_
              for path, layer in layers.items()}
     if initial is not None:
         pairs, config = subtract_initial(pairs, initial), converted_config(config)
+    return write_adapter(out_dir, pairs, config, base_model_name_or_path, saved, names)
+
+
+def write_adapter(out_dir, pairs: dict[str, dict[str, torch.Tensor]], config: LoRAConfig,
+                  base_model_name_or_path: str | None = None, saved: dict | None = None, modules_to_save=()) -> Path:
+    """Write the two files of a PEFT adapter into `out_dir` (each atomically): `pairs` ({module path: {"lora_A": A,
+    "lora_B": B[, "lora_B.bias", "lora_magnitude_vector"]}}) and `saved` ({key: tensor} of modules_to_save) under
+    PEFT's keys, and `config` as adapter_config.json."""
     tensors = {f"{KEY_PREFIX}{path}.{name}" + (".weight" if name in ("lora_A", "lora_B") else ""): t.contiguous()
                for path, pair in pairs.items() for name, t in pair.items()}
-    tensors |= {f"{KEY_PREFIX}{key}": t.detach().cpu().contiguous() for key, t in saved.items()}
+    tensors |= {f"{KEY_PREFIX}{key}": t.detach().cpu().contiguous() for key, t in (saved or {}).items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    raw = peft_config_dict(config, base_model_name_or_path, names)
+    raw = peft_config_dict(config, base_model_name_or_path, modules_to_save)
     atomic_write(out_dir / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write_text(out_dir / ADAPTER_CONFIG, json.dumps(raw, indent=2) + "\n")
     return out_dir

@@ -52,6 +52,18 @@ class LoRAConfig:
     modules_to_save: tuple[str, ...] = ()
     use_dora: bool = False  # DoRA (Liu et al. 2024): a trainable magnitude per output row on top of LoRA (lora/dora.py)
 
+    @classmethod
+    def from_settings(cls, settings, module_names, targets=None) -> "LoRAConfig":
+        """The LoRA of a run's settings (common/run_config.py LoRASettings): rank, alpha, dropout, rsLoRA, DoRA,
+        per-module ranks and alphas, init, and the --train-also names that are modules of the model
+        (`module_names`): PEFT's modules_to_save, so PEFT loads them with the adapter. `targets` overrides
+        the settings' own."""
+        return cls(list(settings.targets if targets is None else targets), r=settings.rank, alpha=settings.alpha,
+                   dropout=settings.dropout, rslora=settings.rslora, use_dora=settings.dora,
+                   rank_pattern=dict(settings.rank_pattern), alpha_pattern=dict(settings.alpha_pattern),
+                   init=settings.init,
+                   modules_to_save=tuple(name for name in settings.train_also if name in module_names))
+
     def __post_init__(self):
         if not self.patterns:
             raise ValueError("LoRAConfig.targets is empty: give at least one regex, e.g. '.*q_proj'")

@@ -15,7 +15,7 @@ from torch import nn
 
 from lora.config import LoRAConfig, pattern_key
 from lora.init import refusal as init_refusal
-from lora.layer import LinearWithLoRA
+from lora.layer import DEFAULT_ADAPTER, LinearWithAdapters, LinearWithLoRA
 from lora.modules_to_save import modules_to_save_paths
 from lora.quant import NF4Linear, NF4Tensor
 
@@ -38,9 +38,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     # An NF4 weight is a module only to hold its buffers: like a Parameter, it is never a target of its own,
     # so a pattern selects the same layers with and without quantization.
     modules = {path: m for path, m in model.named_modules() if not isinstance(m, NF4Tensor)}
-    lora_owned = {
-        f"{path}.{child}" for path, m in modules.items() if isinstance(m, LinearWithLoRA) for child in ("lora_A", "lora_B", "lora_dropout")
-    }
+    lora_owned = {f"{path}.{child}" for path, m in modules.items() if isinstance(m, LinearWithLoRA)
+                  for child in ("lora_A", "lora_B", "lora_dropout")}
     for pattern in config.patterns:
         if pattern.lower() == ALL_LINEAR:
             raise ValueError("target 'all-linear' is PEFT's shorthand, not a regex: expand it first with "
@@ -53,14 +52,17 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         if not path or not config.matches(path):
             continue
         if isinstance(module, LinearWithLoRA):
-            raise ValueError(f"{path} already has LoRA: inject_lora was called twice on it. Load or train the existing adapter instead.")
+            raise ValueError(f"{path} already has LoRA: inject_lora was called twice on it. "
+                             "Load or train the existing adapter instead.")
         if path in lora_owned:
-            raise ValueError(f"target matches {path}, which is part of a LoRA layer; anchor the pattern so it selects the Linear itself (e.g. end it with '_proj').")
+            raise ValueError(f"target matches {path}, which is part of a LoRA layer; anchor the pattern so it selects "
+                             "the Linear itself (e.g. end it with '_proj').")
         if not isinstance(module, LORA_BASES):
             raise ValueError(
                 f"target matches {path}, a {type(module).__name__}, but LoRA here wraps only nn.Linear "
                 "(or its NF4 form, NF4Linear). "
-                f"Anchor the pattern so it stops at Linear layers (e.g. '...\\.(query|key|value)' instead of '...(query|key|value)')."
+                "Anchor the pattern so it stops at Linear layers "
+                "(e.g. '...\\.(query|key|value)' instead of '...(query|key|value)')."
             )
         problem = init_refusal(module, config.rank_for(path), config.init, path)
         if problem:
@@ -107,7 +109,8 @@ def no_match_message(pattern: str, model: nn.Module, n_closest: int = 8) -> str:
     lines = [f"target pattern '{pattern}' matches no module (patterns must re.fullmatch the whole dotted path)."]
     searched = [p for p in linear_paths if re.search(pattern, p)]
     if searched:
-        lines.append(f"It occurs inside {len(searched)} Linear path(s), e.g. {searched[0]!r}: prefix it with '.*' to match the whole path.")
+        lines.append(f"It occurs inside {len(searched)} Linear path(s), e.g. {searched[0]!r}: "
+                     "prefix it with '.*' to match the whole path.")
     if closest:
         lines.append("Closest Linear modules (N = any layer index):")
         lines += [f"  {shape}" for shape in closest]
@@ -121,14 +124,30 @@ def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
     return {path: m for path, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
 
 
-def mark_only_lora_trainable(model: nn.Module, also=()) -> int:
-    """Freeze everything but lora_A/lora_B, plus the parameters under the names in `also`.
+def adapter_layers(model: nn.Module) -> dict[str, LinearWithAdapters]:
+    """Every layer holding adapters, by dotted path: the default adapter's LinearWithLoRA layers and the
+    LinearWithAdapters that only named adapters reach (lora/multi_adapter.py)."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, LinearWithAdapters)}
 
+
+def mark_only_lora_trainable(model: nn.Module, also=(), adapter: str = DEFAULT_ADAPTER) -> int:
+    """Freeze everything but one adapter's parameters (lora_A, lora_B, lora_B's bias, DoRA's magnitude),
+    plus the parameters under the names in `also`.
+
+    `adapter` picks which adapter trains: "default" (the LinearWithLoRA layers' own lora_A/lora_B),
+    or a named one (lora/multi_adapter.py). The others stay frozen, as PEFT trains only its active
+    adapter: a match on the names alone would also unfreeze ``<path>.lora_adapters.<name>.lora_A.weight``.
     `also` holds module paths or parameter names (e.g. ``("audio_proj", "logit_scale")``); each
     must name something, or the call raises. Returns the number of trainable parameters.
     """
-    if not lora_layers(model):
+    layers = adapter_layers(model)
+    if adapter == DEFAULT_ADAPTER and not lora_layers(model):
         raise ValueError("the model has no LoRA layers: call inject_lora (or load_adapter) first")
+    trained = {id(param) for layer in layers.values() for param in layer.adapter_parameters(adapter)}
+    if not trained:
+        names = sorted({name for layer in layers.values() for name in layer.adapter_names()},
+                       key=lambda name: name != DEFAULT_ADAPTER)
+        raise ValueError(f"the model has no adapter {adapter!r} to train; it has {names}")
     names = [n for n, _ in model.named_parameters()]
     for prefix in also:
         if not any(n == prefix or n.startswith(prefix + ".") for n in names):
@@ -136,9 +155,8 @@ def mark_only_lora_trainable(model: nn.Module, also=()) -> int:
             raise ValueError(f"also={prefix!r} names no parameter or module of the model; close names: {close}")
     trainable = 0
     for name, param in model.named_parameters():
-        is_lora = name.endswith(LORA_PARAMS)
         is_also = any(name == p or name.startswith(p + ".") for p in also)
-        param.requires_grad_(is_lora or is_also)
+        param.requires_grad_(id(param) in trained or is_also)
         trainable += param.numel() if param.requires_grad else 0
     return trainable
 
@@ -198,11 +216,18 @@ def expand_targets(model: nn.Module, patterns, exclude=()) -> list[str]:
 
 
 def merge_lora(model: nn.Module) -> list[str]:
-    """Merge every LoRA layer into its base weight; all layers are checked finite before any changes."""
-    layers = lora_layers(model)
+    """Merge the active adapter into the base weight of every layer holding it, as PEFT's merge_adapter:
+    the default adapter's LinearWithLoRA layers and the layers only named adapters reach (LinearWithAdapters)
+    alike, so the merged model computes what the unmerged one did. Every adapter layer is then marked merged
+    (a layer without the active adapter keeps its weight) and the model holds one merged update until
+    unmerge_lora. All layers are checked finite before any changes. Returns the paths of the layers marked."""
+    layers = adapter_layers(model)
     for path, layer in layers.items():
         if layer.merged:
             raise RuntimeError(f"LoRA layer {path} is already merged")
+        if layer.active_adapter is None:  # inside lora.multi_adapter.disable_adapters
+            raise RuntimeError("no adapter is active (the adapters are disabled), so there is nothing to merge; "
+                               "merge after the disable_adapters block")
         # computed again by merge(): keeping every merged weight until all are checked would double
         # the memory of the adapted layers, and this check is what makes the merge all-or-nothing
         if not torch.isfinite(layer.merged_weight()).all():
@@ -213,11 +238,14 @@ def merge_lora(model: nn.Module) -> list[str]:
 
 
 def unmerge_lora(model: nn.Module) -> list[str]:
-    """Undo merge_lora: subtract every merged layer's update from its base weight."""
-    layers = lora_layers(model)
-    for layer in layers.values():
+    """Undo merge_lora: subtract the merged update from the base weight of every merged layer (a layer
+    added after the merge, by loading a named adapter, holds no update and is left as it is)."""
+    merged = {path: layer for path, layer in adapter_layers(model).items() if layer.merged}
+    if not merged:
+        raise RuntimeError("the model's LoRA layers are not merged: there is nothing to unmerge (merge_lora merges)")
+    for layer in merged.values():
         layer.unmerge()
-    return list(layers)
+    return list(merged)
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
@@ -236,3 +264,13 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
                 param.data = param.data.to(dtype)
                 cast += 1
     return cast
+
+
+def freeze_as_trained(model: nn.Module, heads, dtype: torch.dtype | None = None) -> int:
+    """A reloaded run's parameters held as training held them: LoRA's and the named `heads` (the fully trained
+    tensors) trainable, everything else frozen and, with `dtype` (a bf16 run's), cast to it, so the reloaded
+    model computes what training evaluated. Returns how many parameters were cast."""
+    heads = set(heads)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in heads or name.endswith(LORA_PARAMS))
+    return cast_frozen(model, dtype) if dtype is not None else 0

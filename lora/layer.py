@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora.dora import dora_merged_weight, dora_unmerged_weight, dora_update, init_magnitude
+from lora.dora import dora_forward, dora_merged_weight, dora_unmerged_weight, init_magnitude
 from lora.init import initialise
 from lora.quant import NF4Linear, NF4Tensor, linear_nf4
 
@@ -136,7 +136,7 @@ class LinearWithAdapters(nn.Module):
         if adapter.lora_magnitude_vector is None:
             result = result + adapter.lora_B(adapter.lora_A(adapter.lora_dropout(x))) * adapter.scaling
         else:
-            result = result + dora_update(x, result, self.weight, self.bias, adapter, self.training)
+            result = dora_forward(x, result.to(x.dtype), self.weight, self.bias, adapter, self.training)
         return result.to(result_dtype)
 
     def delta_weight(self, name: str | None = None) -> torch.Tensor:
@@ -218,6 +218,12 @@ class LinearWithAdapters(nn.Module):
         """The adapters this layer holds, the default one first."""
         return list(self.lora_adapters)
 
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters adapter `name` trains in this layer (none when the layer lacks it): lora_A, lora_B,
+        lora_B's bias, DoRA's magnitude; never the base `weight`/`bias`."""
+        adapter = self.adapter(name)
+        return [] if adapter is None else list(adapter.parameters())
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -258,6 +264,12 @@ class LinearWithLoRA(LinearWithAdapters):
 
     def adapter_names(self) -> list[str]:
         return [DEFAULT_ADAPTER, *self.lora_adapters]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        # the default adapter's parts are this layer's own, beside the base weight and the named adapters
+        if name == DEFAULT_ADAPTER:
+            return [self.get_parameter(param) for param in self.adapter_params()]
+        return super().adapter_parameters(name)
 
     def adapter_params(self) -> list[str]:
         """Names of this layer's trainable adapter parameters (torchtune's convention)."""

@@ -8,14 +8,24 @@
     with ma.disable_adapters(model):
         base_out = model(x)                              # the base model's output, exactly
     ma.add_weighted_adapter(model, ["default", "b"], [0.7, 0.3], "mix", combination_type="cat")
+    ma.save_adapter(model, "runs/out", "mix")           # runs/out/mix/, in PEFT's format
     ma.delete_adapter(model, "b")
 
 Where they live (lora/layer.py): the default adapter's parts are LinearWithLoRA's own attributes
 (keys ``<path>.lora_A.weight``, as always); a named adapter is a LoRAAdapter in the layer's
 ``lora_adapters[name]`` (keys ``<path>.lora_adapters.<name>.lora_A.weight``). A layer only named
-adapters reach is a LinearWithAdapters, which the default-adapter tools (lora_layers, save_adapter,
-merge_lora) do not see. One adapter is active model-wide; a layer without it computes its base
-alone, as in PEFT. Named adapters are loaded frozen (requires_grad False), as PEFT loads them.
+adapters reach is a LinearWithAdapters, which the default-adapter tools (lora_layers, lora.save_adapter)
+do not see; merge_lora and unmerge_lora reach every layer and merge the active adapter, as PEFT's
+merge_adapter. One adapter is active model-wide; a layer without it computes its base alone, as in
+PEFT. Named adapters are loaded frozen (requires_grad False), as PEFT loads them;
+mark_only_lora_trainable(model, adapter=name) trains one of them instead of the default adapter.
+
+Saving. save_adapter(model, out_dir, name) writes what PEFT's save_pretrained(out_dir,
+selected_adapters=[name]) writes: out_dir/<name>/ holding adapter_model.safetensors, whose keys omit
+the name (``base_model.model.<path>.lora_A.weight``), and adapter_config.json. The config is read off
+the layers: the exact paths as target_modules, the commonest rank and alpha as r and lora_alpha, the
+other layers' in rank_pattern/alpha_pattern. PEFT loads it with PeftModel.from_pretrained(base,
+out_dir/<name>, adapter_name=name) or load_adapter; load_adapter here, with name=, reads it back.
 
 Combining. Adapter i has its own scaling sᵢ (alpha/r, or alpha/√r with rsLoRA), so the weighted
 update is D = Σ wᵢ·sᵢ·BᵢAᵢ. The new adapter is plain LoRA with alpha = r, i.e. scaling exactly 1:
@@ -37,24 +47,22 @@ of theirs; add_weighted_adapter refuses them, and says so.
 """
 
 import math
+import re
+from collections import Counter
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from lora.adapter import load_adapter as load_default_adapter, read_adapter_config, read_adapter_tensors
+from lora.adapter import load_adapter as load_default_adapter, read_adapter_config, read_adapter_tensors, write_adapter
 from lora.config import LoRAConfig
 from lora.init import modifies_base
-from lora.inject import LORA_BASES
+from lora.inject import LORA_BASES, adapter_layers
 from lora.layer import DEFAULT_ADAPTER, LinearWithAdapters, LinearWithLoRA, LoRAAdapter
 from lora.quant import NF4Linear, NF4Tensor
 
 COMBINATIONS = ("svd", "linear", "cat")
-
-
-def adapter_layers(model: nn.Module) -> dict[str, LinearWithAdapters]:
-    """Every layer holding adapters (LinearWithLoRA or LinearWithAdapters), by dotted path."""
-    return {path: m for path, m in model.named_modules() if isinstance(m, LinearWithAdapters)}
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -230,13 +238,17 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     # an adapter's rank is its largest over the layers (PEFT: max of r and its rank_pattern)
     ranks = [max(layer.adapter(a).r for layer in layers.values() if layer.adapter(a) is not None) for a in adapters]
     new_rank = {"cat": sum(ranks), "svd": svd_rank or max(ranks), "linear": None}[combination_type]
+    # one dropout for the whole new adapter, the first adapter's, as PEFT copies the first adapter's config
+    first = next(layer.adapter(adapters[0]) for layer in layers.values() if layer.adapter(adapters[0]) is not None)
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     with torch.no_grad():
         for path, present in parts.items():
             if present:
-                add_combination(layers[path], present, name, combination_type, new_rank)
+                add_combination(layers[path], present, name, combination_type, new_rank, dropout)
 
 
-def add_combination(layer: LinearWithAdapters, present: list, name: str, combination_type: str, new_rank: int | None):
+def add_combination(layer: LinearWithAdapters, present: list, name: str, combination_type: str, new_rank: int | None,
+                    dropout: float):
     """Build the combined adapter of one layer from its (adapter, weight) pairs and add it as `name`."""
     dtype = present[0][0].lora_A.weight.dtype
     if combination_type == "cat":
@@ -258,8 +270,6 @@ def add_combination(layer: LinearWithAdapters, present: list, name: str, combina
         lora_b = weighted_sum([adapter.lora_B.weight for adapter, _ in present], unsigned)
         new_rank = lora_a.shape[0]
     has_bias = any(adapter.lora_B.bias is not None for adapter, _ in present)
-    first = present[0][0]
-    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     combined = LoRAAdapter(layer, new_rank, new_rank, dropout, rslora=False, lora_bias=has_bias)  # scaling exactly 1
     nn.init.zeros_(combined.lora_A.weight)
     combined.lora_A.weight[: lora_a.shape[0]] = lora_a.to(dtype)
@@ -274,3 +284,59 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Ten
     """Σ wᵢ·tᵢ as PEFT's task_arithmetic computes it (stack, multiply by fp32 weights, sum), for equal results."""
     stacked = torch.stack(tensors)
     return (stacked * torch.tensor(weights, device=stacked.device).view(-1, *[1] * (stacked.dim() - 1))).sum(0)
+
+
+def save_adapter(model: nn.Module, out_dir, name: str, base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter `name` into out_dir/<name>/ in PEFT's format, as PEFT's save_pretrained(out_dir,
+    selected_adapters=[name]) does (module docstring); returns that directory. The default adapter is saved by
+    lora.save_adapter with the config it was trained with, which also writes modules_to_save and converts
+    PiSSA/OLoRA; a combined adapter (add_weighted_adapter) is saved here like any named one."""
+    if name == DEFAULT_ADAPTER:
+        raise ValueError("save the default adapter with lora.save_adapter(model, out_dir, config): it writes the "
+                         "config the adapter was trained with, its modules_to_save and PiSSA/OLoRA's conversion")
+    holders = {path: layer.adapter(name) for path, layer in adapter_layers(model).items()
+               if layer.adapter(name) is not None}
+    if not holders:
+        raise ValueError(f"the model has no adapter {name!r} to save; it has {adapter_names(model)}")
+    config = named_adapter_config(holders)
+    pairs = {}
+    for path, adapter in holders.items():
+        pair = {"lora_A": adapter.lora_A.weight, "lora_B": adapter.lora_B.weight}
+        if config.lora_bias:
+            # lora_bias is one flag for the whole adapter in PEFT; a combined layer whose adapters had none gets b = 0
+            bias = adapter.lora_B.bias
+            pair["lora_B.bias"] = torch.zeros_like(adapter.lora_B.weight[:, 0]) if bias is None else bias
+        if config.use_dora:
+            pair["lora_magnitude_vector"] = adapter.lora_magnitude_vector
+        pairs[path] = {which: t.detach().cpu() for which, t in pair.items()}
+    return write_adapter(Path(out_dir) / name, pairs, config, base_model_name_or_path)
+
+
+def named_adapter_config(holders: dict[str, nn.Module]) -> LoRAConfig:
+    """The LoRAConfig of one adapter from its parts by layer path: what PEFT's adapter_config.json must say for
+    PEFT to rebuild the same layers. Refuses settings that PEFT holds once per adapter but that differ by layer."""
+    for setting in ("rslora", "use_dora", "dropout"):
+        (first_path, first_value), *rest = [(path, adapter_setting(a, setting)) for path, a in holders.items()]
+        differing = [(path, value) for path, value in rest if value != first_value]
+        if differing:
+            raise ValueError(f"cannot save the adapter in PEFT's format: PEFT holds one {setting} per adapter, but its "
+                             f"layer {first_path} has {first_value!r} and {differing[0][0]} has {differing[0][1]!r}")
+    # the commonest rank and alpha in r and lora_alpha, so the patterns list only the exceptions
+    r = Counter(adapter.r for adapter in holders.values()).most_common(1)[0][0]
+    alpha = Counter(adapter.alpha for adapter in holders.values()).most_common(1)[0][0]
+    # "^" keeps a key to its own path: PEFT's rule also lets a key match a dotted tail of a longer path
+    rank_pattern = {f"^{re.escape(path)}": a.r for path, a in holders.items() if a.r != r}
+    alpha_pattern = {f"^{re.escape(path)}": a.alpha for path, a in holders.items() if a.alpha != alpha}
+    first = next(iter(holders.values()))
+    return LoRAConfig([re.escape(path) for path in holders], r=r, alpha=alpha,
+                      dropout=adapter_setting(first, "dropout"), rslora=first.rslora,
+                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                      lora_bias=any(a.lora_B.bias is not None for a in holders.values()),
+                      use_dora=first.lora_magnitude_vector is not None)
+
+
+def adapter_setting(adapter: nn.Module, setting: str):
+    """One of an adapter's per-adapter settings in PEFT's config: rslora, use_dora or dropout."""
+    if setting == "dropout":
+        return adapter.lora_dropout.p if isinstance(adapter.lora_dropout, nn.Dropout) else 0.0
+    return adapter.rslora if setting == "rslora" else adapter.lora_magnitude_vector is not None

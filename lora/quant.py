@@ -39,7 +39,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsan
 ABSMAX_BLOCKSIZE = 256  # double quantization's block, fixed in bitsandbytes
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what bitsandbytes quantizes
 LUT_SIZE = 65536  # bitsandbytes' CPU 8-bit quantizer looks codes up in a 16-bit grid over [-1, 1]
-DEQUANTIZE_BLOCKS = 16384  # blocks dequantized at a time (1M weights at block 64: 4 MB of fp32 temporaries)
+DEQUANTIZE_BLOCKS = 65536  # blocks dequantized at a time (4M weights at block 64: 16 MB of fp32 temporaries)
 
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -197,7 +197,9 @@ class NF4Tensor(nn.Module):
         step = DEQUANTIZE_BLOCKS * blocksize  # a whole number of blocks, even: a slice starts on a byte
         for start in range(0, n, step):
             stop = min(start + step, n)
-            values = pairs[self.packed[start // 2 : (stop + 1) // 2].int()].view(-1)[: stop - start]  # (stop-start,)
+            # index_select: a table look-up, 2x faster than [codes]
+            codes = self.packed[start // 2 : (stop + 1) // 2].int()
+            values = pairs.index_select(0, codes).view(-1)[: stop - start]  # (stop-start,)
             weight[start:stop] = scale_blocks(values, absmax[start // blocksize : -(-stop // blocksize)], blocksize)
         return weight.view(self.shape)
 

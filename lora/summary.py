@@ -21,7 +21,8 @@ class TrainableSummary:
         return self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        lines = [f"trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.share:.4f}%), {self.lora_layers} LoRA layers"]
+        lines = [f"trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.share:.4f}%), "
+                 f"{self.lora_layers} LoRA layers"]
         width = max((len(name) for name in self.by_child), default=0)
         for name, (trainable, total) in self.by_child.items():
             lines.append(f"  {name:<{width}}  {trainable:>12,} / {total:>14,} trainable")
@@ -64,5 +65,7 @@ def lora_placement(model: nn.Module) -> str:
     children: dict[str, int] = {}
     for path in layers:
         children[path.split(".", 1)[0]] = children.get(path.split(".", 1)[0], 0) + 1
-    where = f"all inside {next(iter(children))}" if len(children) == 1 else "inside " + ", ".join(f"{c} ({n} layers)" for c, n in children.items())
-    return f"LoRA: {n_lora:,} parameters, {100 * n_lora / max(1, total):.2f}% of the model, in {len(layers)} layers, {where}"
+    where = f"all inside {next(iter(children))}" if len(children) == 1 else "inside " + ", ".join(
+        f"{c} ({n} layers)" for c, n in children.items())
+    return (f"LoRA: {n_lora:,} parameters, {100 * n_lora / max(1, total):.2f}% of the model, "
+            f"in {len(layers)} layers, {where}")

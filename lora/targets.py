@@ -41,7 +41,9 @@ def compact_paths(paths: list[str]) -> list[str]:
         text = shape
         for column in columns:
             values = sorted({int(n) for n in column})
-            span = f"{values[0]}" if len(values) == 1 else (f"{{{values[0]}..{values[-1]}}}" if values == list(range(values[0], values[-1] + 1)) else "{" + ",".join(map(str, values)) + "}")
+            span = f"{values[0]}" if len(values) == 1 else (
+                f"{{{values[0]}..{values[-1]}}}" if values == list(range(values[0], values[-1] + 1))
+                else "{" + ",".join(map(str, values)) + "}")
             text = text.replace("#", span, 1)
         parent, _, leaf = text.rpartition(".")
         folded[(parent, leaf.split("_", 1)[1] if "_" in leaf else "")].add(leaf)
@@ -132,7 +134,8 @@ def check_target_alternatives(model: nn.Module, patterns: list[str]) -> TargetWa
         matched = [p for p in linear if re.fullmatch(pattern, p)]
         for group, alternative, before, after, single in _alternatives(pattern):
             if not _matches_any(single, modules):
-                warnings.findings.append(_explain(pattern, group, alternative, before, after, matched, linear, selected))
+                warnings.findings.append(_explain(pattern, group, alternative, before, after, matched, linear,
+                                                  selected))
     return warnings
 
 
@@ -147,7 +150,9 @@ def _explain(pattern, group, alternative, before, after, matched, linear, select
     leaves = sorted({p.rpartition(".")[2] for p in pool})
     nearest = tuple(difflib.get_close_matches(word, leaves, n=3, cutoff=0.0 if beside else 0.5))
     if not nearest:
-        return DeadAlternative(pattern, word, (), None, "no unselected Linear layer has a similar name: drop it (--list-targets shows the names)")
+        return DeadAlternative(pattern, word, (), None,
+                               "no unselected Linear layer has a similar name: drop it "
+                               "(--list-targets shows the names)")
     name = nearest[0]
     with_name = [p for p in pool if p.rpartition(".")[2] == name]
     fixed = None
@@ -218,24 +223,29 @@ def format_preview(preview: TargetPreview, patterns: list[str], extra_trainable:
     lines += [f"  {line}" for line in compact_paths(preview.matched)] or ["  (none)"]
     trained = preview.lora_params + extra_trainable
     lines.append(
-        f"LoRA parameters: {preview.lora_params:,} ({100 * preview.lora_params / max(1, preview.total_params):.4f}% of the model's {preview.total_params:,})"
+        f"LoRA parameters: {preview.lora_params:,} "
+        f"({100 * preview.lora_params / max(1, preview.total_params):.4f}% of the model's {preview.total_params:,})"
         + (f"; with the heads {trained:,} trainable" if extra_trainable else "")
     )
-    lines.append(f"memory for them in fp32 with AdamW (weights, gradients, 2 moments): {trained * BYTES_PER_TRAINED_FP32 / 2**20:.1f} MiB")
+    lines.append(f"memory for them in fp32 with AdamW (weights, gradients, 2 moments): "
+                 f"{trained * BYTES_PER_TRAINED_FP32 / 2**20:.1f} MiB")
     suggestions = {(f.pattern, f.alternative): f.suggestion for f in preview.warnings.findings}
     for pattern, alternatives in preview.dead.items():
         for name in alternatives:
             hint = f"; {suggestions[pattern, name]}" if (pattern, name) in suggestions else ""
             lines.append(f"note: '{name}' (an alternative of '{pattern}') exists nowhere in this model{hint}")
     if preview.siblings:
-        lines.append("note: Linear layers beside the matched ones, left out by the targets (did you mean one of these?):")
+        lines.append("note: Linear layers beside the matched ones, left out by the targets "
+                     "(did you mean one of these?):")
         lines += [f"  {line}" for line in compact_paths(preview.siblings)]
     for path, type_name in list(preview.not_linear.items())[:10]:
         lines.append(f"error: {path} matches but is a {type_name}, not a Linear")
     for pattern in patterns:
         if any(re.fullmatch(pattern, path) for path in preview.not_linear):
-            hint = f"try '{anchored(pattern)}'" if anchored(pattern) != pattern else "end it at a dot-separated Linear name"
-            lines.append(f"  '{pattern}' selects more than Linear layers: anchor it so a name must follow a dot; {hint}")
+            hint = (f"try '{anchored(pattern)}'" if anchored(pattern) != pattern
+                    else "end it at a dot-separated Linear name")
+            lines.append(f"  '{pattern}' selects more than Linear layers: anchor it so a name must follow a dot; "
+                         f"{hint}")
     for pattern in preview.unmatched_patterns:
         lines.append(f"error: '{pattern}' matches no module")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ contributes to a batch does not depend on the other clips (see `audio_to_feature
 """
 
 import functools
+import math
 import os
 import warnings
 from typing import NamedTuple
@@ -59,24 +60,29 @@ def resample(audio, orig_sr, new_sr):
     return torch.from_numpy(soxr.resample(x, orig_sr, new_sr, quality=RESAMPLE_QUALITY))
 
 
-def load_audio(path, sr=SAMPLE_RATE):
-    """Decode any file soundfile reads (wav, flac, ogg, ...) to a 1-D float32 tensor at `sr`.
+def load_audio(path, sr=SAMPLE_RATE, name=None):
+    """Decode any file soundfile reads (wav, flac, ogg, mp3, ...) to a 1-D float32 tensor at `sr`.
 
+    `path` is a file path, or a binary file object holding a whole encoded file (io.BytesIO of the
+    bytes a dataset row or a tar member holds); `name` says where those bytes came from in errors.
     Channels are averaged to mono before resampling, which is what a mono model would hear.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"audio file not found: {path!r}; check the path (manifest paths "
-                                "are relative to the manifest's folder)")
-    if os.path.getsize(path) == 0:
-        raise AudioDecodeError(f"audio file {path!r} is empty (0 bytes); re-export or remove it")
+    if hasattr(path, "read"):  # soundfile reads a file object through libsndfile's virtual I/O, same decoder
+        source, what = path, f"audio {name or 'bytes'}"
+    else:
+        source = os.fspath(path)
+        what = f"audio file {source!r}"
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"audio file not found: {source!r}; check the path (manifest paths "
+                                    "are relative to the manifest's folder)")
+        if os.path.getsize(source) == 0:
+            raise AudioDecodeError(f"{what} is empty (0 bytes); re-export or remove it")
     try:
-        data, file_sr = sf.read(path, dtype="float32", always_2d=True)  # (n, channels)
+        data, file_sr = sf.read(source, dtype="float32", always_2d=True)  # (n, channels)
     except (sf.LibsndfileError, RuntimeError) as e:
-        raise AudioDecodeError(f"cannot decode audio file {path!r} ({e}); convert it to wav, "
-                               "flac or ogg") from e
+        raise AudioDecodeError(f"cannot decode {what} ({e}); convert it to wav, flac or ogg") from e
     if data.shape[0] == 0:
-        raise AudioDecodeError(f"audio file {path!r} decodes to 0 samples; re-export or remove it")
+        raise AudioDecodeError(f"{what} decodes to 0 samples; re-export or remove it")
     mono = torch.from_numpy(data.mean(axis=1))
     return mono if file_sr == sr else resample(mono, file_sr, sr)
 
@@ -199,11 +205,14 @@ def pad_clip_features(clips, pad_to_30s=False):
 
 
 def clip_waveform(item, index):
-    """One batch element (path, numpy array or tensor, 16 kHz mono) -> 1-D float32 tensor."""
+    """One batch element (path, binary file object of an encoded file, numpy array or tensor,
+    16 kHz mono) -> 1-D float32 tensor."""
     is_path = isinstance(item, (str, os.PathLike))
     name = f"clip {index}" + (f" ({os.fspath(item)!r})" if is_path else "")
     if is_path:
         audio = load_audio(item)
+    elif hasattr(item, "read"):
+        audio = load_audio(item, name=name)
     elif isinstance(item, (np.ndarray, torch.Tensor)):
         audio = torch.as_tensor(item).detach().cpu().to(torch.float32)
     else:
@@ -256,3 +265,29 @@ def audio_to_features(audio, n_mels=128, pad_to_30s=False):
         raise ValueError("audio_to_features got an empty list of clips")
     clips = [clip_waveform(item, i) for i, item in enumerate(clips)]
     return pad_clip_features([clip_features(clip, n_mels) for clip in clips], pad_to_30s)
+
+
+class BatchFeatures:
+    """A DataLoader collate_fn for embed_audio: (index, path or waveform) items -> the batch's
+    log-mel and frame mask, each clip's features read from or kept in a feature cache when it is a
+    file, and checked (a picklable object, so workers can run it)."""
+
+    def __init__(self, n_mels: int, pad_to_30s: bool, feature_cache=None, min_frames: int = 1):
+        self.n_mels, self.pad_to_30s, self.feature_cache, self.min_frames = n_mels, pad_to_30s, feature_cache, min_frames
+
+    def clip(self, index: int, item) -> ClipFeatures:
+        def compute() -> ClipFeatures:
+            features = clip_features(clip_waveform(item, index), self.n_mels)
+            name = f"clip {index}" + (f" ({os.fspath(item)!r})" if isinstance(item, (str, os.PathLike)) else "")
+            if not (torch.isfinite(features.features).all() and math.isfinite(features.fill)):
+                raise ValueError(f"{name}: its log-mel is non-finite (NaN/inf samples, or samples far outside [-1, 1])")
+            if features.valid_frames < self.min_frames:
+                raise ValueError(f"{name} is too short for one output of the audio tower ({features.valid_frames} log-mel frames)")
+            return features  # checked before any cache keeps it
+
+        if self.feature_cache is not None and isinstance(item, (str, os.PathLike)):
+            return self.feature_cache.load_or_compute(item, self.n_mels, compute)[0]
+        return compute()
+
+    def __call__(self, batch: list[tuple[int, object]]):
+        return pad_clip_features([self.clip(index, item) for index, item in batch], self.pad_to_30s)

@@ -33,25 +33,22 @@ Two encoding strategies for the audio side (train.py --encoding-strategy):
 """
 
 import contextlib
-import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common.errors import PathNotFound
+from common.precision import Precision
+from common.run_files import RUN_CONFIG, RunDirectory
 from lora.adapter import load_adapter
-from lora.atomic import atomic_write
-from lora.inject import LORA_PARAMS, cast_frozen
-from models.audio import ClipFeatures, clip_features, clip_waveform, pad_clip_features
+from lora.inject import freeze_as_trained
+from models.audio import BatchFeatures
 from models.bert import mean_pool
 from models.contrastive import caption_keys, contrastive_loss, contrastive_targets
 from models.loading import load_audio_encoder, load_text_encoder, load_tokenizer
@@ -62,6 +59,7 @@ from models.text_cache import TEXT_CHUNK, canonical_chunks
 from models.tokenizer import tokenize
 
 INIT_TEMPERATURE = 0.07  # CLIP's initial softmax temperature
+SHORT_INPUT_BATCHES = 4  # embed_* show no progress bar for this many batches or fewer
 
 
 @dataclass
@@ -217,14 +215,12 @@ class AudioTextModel(nn.Module):
         return torch.stack([row[text] for text in texts])  # (N, E)
 
     @contextlib.contextmanager
-    def inference_context(self, precision=None):
+    def inference_context(self, precision: str | None = None):
         """Eval mode (no dropout) and the run's autocast for one embed_* call; the mode is restored after."""
-        dtype = autocast_dtype(self.precision if precision is None else precision)
         was_training = self.training
         self.eval()
-        amp = torch.autocast(next(self.parameters()).device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         try:
-            with amp:
+            with Precision(self.precision if precision is None else precision).autocast(next(self.parameters()).device):
                 yield
         finally:
             self.train(was_training)
@@ -269,77 +265,6 @@ def build_audio_text_model(audio_model: str, text_model: str, embed_dim: int = 2
         return AudioTextModel(audio_tower, text_tower, embed_dim, full_model, prompt_ids)
 
 
-def run_quantization(run: dict) -> Quantize | None:
-    """The quantization a run was trained with (run_config.json's `quantize`, `quantize_keep`), to rebuild
-    the same model: the LoRA weights were trained over those NF4 weights, not over the 16-bit ones."""
-    if run.get("quantize", "none") == "none":
-        return None
-    if run["quantize"] != "nf4":
-        raise ValueError(f"run_config.json: unknown quantize {run['quantize']!r} (this toolkit knows 'none' and 'nf4')")
-    return Quantize(keep=tuple(run.get("quantize_keep", ())))
-
-
-def save_heads(model: nn.Module, path) -> list[str]:
-    """Every trainable tensor that is not LoRA (projections, logit_scale, --train-also modules),
-    atomically to a safetensors file; returns their names."""
-    tensors = {
-        name: param.detach().cpu().contiguous()
-        for name, param in model.named_parameters()
-        if param.requires_grad and not name.endswith(LORA_PARAMS)  # LoRA (and DoRA's magnitude) go in the adapter
-    }
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    return sorted(tensors)
-
-
-def load_heads(model: nn.Module, path) -> list[str]:
-    """Load a save_heads file into the model; every tensor must name a parameter of the same shape."""
-    tensors = load_file(str(path))
-    params = dict(model.named_parameters())
-    for name, tensor in tensors.items():
-        if name not in params:
-            raise ValueError(f"{path}: tensor {name!r} names no parameter of {type(model).__name__}")
-        if params[name].shape != tensor.shape:
-            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model's is {tuple(params[name].shape)}")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
-    return sorted(tensors)
-
-
-# ---- a train.py output directory, loaded for use -------------------------------------------------
-
-RUN_CONFIG = "run_config.json"  # everything needed to rebuild the model (train.py writes it)
-HEADS_FILE = "heads.safetensors"  # the fully trained tensors (save_heads)
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-SHORT_INPUT_BATCHES = 4  # embed_* show no progress bar for this many batches or fewer
-
-
-class BatchFeatures:
-    """A DataLoader collate_fn for embed_audio: (index, path or waveform) items -> the batch's
-    log-mel and frame mask, each clip's features read from or kept in a feature cache when it is a
-    file, and checked (a picklable object, so workers can run it)."""
-
-    def __init__(self, n_mels: int, pad_to_30s: bool, feature_cache=None, min_frames: int = 1):
-        self.n_mels, self.pad_to_30s, self.feature_cache, self.min_frames = n_mels, pad_to_30s, feature_cache, min_frames
-
-    def clip(self, index: int, item) -> ClipFeatures:
-        def compute() -> ClipFeatures:
-            features = clip_features(clip_waveform(item, index), self.n_mels)
-            name = f"clip {index}" + (f" ({os.fspath(item)!r})" if isinstance(item, (str, os.PathLike)) else "")
-            if not (torch.isfinite(features.features).all() and math.isfinite(features.fill)):
-                raise ValueError(f"{name}: its log-mel is non-finite (NaN/inf samples, or samples far outside [-1, 1])")
-            if features.valid_frames < self.min_frames:
-                raise ValueError(f"{name} is too short for one output of the audio tower ({features.valid_frames} log-mel frames)")
-            return features  # checked before any cache keeps it
-
-        if self.feature_cache is not None and isinstance(item, (str, os.PathLike)):
-            return self.feature_cache.load_or_compute(item, self.n_mels, compute)[0]
-        return compute()
-
-    def __call__(self, batch: list[tuple[int, object]]):
-        return pad_clip_features([self.clip(index, item) for index, item in batch], self.pad_to_30s)
-
-
 def quiet(progress: bool | None, n_batches: int) -> bool | None:
     """tqdm's `disable` for a bar over n_batches: None lets tqdm show it only on a terminal."""
     if progress is None:
@@ -347,64 +272,33 @@ def quiet(progress: bool | None, n_batches: int) -> bool | None:
     return not progress
 
 
-def autocast_dtype(precision) -> torch.dtype | None:
-    """"fp32" | "bf16" | "fp16" (or that torch dtype) -> the autocast dtype; None for fp32 (no autocast)."""
-    if precision is None or isinstance(precision, torch.dtype):
-        return None if precision == torch.float32 else precision
-    if precision not in AUTOCAST_DTYPES:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
-    return AUTOCAST_DTYPES[precision]
-
-
-def read_run_config(run_dir) -> dict:
-    """run_config.json of a train.py output directory."""
-    path = Path(run_dir) / RUN_CONFIG
-    if not path.is_file():
-        raise PathNotFound(f"{path} does not exist: pass an output directory of train.py "
-                                f"(it holds {RUN_CONFIG}, {HEADS_FILE} and the adapter)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def hold_in_run_precision(model: nn.Module, precision: str, trainable) -> int:
-    """The precision rule train.py trains under, so that a reloaded model computes what training evaluated.
-
-    bf16: every frozen parameter is held in bf16 (lora.cast_frozen), while LoRA and the fully trained
-    tensors named in `trainable` (the heads file's) stay fp32; forwards run under bf16 autocast.
-    fp16: the weights stay fp32 (fp16's range is too narrow to hold them); forwards run under fp16
-    autocast. fp32: nothing changes. requires_grad is set as in training; returns how many were cast.
-    """
-    autocast_dtype(precision)  # an unknown name is an error here, not at the first forward
-    trainable = set(trainable)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable or name.endswith(LORA_PARAMS))
-    return cast_frozen(model, torch.bfloat16) if precision == "bf16" else 0
-
-
 def load_run(run_dir, device="cpu", precision: str | None = None, with_adapter: bool = True) -> AudioTextModel:
     """The trained audio-text model of a train.py output directory, in eval mode, ready for embed_*.
 
-    Rebuilds both towers from the checkpoints run_config.json names, loads heads.safetensors and (unless
-    with_adapter=False) the LoRA adapter, and applies the run's precision (hold_in_run_precision;
-    `precision` overrides it). The model carries `tokenizer`, `precision`, `pad_to_30s` and `run_dir`.
+    Rebuilds both towers from the checkpoints run_config.json names (with the quantization they were
+    trained over), loads heads.safetensors and (unless with_adapter=False) the LoRA adapter, and holds
+    the model as its run's precision does (common/precision.py; `precision` overrides it). The model
+    carries `tokenizer`, `precision`, `pad_to_30s` and `run_dir`.
 
         model = load_run("runs/demo")
         audio = model.embed_audio(["a.wav", "b.flac"])          # (2, E), unit length
         text = model.embed_text(["a dog barks", "rain"])         # (2, E)
         similarity = text @ audio.T                              # cosine similarities
     """
-    run_dir = Path(run_dir)
-    run = read_run_config(run_dir)
-    if run.get("task", "audio-text") != "audio-text":
-        raise ValueError(f"{run_dir / RUN_CONFIG}: task {run.get('task')!r}; load_run rebuilds audio-text runs "
+    run = RunDirectory(run_dir)
+    config = run.read_config()
+    if config.task != "audio-text":
+        raise ValueError(f"{run / RUN_CONFIG}: task {config.task!r}; load_run rebuilds audio-text runs "
                          "(evaluate this one with eval.py, export it with python -m models.export)")
-    model = build_audio_text_model(run["audio_model"], run["text_model"], run["embed_dim"], seed=run["seed"],
-                                   encoding_strategy=run.get("encoding_strategy", "audio_tower"),
-                                   language_model_dtype=run.get("language_model_dtype"), quantize=run_quantization(run))
-    heads = load_heads(model, run_dir / HEADS_FILE)
+    model = build_audio_text_model(config.sources.audio_model, config.sources.text_model, config.model.embed_dim,
+                                   seed=config.optim.seed, encoding_strategy=config.model.encoding_strategy,
+                                   language_model_dtype=config.model.language_model_dtype,
+                                   quantize=Quantize.of_run(config.model))
+    heads = run.load_heads(model)
     if with_adapter:
-        load_adapter(model, run_dir)
-    precision = precision or run.get("precision", "fp32")
-    hold_in_run_precision(model, precision, heads)
-    model.tokenizer = load_tokenizer(run["text_model"])
-    model.precision, model.pad_to_30s, model.run_dir = precision, bool(run.get("pad_to_30s", False)), run_dir
+        load_adapter(model, run.path)
+    precision = Precision(precision or config.precision)
+    freeze_as_trained(model, heads, precision.frozen_dtype)
+    model.tokenizer = load_tokenizer(config.sources.text_model)
+    model.precision, model.pad_to_30s, model.run_dir = precision.name, config.model.pad_to_30s, run.path
     return model.to(device).eval()

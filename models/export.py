@@ -18,7 +18,7 @@ folder (InstructBLIP's qformer_tokenizer/) and the license come along too; the b
 README.md becomes README.base.md. Beside them:
 
     heads.safetensors   the run's fully trained tensors (audio_proj, text_proj, logit_scale are not
-                        part of any base architecture; load them with models.audio_text.load_heads)
+                        part of any base architecture; load them with common.run_files.load_heads)
     README.md           what was merged: the run, the base, targets, rank, alpha, the layers
     export.json         the same for programs
 
@@ -48,11 +48,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora.adapter import read_adapter_config, read_adapter_weights
-from lora.atomic import atomic_write, atomic_write_text
+from common.atomic import atomic_write, atomic_write_text
+from common.run_config import RunConfig
+from common.run_files import HEADS_FILE, read_run_config
 from lora.init import modifies_base
 from lora.layer import LinearWithLoRA
 from lora.targets import compact_paths
-from models.audio_text import HEADS_FILE, read_run_config
 from models.bert import bert_prefix
 from models.checkpoint import CONFIG, INDEX, Checkpoint
 from models.instructblip import CHILDREN as INSTRUCTBLIP_CHILDREN
@@ -85,21 +86,22 @@ class Base:
         return self.checkpoint.load_prefix(key)[""]
 
 
-def bases_of(run: dict) -> list[Base]:
+def bases_of(run: RunConfig) -> list[Base]:
     """The base checkpoints of a run, main one first, each with the key prefixes of the model's parts."""
-    if run.get("task") == "instructblip":
-        checkpoint = Checkpoint.open(run["model"])
+    sources = run.sources
+    if run.task == "instructblip":
+        checkpoint = Checkpoint.open(sources.model)
         prefix = instructblip_prefix(checkpoint)
         prefixes = {child: f"{prefix}{child}." for child in INSTRUCTBLIP_CHILDREN} | {"query_tokens": f"{prefix}query_tokens"}
         return [Base(checkpoint, ".", prefixes)]
-    if run.get("task") == "audio-qa":  # the whole Qwen2-Audio, its parts under the hub layout's names
-        checkpoint = Checkpoint.open(run["model"])
+    if run.task == "audio-qa":  # the whole Qwen2-Audio, its parts under the hub layout's names
+        checkpoint = Checkpoint.open(sources.model)
         prefixes = {"audio_tower": audio_tower_prefix(checkpoint), "multi_modal_projector": "multi_modal_projector.",
                     "language_model": "language_model."}
         return [Base(checkpoint, ".", prefixes)]
-    audio, text = Checkpoint.open(run["audio_model"]), Checkpoint.open(run["text_model"])
+    audio, text = Checkpoint.open(sources.audio_model), Checkpoint.open(sources.text_model)
     audio_prefixes = {"audio_tower": audio_tower_prefix(audio)}
-    if run.get("encoding_strategy") == "full_forward":  # the whole Qwen2-Audio, its parts under the hub layout's names
+    if run.model.encoding_strategy == "full_forward":  # the whole Qwen2-Audio, its parts under the hub layout's names
         audio_prefixes |= {"multi_modal_projector": "multi_modal_projector.", "language_model": "language_model."}
     return [Base(audio, ".", audio_prefixes), Base(text, "text_model", {"text_tower": bert_prefix(text.weight_map)})]
 
@@ -242,14 +244,14 @@ def write_base(base: Base, target: Path, link: bool) -> dict:
     return report
 
 
-def readme(run_dir: Path, run: dict, summary: dict, reports: list[dict]) -> str:
+def readme(run_dir: Path, run: RunConfig, summary: dict, reports: list[dict]) -> str:
     """A short README.md for the export: what was merged into what, and how to load it."""
     config = summary["config"]
     lines = [f"# LoRA merged: {run_dir.name}", "",
              f"Written by `python -m models.export --checkpoint {run_dir}`. The LoRA adapter of that run is merged "
              f"into the base weights (W + s·B@A, computed in fp32, stored in each base tensor's dtype), so this folder "
              f"loads like the base itself, with no LoRA code.", "",
-             f"- task: {run.get('task')}; targets: {', '.join(f'`{t}`' for t in run.get('targets') or [])}",
+             f"- task: {run.task}; targets: {', '.join(f'`{t}`' for t in run.lora.targets)}",
              f"- rank {config.r}, alpha {config.alpha:g}, {'rsLoRA, ' if config.rslora else ''}scaling {config.scaling:g}",
              f"- merged layers ({len(summary['merged'])}): " + "; ".join(f"`{p}`" for p in compact_paths(summary["merged"]))]
     if summary["heads_into"]:
@@ -263,9 +265,9 @@ def readme(run_dir: Path, run: dict, summary: dict, reports: list[dict]) -> str:
                      f"({len(report['linked'])} hard-linked, {len(report['copied'])} copied)")
     lines.append("- `heads.safetensors`: the run's fully trained tensors " + ", ".join(f"`{n}`" for n in summary["heads_beside"] + summary["heads_into"])
                  + (" (the projection heads and temperature are not part of the base architecture; "
-                    "`models.audio_text.load_heads` reads them)" if summary["heads_beside"] else ""))
-    if run.get("task") == "audio-text" and len(reports) == 1:
-        lines.append(f"- the text tower is unchanged: pair this audio tower with `{run.get('text_model')}`")
+                    "`common.run_files.load_heads` reads them)" if summary["heads_beside"] else ""))
+    if run.task == "audio-text" and len(reports) == 1:
+        lines.append(f"- the text tower is unchanged: pair this audio tower with `{run.sources.text_model}`")
     return "\n".join(lines) + "\n"
 
 
@@ -297,7 +299,7 @@ def export_run(run_dir, out_dir, link: bool = True) -> dict:
         shutil.copyfile(run_dir / HEADS_FILE, staging / HEADS_FILE)
         fsync(staging / HEADS_FILE)
         atomic_write_text(staging / "README.md", readme(run_dir, run, summary, reports))
-        record = {"run": str(run_dir.resolve()), "task": run.get("task"), "targets": run.get("targets"),
+        record = {"run": str(run_dir.resolve()), "task": run.task, "targets": list(run.lora.targets),
                   "r": summary["config"].r, "alpha": summary["config"].alpha, "rslora": summary["config"].rslora,
                   "merged_layers": summary["merged"], "heads_into_checkpoint": summary["heads_into"],
                   "heads_beside": summary["heads_beside"], "bases": reports}

@@ -45,18 +45,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # a no-op copy for RGB; L, P, CMYK ... go through Pillow
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image file into an RGB PIL image; the error names the file."""
+def load_image(path, name: str | None = None) -> Image.Image:
+    """Decode an image file into an RGB PIL image; the error names the file. `path` may also be a
+    binary file object holding a whole encoded image (the bytes of a dataset row or a tar member),
+    which `name` then names in errors."""
+    where = name if name is not None else ("bytes" if hasattr(path, "read") else path)
     try:
         with Image.open(path) as image:
             image.load()  # decode now, inside the try: Image.open reads only the header
             return to_rgb(image)
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"no image file at {path}") from error
+        raise FileNotFoundError(f"no image file at {where}") from error
     except (UnidentifiedImageError, OSError) as error:  # not an image, or a truncated/corrupt one
-        raise ValueError(f"cannot decode the image {path}: {error}") from error
+        raise ValueError(f"cannot decode the image {where}: {error}") from error
     except Image.DecompressionBombError as error:  # not an OSError: it would stop a run mid-epoch
-        raise ValueError(f"the image {path} is too large to decode safely ({error}); resize it, or raise "
+        raise ValueError(f"the image {where} is too large to decode safely ({error}); resize it, or raise "
                          "PIL.Image.MAX_IMAGE_PIXELS if it is trusted") from error
 
 

@@ -33,6 +33,10 @@ begins with that token; LLaMA continues [queries; prompt], and returns the new t
 A batch of prompts for the decoder-only LM is padded on the left (data/instructblip.py), as LAVIS
 and transformers do, so every row's first new token follows its own last prompt token; the padding
 then sits between the queries and the prompt, and positions come from the mask (models/llama.py).
+
+Packed training rows (decoder-only LM, `packed_forward`): several examples end to end in one row of the
+language model's input, each [Q query slots; BOS prompt answer eos] with its own positions from 0 and a
+block-diagonal causal attention; the query slots hold QUERY_SLOT and receive their example's queries.
 """
 
 from dataclasses import dataclass
@@ -42,13 +46,14 @@ from torch import nn
 
 from models.blip_vision import BlipVisionConfig, BlipVisionModel
 from models.checkpoint import Checkpoint, load_into, resolve_dtype
-from models.llama import CausalLMOutput, LlamaForCausalLM, load_llama
+from models.llama import CausalLMOutput, LlamaForCausalLM, load_llama, segment_positions
 from models.qformer import QFormerConfig, QFormerModel
 from models.shard_loading import Quantize, load_weights, quantize_linears
 from models.t5 import Seq2SeqLMOutput, T5ForConditionalGeneration, load_t5
 
 CHILDREN = ("vision_model", "qformer", "language_projection", "language_model")  # + query_tokens, a bare Parameter
 LANGUAGE_MODELS = ("t5", "llama")  # flan-t5-xl/xxl; vicuna-7b/13b
+QUERY_SLOT = -1  # packed rows: the id of the positions the queries are written over (no vocabulary has it)
 
 
 @dataclass(frozen=True)
@@ -105,13 +110,18 @@ class InstructBlip(nn.Module):
         return embeds, torch.cat([ones, attention_mask], dim=1)  # every query is attended to
 
     def forward(self, pixel_values, qformer_input_ids, qformer_attention_mask=None, input_ids=None,
-                attention_mask=None, labels=None, decoder_input_ids=None) -> Seq2SeqLMOutput | CausalLMOutput:
+                attention_mask=None, labels=None, decoder_input_ids=None, position_ids=None,
+                segment_ids=None) -> Seq2SeqLMOutput | CausalLMOutput:
         """-> .logits and .loss (cross-entropy on labels != -100), also as out["logits"].
 
         T5: input_ids the prompt, labels (B, La) the answer; logits (B, La, V) from the decoder.
         LLaMA: input_ids the prompt and answer, labels (B, L) aligned with it; logits (B, L, V) over the
         text positions, computed only if read (the query positions never meet the vocabulary), logits[:, t]
-        scored against labels[:, t + 1]; the loss projects only the scored positions (models/lm_loss.py)."""
+        scored against labels[:, t + 1]; the loss projects only the scored positions (models/lm_loss.py).
+        LLaMA, packed rows (`segment_ids` given): see `packed_forward`."""
+        if segment_ids is not None:
+            return self.packed_forward(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
+                                       attention_mask, labels, position_ids, segment_ids)
         embeds, mask = self.language_model_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask)
         if not self.config.decoder_only:
             return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, decoder_input_ids=decoder_input_ids)
@@ -123,12 +133,43 @@ class InstructBlip(nn.Module):
         out = self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
         return CausalLMOutput(last_hidden_state=out.last_hidden_state[:, Q:], head=out.head, loss=out.loss)  # text rows only
 
+    def packed_forward(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
+                       labels, position_ids, segment_ids) -> CausalLMOutput:
+        """Several examples in each row of the decoder-only LM's input (data/instructblip.py collate_vqa(pack=...)).
+
+        input_ids, attention_mask, labels, position_ids, segment_ids (R, W) are in the LM's own coordinates: each
+        example is [Q query slots; BOS prompt answer eos], its positions restarting at 0, its segment id k > 0.
+        The query slots hold QUERY_SLOT, which no vocabulary has: the example's projected queries are written
+        there, as transformers 5 writes them over its image tokens. pixel_values and the Q-Former inputs (N, ...)
+        list the examples in the order they are read (row by row, left to right), so the n-th example's queries
+        fill the n-th run of slots. -> .loss as unpacked, and last_hidden_state (R, W, D) over the whole rows,
+        queries included."""
+        if not self.config.decoder_only:
+            raise ValueError("packed rows (segment_ids) need a decoder-only language model (Vicuna, LLaMA); flan-t5 "
+                             "reads the prompt with its encoder and the answer with its decoder: collate without pack")
+        Q = self.config.num_query_tokens
+        queries = self.query_embeddings(pixel_values, qformer_input_ids, qformer_attention_mask)  # (N, Q, D_lm)
+        if position_ids is None:
+            position_ids = segment_positions(segment_ids)
+        slots = input_ids == QUERY_SLOT  # (R, W)
+        row, column = slots.nonzero(as_tuple=True)  # (N * Q,) each, in reading order
+        if len(row) != queries.shape[0] * Q or bool((position_ids[slots] >= Q).any()):
+            raise ValueError(f"the packed rows hold {len(row)} query slots, not the first {Q} positions of each of the "
+                             f"{queries.shape[0]} examples: collate with num_query_tokens={Q}, the model's "
+                             "config.num_query_tokens")
+        text = self.language_model.model.embed_tokens(input_ids.masked_fill(slots, 0))  # (R, W, D_lm)
+        embeds = text.index_put((row, column), queries.flatten(0, 1).to(text.dtype))  # (N, Q, D) -> (N*Q, D) rows
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
+                                    position_ids=position_ids, segment_ids=segment_ids)
+
     @torch.no_grad()
     def generate(self, pixel_values, qformer_input_ids, qformer_attention_mask=None, input_ids=None,
-                 attention_mask=None, max_new_tokens: int = 20, eos_token_id: int | None = None) -> torch.Tensor:
+                 attention_mask=None, max_new_tokens: int = 20, eos_token_id: int | tuple[int, ...] | None = None
+                 ) -> torch.Tensor:
         """Greedy answer ids. T5: (B, 1 + n), the decoder start token then up to max_new_tokens tokens.
         LLaMA: (B, n), the new tokens only, after a left-padded prompt; `eos_token_id` (default: the
-        text_config's) is where rows stop, and should be the id the training answers ended with."""
+        text_config's), one id or several, is where rows stop: the id the training answers ended with and the
+        checkpoint's generation_config.json's (models/loading.py `load_special_tokens(...).eos_ids`)."""
         embeds, mask = self.language_model_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask)
         if not self.config.decoder_only:
             return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens)

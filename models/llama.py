@@ -28,6 +28,13 @@ Quirks of the reference, copied on purpose:
 - Grouped-query attention: num_key_value_heads < num_attention_heads, each key/value head serves
   heads / kv_heads query heads (Ainslie et al. 2023, arXiv 2305.13245).
 
+Packed rows (data/packing.py): several examples in one row, `segment_ids` (B, T) numbering them 1, 2, ...
+in each row (0 = padding) and `position_ids` restarting at 0 for each. Attention is then block-diagonal
+causal (`BlockCausal`): a token sees the earlier tokens of its own example only, so every example gets
+exactly the hidden states it gets alone. On the CPU that is SDPA with an explicit boolean mask; on CUDA in
+fp16/bf16, torch's variable-length flash attention (`torch.nn.attention.varlen`), which skips the masked
+blocks instead of computing them.
+
 Tied weights: when tie_word_embeddings is set, save_pretrained writes only
 `model.embed_tokens.weight`; this module then has `lm_head = None` and multiplies by the embedding
 table, so its state_dict is exactly the file's keys (as models/t5.py does with `shared`).
@@ -45,6 +52,11 @@ from torch.utils.checkpoint import checkpoint
 from models.checkpoint import Checkpoint, CheckpointError, resolve_dtype
 from models.lm_loss import CHUNK_POSITIONS, next_token_loss
 from models.shard_loading import STREAM_GROUP_BYTES, Quantize, load_streaming
+
+try:  # torch >= 2.10: flash attention over packed variable-length sequences (CUDA, fp16/bf16)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 ROPE_TYPES = ("default", "linear", "llama3")
 MODEL_TYPES = ("llama", "qwen2")
@@ -217,6 +229,62 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """segment_ids (B, T) of packed rows -> (B, T) positions restarting at 0 where each example starts (0 on
+    padding): what `position_ids` of data/packing.py hold, for a caller that passes only the segments."""
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)  # (B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]  # an example (or the padding) begins here
+    first = torch.where(starts, index, 0).cummax(dim=-1).values  # (B, T) index of the run's first token
+    return (index - first).masked_fill(segment_ids == 0, 0)
+
+
+class BlockCausal:
+    """The attention of packed rows: token t of a row may attend to token s <= t when both belong to the same
+    example (segment_ids equal and > 0). A padding token attends to itself only; its output is never read.
+
+    Two spellings of the same attention, chosen per call by `Attention.forward`:
+    - `mask()`: the (B, 1, T, T) boolean mask for SDPA, built once per forward and shared by every layer;
+    - `varlen_attention`: the row's examples laid end to end, (B * T, H, d), with the cumulative lengths of
+      every example and of each row's padding run (treated as one more sequence), for torch's variable-length
+      flash attention, which needs CUDA and fp16/bf16 and has no dropout."""
+
+    def __init__(self, segment_ids: torch.Tensor):
+        self.segment_ids = segment_ids  # (B, T) long, 0 = padding, k = the k-th example of its row
+        self._mask = None
+        self._varlen = None
+
+    def mask(self) -> torch.Tensor:
+        if self._mask is None:
+            seg, T = self.segment_ids, self.segment_ids.shape[1]
+            same = seg[:, :, None] == seg[:, None, :]  # (B, T, T): query t and key s in one example
+            causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()  # (T, T)
+            allowed = same & causal & (seg[:, None, :] > 0)  # no padding keys
+            allowed |= torch.eye(T, dtype=torch.bool, device=seg.device)  # a padding query: itself, not a NaN row
+            self._mask = allowed[:, None]  # (B, 1, T, T)
+        return self._mask
+
+    def varlen_applies(self, q: torch.Tensor, dropout: float) -> bool:
+        return varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0
+
+    def varlen_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, d), k and v (B, H_kv, T, d) -> (B, T, H*d), each example attending causally to itself."""
+        B, H, T, d = q.shape
+        if self._varlen is None:
+            starts = torch.ones_like(self.segment_ids, dtype=torch.bool)
+            starts[:, 1:] = self.segment_ids[:, 1:] != self.segment_ids[:, :-1]  # a row starts a sequence too
+            begins = starts.flatten().nonzero().flatten()  # (n,) first token of each sequence in (B * T)
+            ends = torch.cat([begins[1:], begins.new_tensor([B * T])])
+            cumulative = torch.cat([begins, begins.new_tensor([B * T])]).to(torch.int32)  # (n + 1,)
+            self._varlen = cumulative, int((ends - begins).max())
+        cumulative, longest = self._varlen
+        packed = [t.transpose(1, 2).reshape(B * T, t.shape[1], d) for t in (q, k, v)]  # (B, H, T, d) -> (B*T, H, d)
+        y = varlen_attn(*packed, cumulative, cumulative, longest, longest, window_size=(-1, 0),
+                        enable_gqa=k.shape[1] != H)  # (-1, 0): causal
+        return y.view(B, T, H * d)  # (B*T, H, d) -> (B, T, H*d)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int):
         super().__init__()
@@ -235,6 +303,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H_kv, S, d), S = cached + T
+        if isinstance(mask, BlockCausal):  # packed rows
+            dropout = self.dropout if self.training else 0.0
+            if mask.varlen_applies(q, dropout):
+                return self.o_proj(mask.varlen_attention(q, k, v))  # (B, T, H*d)
+            mask = mask.mask()  # (B, 1, T, T)
         groups = self.heads // self.kv_heads  # each key/value head serves this many query heads
         if groups > 1:  # repeat_interleave copies even by 1: with a KV cache, every step would copy it whole
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H_kv, S, d) -> (B, H, S, d)
@@ -300,12 +373,24 @@ class LlamaModel(nn.Module):
         self.gradient_checkpointing = False  # train.py --grad-checkpointing
         self.rope = RopeTables(cfg)
 
-    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
-        """inputs_embeds (B, T, D) -> last hidden state (B, T, D), normed."""
+    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                segment_ids=None) -> torch.Tensor:
+        """inputs_embeds (B, T, D) -> last hidden state (B, T, D), normed. With `segment_ids` (B, T), packed rows
+        (see the module docstring): the attention is block-diagonal causal and attention_mask is not read."""
         B, T, _ = inputs_embeds.shape
         start = 0 if cache is None else cache.length
-        mask, positions = attention_mask_and_positions(attention_mask, B, start, T, inputs_embeds.device)
-        positions = positions if position_ids is None else position_ids
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) are for training and scoring; generate from unpacked, "
+                                 "left-padded prompts")
+            if segment_ids.shape != (B, T):
+                raise ValueError(f"segment_ids have shape {tuple(segment_ids.shape)}; they must align with the inputs: "
+                                 f"({B}, {T})")
+            mask = BlockCausal(segment_ids)
+            positions = segment_positions(segment_ids) if position_ids is None else position_ids
+        else:
+            mask, positions = attention_mask_and_positions(attention_mask, B, start, T, inputs_embeds.device)
+            positions = positions if position_ids is None else position_ids
         cos, sin = self.rope.lookup(positions, inputs_embeds.dtype)  # (B, T, d) each
         x = inputs_embeds
         for layer in self.layers:
@@ -356,15 +441,17 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, labels=None, position_ids=None,
-                cache: KVCache | None = None) -> CausalLMOutput:
+                cache: KVCache | None = None, segment_ids=None) -> CausalLMOutput:
         """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, cached + T), 1 = real token,
         padding on either side; labels (B, T) aligned with the inputs (-100 ignored): logits at t
         are scored against labels at t + 1, as transformers' ForCausalLMLoss. The loss projects only the
-        scored positions onto the vocabulary; `.logits` are computed if read (CausalLMOutput)."""
+        scored positions onto the vocabulary; `.logits` are computed if read (CausalLMOutput).
+        Packed rows: segment_ids and position_ids (B, T) from data/packing.py; the label of each example's first
+        token must be -100 (the packer writes it so), or the previous example's last token would score it."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        hidden = self.model(x, attention_mask, position_ids, cache)
+        hidden = self.model(x, attention_mask, position_ids, cache, segment_ids)
         loss = None
         if labels is not None:  # fp32 per chunk, as the reference upcasts; the last position predicts nothing
             loss = next_token_loss(hidden, labels, self.logits, self.loss_chunk_size)
@@ -376,27 +463,33 @@ class LlamaForCausalLM(nn.Module):
         """Greedy decoding -> (B, n) long: only the n <= max_new_tokens new tokens, not the prompt. A row that
         emits eos keeps it and is padded after it (pad_token_id, else the first eos); decoding stops when every
         row has, as transformers' generate(do_sample=False, num_beams=1). Pad the prompt on the left: every row's
-        next token then follows its last real one. eos_token_id (default: the config's) may be overridden."""
+        next token then follows its last real one. eos_token_id (default: the config's) may be overridden, by one
+        id or several (a checkpoint's generation_config.json lists several: models/tokenizer.py SpecialTokens).
+
+        Everything that grows with the output is allocated once, for T + max_new_tokens positions: the KV cache
+        (gpt-fast's static cache, written in place), the attention mask and the output ids; each step reads a
+        prefix of them, so no step copies what the previous ones wrote."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T, _ = x.shape
-        mask = torch.ones(B, T, dtype=torch.long, device=x.device) if attention_mask is None else attention_mask
+        mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=x.device)  # every new token is real
+        if attention_mask is not None:
+            mask[:, :T] = attention_mask
         eos_ids = self.config.eos_token_id if eos_token_id is None else eos_token_id
         eos = torch.tensor(eos_ids, dtype=torch.long, device=x.device).flatten()
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else int(eos[0]) if len(eos) else 0
         cache = KVCache(self.config, B, T + max_new_tokens, x.dtype, x.device) if use_cache else None
-        tokens = torch.zeros(B, 0, dtype=torch.long, device=x.device)
+        tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=x.device)  # (B, n)
         finished = torch.zeros(B, dtype=torch.bool, device=x.device)
         step_input = x  # with a cache: the prompt, then one new token a step; without: everything so far
-        for _ in range(max_new_tokens):
-            hidden = self.model(step_input, mask, cache=cache)  # (B, T', D)
+        for step in range(max_new_tokens):
+            hidden = self.model(step_input, mask[:, :T + step], cache=cache)  # (B, T', D)
             next_token = self.logits(hidden[:, -1]).argmax(-1).masked_fill(finished, pad)  # (B,)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            tokens[:, step] = next_token
             finished |= torch.isin(next_token, eos)
             if finished.all():
-                break
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # the new token is real in every row
+                return tokens[:, :step + 1]
             new = self.model.embed_tokens(next_token[:, None]).to(x.dtype)  # (B, 1, D)
             step_input = new if use_cache else torch.cat([step_input, new], dim=1)
         return tokens

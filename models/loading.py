@@ -4,6 +4,7 @@
     load_audio_encoder("openai/whisper-small")           # model.encoder.* onto the same module
     load_text_encoder("sentence-transformers/all-MiniLM-L6-v2")
     load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")
+    load_special_tokens("Qwen/Qwen2-Audio-7B-Instruct")  # a decoder-only LM's bos, eos ids and pad
 
 Each loader reads config.json, picks the key prefix the checkpoint uses, builds the module on the
 meta device (no memory), and adopts the checkpoint's tensors with a strict, shape-checked load
@@ -21,7 +22,8 @@ from models.bert import BertConfig, BertModel, bert_prefix, has_pooler
 from models.checkpoint import Checkpoint, CheckpointError, CheckpointNotFound
 from models.shard_loading import Quantize, load_weights
 from models.qwen2_audio_encoder import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
-from models.tokenizer import load_llama_tokenizer, load_t5_tokenizer, load_tokenizer_files
+from models.tokenizer import (SpecialTokens, load_llama_tokenizer, load_t5_tokenizer, load_tokenizer_files,
+                              read_special_tokens, read_tokenizer_json)
 
 # Where each kind of checkpoint keeps the audio encoder, most common layout first.
 AUDIO_PREFIXES = {
@@ -29,6 +31,9 @@ AUDIO_PREFIXES = {
     "whisper": ("model.encoder.", "encoder."),  # WhisperForConditionalGeneration; WhisperModel
     "qwen2_audio_encoder": ("", "audio_tower."),  # a standalone encoder save
 }
+# Beside a decoder-only LM's tokenizer.json, each optional: where its bos/eos/pad and chat template are written
+SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                       "chat_template.jinja")
 # Written by transformers before 4.31 (an arange buffer, not a weight); safe to drop.
 LEGACY_BERT_KEYS = ("embeddings.position_ids",)
 
@@ -111,7 +116,8 @@ def load_tokenizer(path_or_hub_id: str | Path, revision: str | None = None) -> T
 def load_instructblip_tokenizers(path_or_hub_id: str | Path, revision: str | None = None) -> tuple[Tokenizer, Tokenizer]:
     """(Q-Former tokenizer, language-model tokenizer) of an InstructBLIP checkpoint: `qformer_tokenizer/`
     (a BERT WordPiece for the instruction) and the root `tokenizer.json` for the prompt and answers:
-    T5's (flan-t5, appends </s>) or LLaMA's (Vicuna, prepends a BOS), as `text_config` says."""
+    T5's (flan-t5, appends </s>) or a LLaMA-family one (Vicuna: a </s> BOS in front), as `text_config` says;
+    the latter's special tokens: `load_special_tokens`."""
     checkpoint = Checkpoint.open(path_or_hub_id, revision=revision, weights=False)
     checkpoint.file("qformer_tokenizer/tokenizer_config.json", required=False)  # casing for a vocab.txt
     qformer_json = checkpoint.file("qformer_tokenizer/tokenizer.json", required=False)
@@ -124,11 +130,37 @@ def load_instructblip_tokenizers(path_or_hub_id: str | Path, revision: str | Non
     qformer_config = checkpoint.config.get("qformer_config") or {}
     qformer = load_tokenizer_files(qformer_json, qformer_vocab, max_length=int(qformer_config.get("max_position_embeddings", 512)))
     text_config = checkpoint.config.get("text_config") or {}
-    if text_config.get("model_type") == "llama":  # InstructBLIP-Vicuna
-        tokenizer_json = checkpoint.file("tokenizer.json", required=False)  # absent: the error says how to write it
-        if tokenizer_json is None and "tokenizer.json" in checkpoint.not_cached:
-            raise checkpoint.not_cached["tokenizer.json"]
-        language = load_llama_tokenizer(tokenizer_json, max_length=int(text_config.get("max_position_embeddings", 2048)))
+    if text_config.get("model_type") == "llama":  # InstructBLIP-Vicuna, or another LLaMA-family decoder
+        tokenizer_json = decoder_tokenizer_files(checkpoint)
+        max_length = int(text_config.get("max_position_embeddings", 2048))
+        language = load_llama_tokenizer(tokenizer_json, max_length, text_config)
     else:
         language = load_t5_tokenizer(checkpoint.file("tokenizer.json"))
     return qformer, language
+
+
+def decoder_tokenizer_files(checkpoint: Checkpoint) -> Path | None:
+    """Local path of a decoder-only LM's tokenizer.json, fetched with the files that name its special tokens
+    (SPECIAL_TOKEN_FILES, each optional) so that they lie beside it; None if the checkpoint has no tokenizer.json
+    (models/tokenizer.py `load_llama_tokenizer` then says how to write one)."""
+    for name in SPECIAL_TOKEN_FILES:
+        checkpoint.file(name, required=False)
+    tokenizer_json = checkpoint.file("tokenizer.json", required=False)
+    if tokenizer_json is None and "tokenizer.json" in checkpoint.not_cached:
+        raise checkpoint.not_cached["tokenizer.json"]
+    return tokenizer_json
+
+
+def load_special_tokens(path_or_hub_id: str | Path, revision: str | None = None) -> SpecialTokens:
+    """bos/eos/pad ids and chat template of a decoder-only language model's checkpoint (LLaMA, Qwen2, SmolLM2,
+    InstructBLIP-Vicuna, Qwen2-Audio), read from its tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    and generation_config.json as transformers reads them (models/tokenizer.py `read_special_tokens`). No weights
+    are read. Batches end each answer with `.eos_id` and put `.bos_id` (if not None) in front of each prompt;
+    generation stops at any of `.eos_ids`: model.generate(..., eos_token_id=special.eos_ids)."""
+    checkpoint = Checkpoint.open(path_or_hub_id, revision=revision, weights=False)
+    tokenizer_json = decoder_tokenizer_files(checkpoint)
+    if tokenizer_json is None:
+        raise CheckpointNotFound(f"{checkpoint.source} has no tokenizer.json: a decoder-only language model's special "
+                                 "tokens are read from it and the files beside it")
+    language_config = checkpoint.config.get("text_config") or checkpoint.config  # a composite model's LM, or the LM
+    return read_special_tokens(read_tokenizer_json(tokenizer_json), tokenizer_json.parent, language_config)

@@ -171,21 +171,28 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         return place_audio(text, audio_positions, audio, lengths)
 
     def forward(self, input_ids, input_features=None, attention_mask=None, feature_attention_mask=None,
-                labels=None) -> CausalLMOutput:
+                labels=None, position_ids=None, segment_ids=None) -> CausalLMOutput:
         """transformers' arguments, in its order -> .loss (mean next-token cross entropy over labels != -100 on
         attended positions; logits at t score labels at t + 1) and .logits (B, L, V), computed only if read
-        (models/llama.py CausalLMOutput). Padding on either side."""
+        (models/llama.py CausalLMOutput). Padding on either side.
+
+        Packed rows (data/audio_qa.py collate_audio_qa(pack=...)): input_ids (R, L) hold several examples a row,
+        segment_ids (R, L) number them (0 = padding) and position_ids (R, L) restart at 0 for each; the clips are
+        in the order their examples are read (row by row, left to right), so `place_audio` puts each clip on
+        its own example's placeholders unchanged. The attention is block-diagonal causal (models/llama.py)."""
         embeds = self.inputs_embeds(input_ids, input_features, feature_attention_mask)
         if labels is not None and attention_mask is not None:  # the reference drops unattended targets
             labels = labels.masked_fill(attention_mask == 0, -100)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
+                                   position_ids=position_ids, segment_ids=segment_ids)
 
     @torch.no_grad()
     def generate(self, input_ids, input_features=None, attention_mask=None, feature_attention_mask=None,
                  max_new_tokens: int = 20, eos_token_id: int | tuple[int, ...] | None = None) -> torch.Tensor:
         """Greedy answer ids (B, n): the new tokens only (transformers returns the prompt before them).
-        Pad prompts on the LEFT, so every row continues right after its own last token. eos_token_id:
-        where rows stop, by default the text_config's; pass the id the answers were trained to end with."""
+        Pad prompts on the LEFT, so every row continues right after its own last token. eos_token_id, one id
+        or several: where rows stop, by default the text_config's; pass the id the answers were trained to end
+        with and generation_config.json's (models/loading.py `load_special_tokens(...).eos_ids`)."""
         embeds = self.inputs_embeds(input_ids, input_features, feature_attention_mask)
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                             max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)

@@ -36,7 +36,7 @@ log-mel (the log-mel of silence, not zeros). So our valid outputs equal the refe
 exactly when frames L and L + 1 of every clip hold the same values: pass at least
 min(max(L) + 2, 3000) frames of the same padded features. Cut at exactly max(L), the longest
 clip's last conv frame reads the convolutions' zero padding instead, and all its outputs differ
-slightly (tests/test_qwen2_audio_encoder.py shows both). Zero-valued features do not rescue
+slightly (tests/models/test_qwen2_audio_encoder.py shows both). Zero-valued features do not rescue
 that: conv2 pads with zeros *after* conv1 + GELU, where the reference has gelu(conv1 bias) != 0.
 """
 

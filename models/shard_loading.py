@@ -42,6 +42,16 @@ class Quantize:
     blocksize: int = 64
     base: str = ""
 
+    @classmethod
+    def of_run(cls, settings) -> "Quantize | None":
+        """The quantization a run was trained with (its config's `model` section: quantize, quantize_keep), to
+        rebuild the same model: the LoRA weights were trained over those NF4 weights, not the 16-bit ones."""
+        if settings.quantize == "none":
+            return None
+        if settings.quantize != "nf4":
+            raise ValueError(f"run_config.json: unknown quantize {settings.quantize!r} (this toolkit knows 'none' and 'nf4')")
+        return cls(keep=tuple(settings.quantize_keep))
+
     def under(self, path: str) -> "Quantize":
         """The same policy for the submodule at model path `path` (loaded on its own)."""
         return with_fields(self, base=self.base + path)
@@ -73,6 +83,11 @@ def load_streaming(module: nn.Module, shards, source: str, replace: ReplaceLinea
     expected = {key: tensor.shape for key, tensor in module.state_dict().items()}  # on meta: no memory
     seen, unexpected, mismatched = set(), [], []
     for shard in shards:
+        # A tensor read through a memory map is a view of the file's mapped pages, and keeps the whole mapping (every
+        # page its group touched) resident while it lives. So when Linears are being replaced, what is adopted from
+        # a group of several tensors is copied, and the group's mapping goes once its weights are quantized; a tensor
+        # read alone (an embedding, as large as a group) is adopted as read: a copy would only double it for a moment.
+        copy = replace is not None and len(shard) > 1
         for key in list(shard):
             tensor = shard.pop(key)  # the shard's dict lets go of each tensor once it is placed
             if skip is not None and skip(key):
@@ -91,7 +106,7 @@ def load_streaming(module: nn.Module, shards, source: str, replace: ReplaceLinea
                 if replacement is not None:
                     module.set_submodule(path, replacement)
                     continue
-            adopt(owner, name, tensor)
+            adopt(owner, name, tensor.clone() if copy else tensor)
     refuse_key_problems(module, source, sorted(set(expected) - seen), sorted(unexpected), mismatched)
     return finish_loading(module, source)
 

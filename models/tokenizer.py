@@ -1,5 +1,5 @@
 """Text to token ids for the BERT text tower and the Q-Former, and for InstructBLIP's language
-models (T5, LLaMA/Vicuna: their tokenizer.json as is, checked), with the `tokenizers` library only.
+models (T5; any LLaMA-family decoder: Vicuna, Llama 3, SmolLM2, Qwen2), with the `tokenizers` library only.
 
 WordPiece as used by BERT (Devlin et al. 2019; Wu et al. 2016, "Google's Neural Machine
 Translation System"). A checkpoint ships either `tokenizer.json` (the whole `tokenizers`
@@ -15,11 +15,17 @@ Quirks:
   length); we overwrite both, so a batch is padded to its longest text and cut at `max_length`
   tokens, [CLS] and [SEP] included, which must not exceed the model's max_position_embeddings.
 
+A decoder-only language model's special tokens are not in tokenizer.json alone: `read_special_tokens`
+reads bos/eos/pad and the chat template from tokenizer_config.json, special_tokens_map.json and
+generation_config.json beside it, as transformers' AutoTokenizer and GenerationConfig do, into a
+`SpecialTokens` that batches and generation use (docs/tokenizers-and-generation.md).
+
 A tokenizer file that is missing or unusable is the checkpoint's fault, not ours: CheckpointNotFound
 or CheckpointError (UserErrors, models/checkpoint.py), naming the file.
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -92,18 +98,159 @@ def load_t5_tokenizer(tokenizer_json: Path, max_length: int = MAX_LENGTH) -> Tok
     return tok
 
 
-def load_llama_tokenizer(tokenizer_json: Path | None, max_length: int = 2048, eos_token: str = LLAMA_EOS) -> Tokenizer:
-    """A LLaMA-family tokenizer.json (Vicuna: SentencePiece BPE with byte fallback): it must put a
-    BOS in front of every text and no eos after it, since the prompt is continued by the answer in
-    the same sequence; answers get `eos_token` appended by the collate (data/instructblip.py).
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The token ids a decoder-only language model's batches and generation need, read from its checkpoint by
+    `read_special_tokens` (a checkpoint directory or hub id: models/loading.py `load_special_tokens`)."""
+    bos_id: int | None  # in front of every prompt; None: this model's prompts start with no BOS (Qwen2, SmolLM2)
+    eos_ids: tuple[int, ...]  # generation stops at any of them; eos_ids[0], the tokenizer's eos, ends every answer
+    pad_id: int  # fills padding; its value is never read (the mask hides it, labels are -100 there)
+    chat_template: str | None = None  # the checkpoint's Jinja chat template, unrendered; None if it ships none
 
-    The BOS is whatever the post-processor adds: `<s>` in LLaMA, `</s>` in InstructBLIP-Vicuna (LAVIS
-    made bos = eos = unk = `</s>` and added `[PAD]`; transformers' conversion kept that). Padding uses
-    `[PAD]`, `<pad>` or `<unk>`, the first that exists: its id is never read, the mask hides it.
+    @property
+    def eos_id(self) -> int:
+        """The id each training answer ends with, so that generation learns to stop."""
+        return self.eos_ids[0]
 
-    Only tokenizer.json is read. A checkpoint that ships only the SentencePiece `tokenizer.model`
-    gets an error saying how to write tokenizer.json once (building the BPE merges from the
-    SentencePiece protobuf here would take a protobuf parser and its own parity tests)."""
+
+def _read_json(path: Path) -> dict:
+    """A checkpoint's optional JSON file as a dict; {} when it does not exist."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); download it again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object; download it again")
+    return data
+
+
+def tokenizer_settings(directory: Path) -> dict:
+    """tokenizer_config.json with special_tokens_map.json read into it as transformers reads them: a config saved
+    before `added_tokens_decoder` existed takes the map's values over its own; a newer one keeps its own (the map
+    then only fills a field it lacks, where transformers would use its tokenizer class's default)."""
+    config = _read_json(directory / "tokenizer_config.json")
+    mapping = _read_json(directory / "special_tokens_map.json")
+    return {**mapping, **config} if "added_tokens_decoder" in config else {**config, **mapping}
+
+
+def _token_content(value) -> str | None:
+    """A special token as configs spell it: "<s>", an AddedToken dict {"content": "<s>", ...}, or null."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _id_list(value) -> list[int]:
+    """generation_config.json's / config.json's eos_token_id: an int, a list of them, or null."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+
+
+def template_specials(tok: Tokenizer) -> tuple[list[int], list[int]]:
+    """The special ids the tokenizer's post-processor writes before and after a text."""
+    encoding = tok.encode("a")
+    ids, mask = encoding.ids, encoding.special_tokens_mask
+    lead = next((i for i, m in enumerate(mask) if not m), len(ids))
+    tail = next((i for i, m in enumerate(reversed(mask)) if not m), 0)
+    return ids[:lead], ids[len(ids) - tail:]
+
+
+def read_special_tokens(tok: Tokenizer, directory: Path | None = None,
+                        model_config: dict | None = None) -> SpecialTokens:
+    """bos/eos/pad ids and the chat template of a decoder-only LM whose tokenizer.json (loaded: `tok`) lies in
+    `directory`, from the files beside it, each optional, as transformers reads them:
+
+    - BOS: what tokenizer.json's post-processor writes in front of a text: `<s>` (LLaMA 2), `</s>`
+      (InstructBLIP-Vicuna, as LAVIS made it), `<|begin_of_text|>` (Llama 3), nothing (Qwen2, SmolLM2); but when
+      tokenizer_config.json says add_bos_token or add_eos_token, those flags decide (with its bos_token), as
+      transformers 4's LLaMA tokenizer rebuilt its post-processor from them. transformers 5 drops the flags
+      whenever tokenizer.json exists; the released checkpoints' flags and templates agree, so both readings give
+      the same ids there, and where a file disagrees the flag states how the model was trained. A tokenizer that
+      appends a token to every text (add_eos_token, '$A </s>') is refused: the answer continues the prompt.
+    - eos: tokenizer_config.json's eos_token ends the training answers; generation stops at it and at every id of
+      generation_config.json's eos_token_id (else config.json's: `model_config`, the LM's config dict).
+      Without an eos_token: the first of those ids, else `</s>` (a Vicuna tokenizer.json alone).
+    - pad: pad_token (if tokenizer.json holds it: transformers would add a missing one as a new token), else
+      tokenizer.json's own padding, generation_config.json's / config.json's pad_token_id, `[PAD]`, `<pad>` or
+      `<unk>`, and last the eos. Its value is never read.
+    - chat_template: chat_template.jinja, else tokenizer_config.json's (the "default" one of a list).
+
+    directory None: from the tokenizer alone (its post-processor's BOS, `</s>`), which is InstructBLIP-Vicuna's."""
+    settings = tokenizer_settings(Path(directory)) if directory is not None else {}
+    generation = _read_json(Path(directory) / "generation_config.json") if directory is not None else {}
+    model_config = model_config or {}
+    where = str(directory) if directory is not None else "the tokenizer"
+    config_file = Path(directory) / "tokenizer_config.json" if directory is not None else "tokenizer_config.json"
+
+    def named_id(field: str, required: bool = True) -> int | None:
+        name = _token_content(settings.get(field))
+        if name is None:
+            return None
+        token_id = tok.token_to_id(name)
+        if token_id is None and required:
+            raise CheckpointError(f"{config_file} names {field} {name!r}, which its tokenizer.json does not hold: the "
+                                  "two files come from different checkpoints; download them again together")
+        return token_id
+
+    leading, trailing = template_specials(tok)
+    if "add_bos_token" in settings or "add_eos_token" in settings:
+        bos_id = named_id("bos_token") if settings.get("add_bos_token") else None
+        if settings.get("add_bos_token") and bos_id is None:
+            raise CheckpointError(f"{config_file} sets add_bos_token but names no bos_token; add \"bos_token\" (LLaMA: "
+                                  "\"<s>\") or set add_bos_token to false")
+        if settings.get("add_eos_token"):
+            raise CheckpointError(f"{config_file} sets add_eos_token, which ends every text with the eos; a "
+                                  "decoder-only prompt is continued by its answer in the same sequence: set "
+                                  "add_eos_token to false")
+    elif trailing or len(leading) > 1:
+        file = Path(directory) / "tokenizer.json" if directory is not None else "the tokenizer"
+        raise CheckpointError(f"{file}: its post-processor writes {len(leading)} token(s) before and {len(trailing)} "
+                              "after every text; a decoder-only prompt takes at most a BOS in front and nothing after "
+                              "(the answer continues it): use the template '<s> $A', or none")
+    else:
+        bos_id = leading[0] if leading else None
+
+    listed = _id_list(generation["eos_token_id"] if "eos_token_id" in generation else model_config.get("eos_token_id"))
+    eos_id = named_id("eos_token")
+    if eos_id is None:
+        eos_id = listed[0] if listed else tok.token_to_id(LLAMA_EOS)
+    if eos_id is None:
+        raise CheckpointError(f"{where}: no eos token: tokenizer_config.json names no eos_token, "
+                              f"generation_config.json and config.json no eos_token_id, and tokenizer.json has no "
+                              f"{LLAMA_EOS}; add the model's end token as \"eos_token\" to tokenizer_config.json")
+    eos_ids = tuple(dict.fromkeys([eos_id, *listed]))
+
+    pads = [named_id("pad_token", required=False), tok.padding["pad_id"] if tok.padding else None,
+            *_id_list(generation.get("pad_token_id"))[:1], *_id_list(model_config.get("pad_token_id"))[:1],
+            *(tok.token_to_id(t) for t in LLAMA_PADS), eos_id]
+    pad_id = next(p for p in pads if p is not None)
+
+    template = settings.get("chat_template")
+    if isinstance(template, list):  # several named templates: the one transformers renders by default
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)
+    jinja = Path(directory) / "chat_template.jinja" if directory is not None else None
+    if jinja is not None and jinja.is_file():  # newer saves write it apart; transformers prefers it to the config's
+        template = jinja.read_text(encoding="utf-8")
+    return SpecialTokens(bos_id, eos_ids, pad_id, template if isinstance(template, str) else None)
+
+
+def load_llama_tokenizer(tokenizer_json: Path | None, max_length: int = 2048,
+                         model_config: dict | None = None) -> Tokenizer:
+    """A LLaMA-family tokenizer.json (Vicuna's SentencePiece BPE, Llama 3's and Qwen2's byte-level BPE, ...), read
+    as is, with the special tokens of the files beside it (`read_special_tokens`; model_config: the LM's config dict).
+    The prompt is continued by the answer in the same sequence, so the tokenizer writes at most a BOS in front of a
+    text and nothing after; answers get the eos appended by the collate (data/instructblip.py).
+
+    When tokenizer_config.json's add_bos_token decides a BOS the file's post-processor does not write (or writes
+    one it should not), the post-processor becomes the template '<bos> $A' (or '$A'), as transformers 4's LLaMA
+    tokenizer rebuilt it, so `encode(text).ids` are the model's prompt ids. Padding uses the special tokens' pad.
+
+    A checkpoint that ships only the SentencePiece `tokenizer.model` gets an error saying how to write tokenizer.json
+    once (building the BPE merges from the SentencePiece protobuf here would take a protobuf parser and its own
+    parity tests)."""
     if tokenizer_json is None or not Path(tokenizer_json).is_file():
         raise CheckpointNotFound(
             f"no LLaMA tokenizer.json {f'at {tokenizer_json}' if tokenizer_json else 'in the checkpoint'}; if it ships "
@@ -112,19 +259,14 @@ def load_llama_tokenizer(tokenizer_json: Path | None, max_length: int = 2048, eo
             "hub id) and copy DIR/tokenizer.json beside config.json")
     tokenizer_json = Path(tokenizer_json)
     tok = read_tokenizer_json(tokenizer_json)
-    eos_id = tok.token_to_id(eos_token)
-    if eos_id is None:
-        raise CheckpointError(f"{tokenizer_json} has no {eos_token} token: not a LLaMA tokenizer")
-    encoding = tok.encode("a")
-    if not encoding.special_tokens_mask[:1] == [1]:
-        raise CheckpointError(f"{tokenizer_json} adds no BOS in front of a text (its post-processor should be the template "
-                         "'<s> $A'); a LLaMA prompt starts with one")
-    if encoding.ids[-1] == eos_id:
-        raise CheckpointError(f"{tokenizer_json} appends {eos_token} to every text; a decoder-only prompt must not end the "
-                         "sequence before the answer (use the template '<s> $A')")
-    pad = next((t for t in LLAMA_PADS if tok.token_to_id(t) is not None), eos_token)
+    special = read_special_tokens(tok, tokenizer_json.parent, model_config)
+    if template_specials(tok)[0] != ([] if special.bos_id is None else [special.bos_id]):
+        bos = tok.id_to_token(special.bos_id) if special.bos_id is not None else None
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0" if bos else "$A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1" if bos else "$A:0 $B:1",
+            special_tokens=[(bos, special.bos_id)] if bos else [])
     tok.enable_truncation(max_length)
-    tok.enable_padding(pad_id=tok.token_to_id(pad), pad_token=pad)
+    tok.enable_padding(pad_id=special.pad_id, pad_token=tok.id_to_token(special.pad_id) or LLAMA_PADS[0])
     return tok
 
 
