@@ -55,35 +55,46 @@ def main(argv=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluate, search with, or classify zero-shot with a train.py output directory.")
+    parser = argparse.ArgumentParser(
+        description="Evaluate, search with, or classify zero-shot with a train.py output directory.")
     parser.add_argument("--checkpoint", required=True, help="an output directory of train.py")
-    parser.add_argument("--data", help="manifest (audio-text: JSONL or Clotho/AudioCaps CSV; instructblip: JSONL); default: the run's eval_data")
-    parser.add_argument("--audio-dir", help="a folder of audio: with --search alone, the library searched (recursively); with --data or a "
-                        "--zero-shot CSV, the folder relative audio paths point into (default: the manifest's or CSV's folder)")
+    parser.add_argument("--data", help="manifest (audio-text: JSONL or Clotho/AudioCaps CSV; instructblip: JSONL); "
+                        "default: the run's eval_data")
+    parser.add_argument("--audio-dir", help="a folder of audio: with --search alone, the library searched "
+                        "(recursively); with --data or a --zero-shot CSV, the folder relative audio paths point into "
+                        "(default: the manifest's or CSV's folder)")
     parser.add_argument("--json", help="write the metrics (or search results) here as JSON")
     parser.add_argument("--no-adapter", action="store_true", help="LoRA off (heads kept): what does the adapter add?")
-    parser.add_argument("--precision", choices=PRECISIONS, help="default: the run's (run_config.json), which reproduces "
-                        "training's numbers; bf16 holds frozen weights in bf16 under bf16 autocast, fp16 autocasts over fp32 weights")
-    parser.add_argument("--save-embeddings", help="audio-text: write audio, text and text_audio_index arrays to this .npz")
-    parser.add_argument("--search", metavar="TEXT", help="audio-text: print the clips of --audio-dir (or --data) closest to this text")
+    parser.add_argument("--precision", choices=PRECISIONS, help="default: the run's (run_config.json), which "
+                        "reproduces training's numbers; bf16 holds frozen weights in bf16 under bf16 autocast, fp16 "
+                        "autocasts over fp32 weights")
+    parser.add_argument("--save-embeddings",
+                        help="audio-text: write audio, text and text_audio_index arrays to this .npz")
+    parser.add_argument("--search", metavar="TEXT",
+                        help="audio-text: print the clips of --audio-dir (or --data) closest to this text")
     parser.add_argument("--top", type=int, default=10, help="--search: how many clips to print")
-    parser.add_argument("--index", metavar="F.npz", help="--search: where the library's embeddings are kept (default: search-index-<hash>.npz "
-                        "in --checkpoint). A file's embedding is reused while its path (relative to the folder), size and modification "
-                        "time are unchanged and the checkpoint is the same (its run_config.json, heads and adapter by content, the "
-                        "precision, --no-adapter); new or changed files are embedded, vanished ones dropped")
-    parser.add_argument("--zero-shot", metavar="ROOT_OR_CSV", help="audio-text: classify ROOT/<label>/*.wav (a folder per class) or a CSV "
-                        "with filename,label columns; labels become prompts with '_' and '-' read as spaces")
-    parser.add_argument("--template", action="append", help=f"--zero-shot: the prompt, {{label}} standing for the class name "
-                        f"(default {DEFAULT_TEMPLATE!r}); repeat to average several prompts per class")
-    parser.add_argument("--batch-size", type=int, help="clips or examples a forward (default: the run's --batch-size, as its "
-                        "training-time evaluations used: padding to a batch's longest clip rounds differently in another batch)")
-    parser.add_argument("--max-new-tokens", type=int, help="instructblip, audio-qa: longest generated answer (default: what "
-                        "training evaluated with, 10 and 16)")
+    parser.add_argument("--index", metavar="F.npz", help="--search: where the library's embeddings are kept "
+                        "(default: search-index-<hash>.npz in --checkpoint). A file's embedding is reused while its "
+                        "path (relative to the folder), size and modification time are unchanged and the checkpoint "
+                        "is the same (its run_config.json, heads and adapter by content, the precision, --no-adapter); "
+                        "new or changed files are embedded, vanished ones dropped")
+    parser.add_argument("--zero-shot", metavar="ROOT_OR_CSV", help="audio-text: classify ROOT/<label>/*.wav "
+                        "(a folder per class) or a CSV with filename,label columns; labels become prompts with '_' "
+                        "and '-' read as spaces")
+    parser.add_argument("--template", action="append", help=f"--zero-shot: the prompt, {{label}} standing for the "
+                        f"class name (default {DEFAULT_TEMPLATE!r}); repeat to average several prompts per class")
+    parser.add_argument("--batch-size", type=int, help="clips or examples a forward (default: the run's "
+                        "--batch-size, as its training-time evaluations used: padding to a batch's longest clip "
+                        "rounds differently in another batch)")
+    parser.add_argument("--max-new-tokens", type=int, help="instructblip, audio-qa: longest generated answer "
+                        "(default: what training evaluated with, 10 and 16)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding audio or images")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cache-dir", default=os.environ.get("LORA_MM_CACHE", str(Path.home() / ".cache" / "lora-mm")),
-                        help="audio-text: the log-mel of each clip is read from (or kept in) <cache-dir>/features, as train.py does")
-    parser.add_argument("--no-feature-cache", action="store_true", help="compute every clip's log-mel afresh (the same numbers)")
+                        help="audio-text: the log-mel of each clip is read from (or kept in) <cache-dir>/features, "
+                        "as train.py does")
+    parser.add_argument("--no-feature-cache", action="store_true",
+                        help="compute every clip's log-mel afresh (the same numbers)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a mistake the message explains")
     return parser
 
@@ -105,8 +116,8 @@ def run(parser: argparse.ArgumentParser, args) -> dict:
         parser.error("--search and --zero-shot are separate modes: give one of them")
     if args.search and not (args.audio_dir or args.data):
         parser.error("--search needs the clips to search: --audio-dir DIR or --data MANIFEST")
-    model, tokenizers, config = load_checkpoint(args.checkpoint, with_adapter=not args.no_adapter, precision=args.precision,
-                                                device=args.device)
+    model, tokenizers, config = load_checkpoint(args.checkpoint, with_adapter=not args.no_adapter,
+                                                precision=args.precision, device=args.device)
     task = TASKS[config.task]
     # default: the run's batch, as its training-time evaluations used (padding to a batch's longest clip rounds
     # differently in another batch)
@@ -116,14 +127,15 @@ def run(parser: argparse.ArgumentParser, args) -> dict:
         parser.error(f"--search and --zero-shot need an audio-text run; {args.checkpoint} is a {config.task} run")
     try:
         if args.search:
-            results = search_clips(model, args.search, args.checkpoint, audio_dir=args.audio_dir, data=args.data, top=args.top,
-                                   index=args.index, with_adapter=not args.no_adapter, batch_size=batch_size,
-                                   workers=args.workers, feature_cache=feature_cache)
+            results = search_clips(model, args.search, args.checkpoint, audio_dir=args.audio_dir, data=args.data,
+                                   top=args.top, index=args.index, with_adapter=not args.no_adapter,
+                                   batch_size=batch_size, workers=args.workers, feature_cache=feature_cache)
             write_json(args.json, {"query": args.search, "results": results})
             return results
         if args.zero_shot:
-            metrics = classify_zero_shot(model, args.zero_shot, args.template, audio_dir=args.audio_dir, batch_size=batch_size,
-                                         workers=args.workers, feature_cache=feature_cache, with_adapter=not args.no_adapter)
+            metrics = classify_zero_shot(model, args.zero_shot, args.template, audio_dir=args.audio_dir,
+                                         batch_size=batch_size, workers=args.workers, feature_cache=feature_cache,
+                                         with_adapter=not args.no_adapter)
             write_json(args.json, metrics)
             return metrics
     except (FileNotFoundError, ValueError) as error:  # a library folder or CSV that cannot be read
@@ -133,9 +145,10 @@ def run(parser: argparse.ArgumentParser, args) -> dict:
     if not data:
         parser.error("--data is required: this run recorded no eval_data")
     audio_dir = args.audio_dir or (None if args.data else config.sources.eval_audio_dir)  # where training found them
-    metrics = task.evaluate_file(model, tokenizers, config, data, audio_dir, batch_size=batch_size, workers=args.workers,
-                                 precision=config.precision, device=args.device, max_new_tokens=args.max_new_tokens,
-                                 feature_cache=feature_cache, save_embeddings=args.save_embeddings)
+    metrics = task.evaluate_file(model, tokenizers, config, data, audio_dir, batch_size=batch_size,
+                                 workers=args.workers, precision=config.precision, device=args.device,
+                                 max_new_tokens=args.max_new_tokens, feature_cache=feature_cache,
+                                 save_embeddings=args.save_embeddings)
     label = f"{Path(data).name}, {'no adapter' if args.no_adapter else 'with adapter'}"
     print(task.format(metrics, label + ("" if config.precision == "fp32" else f", {config.precision}")))
     write_json(args.json, metrics)

@@ -56,7 +56,8 @@ from engine.inspection import diagnose_one_batch, print_target_preview
 from engine.nonfinite import NonFiniteGuard
 from engine.outputs import check_output_dir, read_saved_state, save_outputs
 from engine.reporting import MetricsLog, StepLog, describe_quantization, describe_setup, plot_curves, print_summary
-from engine.training import LaunchedStep, StepEnv, TrainingError, TrainState, WarmupCosine, param_groups, set_train_mode, train_step
+from engine.training import (LaunchedStep, StepEnv, TrainingError, TrainState, WarmupCosine, param_groups,
+                             set_train_mode, train_step)
 from lora import LoRAConfig, cast_frozen, inject_lora, mark_only_lora_trainable
 from lora.init import modifies_base
 from lora.inject import all_linear_paths, expand_targets, initial_adapter
@@ -114,12 +115,15 @@ class Recipe:
         found, and the targets with all-linear expanded."""
         config, env = self.config, self.env
         optim = config.optim
-        try:  # before any model is built: a size that does not divide is a typo to fix now
-            accumulation_steps(optim.batch_size, env.world_size, optim.micro_batch_size or optim.batch_size // env.world_size or 1)
+        # before any model is built: a size that does not divide is a typo to fix now
+        try:
+            accumulation_steps(optim.batch_size, env.world_size,
+                               optim.micro_batch_size or optim.batch_size // env.world_size or 1)
         except ValueError as error:
             raise TrainingError(str(error)) from error
         torch.manual_seed(optim.seed)
-        with main_first(env), contextlib.redirect_stdout(sys.stdout if env.main else io.StringIO()):  # only rank 0 prints
+        # only rank 0 prints
+        with main_first(env), contextlib.redirect_stdout(sys.stdout if env.main else io.StringIO()):
             if config.sources.demo:
                 config = config.replace(**TASKS[config.task].demo_sources(config, self.say))
             self.task = TASKS[config.task](config, self.say)
@@ -136,7 +140,8 @@ class Recipe:
         """The checks before LoRA goes in (targets the forward never runs, dead alternatives), then inject."""
         targets = list(self.config.lora.targets)
         strategy = self.task.forward_strategy(targets)
-        if strategy is not None and strategy.misplaced:  # LoRA where the forward never runs: caught before anything runs
+        # LoRA where the forward never runs: caught before anything runs
+        if strategy is not None and strategy.misplaced:
             raise TrainingError("\n".join(strategy.findings()))
         warnings = check_target_alternatives(self.task.model, targets)
         if warnings and self.options.strict_targets:
@@ -173,24 +178,28 @@ class Recipe:
         self.max_steps = optim.max_steps or (steps_for_epochs(optim.epochs, per_epoch) if optim.epochs else 1000)
         warmup = optim.warmup_steps if optim.warmup_steps is not None else min(100, self.max_steps // 10)
         if warmup >= self.max_steps > 0:  # the learning rate would never reach its peak
-            self.say(f"note: the warm-up ({warmup} steps) is not shorter than the run ({self.max_steps} steps), so the learning "
-                     f"rate would never reach --lr; warming up over {self.max_steps // 10} steps (10%) instead")
+            self.say(f"note: the warm-up ({warmup} steps) is not shorter than the run ({self.max_steps} steps), "
+                     f"so the learning rate would never reach --lr; warming up over {self.max_steps // 10} steps "
+                     "(10%) instead")
             warmup = self.max_steps // 10
         sampler = self.batches.sampler
         self.config = self.config.replace(
-            max_steps=self.max_steps, warmup_steps=warmup, micro_batch_size=sampler.micro_batch, world_size=self.env.world_size,
-            bucket_by_length=self.batches.lengths is not None, bucket_across_batches=sampler.across_batches)
+            max_steps=self.max_steps, warmup_steps=warmup, micro_batch_size=sampler.micro_batch,
+            world_size=self.env.world_size, bucket_by_length=self.batches.lengths is not None,
+            bucket_across_batches=sampler.across_batches)
 
     def setup_optimization(self):
         """AdamW, the schedule, the fp16 scaler, the autocast of --precision, and the state holding them."""
         optim, env = self.config.optim, self.env
         groups = param_groups(self.model, optim.weight_decay, lora_plus_ratio=self.config.lora.lora_plus_ratio)
-        optimizer = torch.optim.AdamW(groups, lr=optim.lr, fused=True)  # fused: can skip an update on the device (found_inf)
+        # fused: can skip an update on the device (found_inf)
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, fused=True)
         schedule = WarmupCosine(optim.lr, optim.warmup_steps, self.max_steps, env.device, floor=optim.min_lr)
         scaler = self.precision.grad_scaler(env.device)  # fp16 gradients underflow without it
-        self.step_env = StepEnv(env.device, lambda: self.precision.autocast(env.device), lambda loss: scaler.scale(loss).backward(),
-                                env.world_size)
-        self.state = TrainState(self.model, optimizer, schedule, scaler, self.config.fingerprint(), world_size=env.world_size)
+        self.step_env = StepEnv(env.device, lambda: self.precision.autocast(env.device),
+                                lambda loss: scaler.scale(loss).backward(), env.world_size)
+        self.state = TrainState(self.model, optimizer, schedule, scaler, self.config.fingerprint(),
+                                world_size=env.world_size)
         self.state.skipped.update({s.path: dict(manifest=self.config.sources.train_data, line=s.line, reason=s.reason)
                                    for s in self.task.skipped_up_front})
 
@@ -202,7 +211,8 @@ class Recipe:
         else:  # more processes than the saved run: a fresh, deterministic stream for the new rank
             torch.manual_seed(self.config.optim.seed * 1_000_003 + self.state.step * 1000 + self.env.rank)
         self.say(f"resumed {self.run.path} at step {self.state.step} (epoch {self.state.epoch}, global batch "
-                 f"{self.state.batches_done}); saved by {self.state.saved_world_size} process(es), now {self.env.world_size}")
+                 f"{self.state.batches_done}); saved by {self.state.saved_world_size} process(es), "
+                 f"now {self.env.world_size}")
 
     def evaluate(self, label: str) -> dict | None:
         """Rank 0 evaluates the unwrapped model while the others wait; the training RNG is untouched."""
@@ -211,8 +221,8 @@ class Recipe:
         if self.env.main:
             devices = [self.env.device] if self.env.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                metrics = self.task.evaluate(self.model, batch_size=self.config.optim.batch_size, workers=self.config.data.workers,
-                                             precision=self.precision.name)
+                metrics = self.task.evaluate(self.model, batch_size=self.config.optim.batch_size,
+                                             workers=self.config.data.workers, precision=self.precision.name)
             if metrics is not None:
                 self.say(self.task.format(metrics, f"{label}, step {self.state.step}"))
                 self.metrics.log({"step": self.state.step, "eval": metrics})
@@ -283,7 +293,8 @@ class Recipe:
         self.state.elapsed = time.perf_counter() - started
         self.state.rng = host_all_gather_object(rng_states(self.env.device))
         if self.env.main:
-            save_outputs(self.run, self.model, self.lora_config, self.config, self.state.state_dict(), self.initial_adapter)
+            save_outputs(self.run, self.model, self.lora_config, self.config, self.state.state_dict(),
+                         self.initial_adapter)
 
 
 # --- the commands ----------------------------------------------------------------------------
@@ -301,7 +312,8 @@ def run_diagnosis(args) -> int:
     holds it (LoRA, frozen weights in the precision's dtype, gradient checkpointing)."""
     recipe = Recipe(config_from_args(args), options_from_args(args), Distributed(device=torch.device(args.device)))
     recipe.setup_task()
-    strategy = recipe.task.forward_strategy(list(recipe.config.lora.targets))  # check 7 names it, and what it never runs
+    # check 7 names it, and what it never runs
+    strategy = recipe.task.forward_strategy(list(recipe.config.lora.targets))
     # targets that select only modules the strategy never loads are reported, not injected
     recipe.inject([t for t in recipe.config.lora.targets if strategy is None or t not in strategy.misplaced])
     return diagnose_one_batch(recipe.task, recipe.model, strategy, recipe.config.optim.batch_size, recipe.precision,

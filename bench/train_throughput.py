@@ -5,7 +5,8 @@ A benchmark, not a test. Each measurement is a fresh process, so peak memory is 
 two sides alternate in one run (ours, reference, ours, reference ... for each clip mix; the order
 flips every repeat), so machine noise and drift fall on both alike.
 
-    python bench/train_throughput.py                  # CPU, fp32, whisper-base + MiniLM shapes, batch 16: ~15-20 min on 2 cores
+    python bench/train_throughput.py                  # CPU, fp32, whisper-base + MiniLM shapes, batch 16:
+                                                      # ~15-20 min on 2 cores
     python bench/train_throughput.py --quick          # tiny towers, batch 4, one measured step: a smoke test, ~1 min
     python bench/train_throughput.py --mixes 10s --repeats 3 --steps 4
     python bench/train_throughput.py --device cuda --precision bf16 --tower qwen2-audio-7b \\

@@ -115,7 +115,8 @@ def init_by_fan_in(module: torch.nn.Module, seed: int):
 
 
 def write_model(directory: Path, texts: list[str], seed: int) -> str:
-    """A tiny Qwen2-Audio in the hub layout, random weights scaled by fan-in (`init_by_fan_in`), with its tokenizer.json."""
+    """A tiny Qwen2-Audio in the hub layout, random weights scaled by fan-in (`init_by_fan_in`), with its
+    tokenizer.json."""
     template_words = [chat_prompt(text) for text in texts]
     for token in CHAT_TOKENS:  # the vocabulary needs the template's words, not pieces of its special tokens
         template_words = [text.replace(token, " ") for text in template_words]

@@ -29,8 +29,8 @@ class GlobalBatches:
         try:
             bucket = data.bucket_by_length or data.bucket_across_batches
             self.lengths = task.lengths() if bucket else None  # None too when the task has no lengths
-            self.sampler = GlobalBatchSampler(len(task.dataset), optim.batch_size, optim.micro_batch_size, env.world_size,
-                                              env.rank, seed=optim.seed, lengths=self.lengths,
+            self.sampler = GlobalBatchSampler(len(task.dataset), optim.batch_size, optim.micro_batch_size,
+                                              env.world_size, env.rank, seed=optim.seed, lengths=self.lengths,
                                               across_batches=data.bucket_across_batches and self.lengths is not None,
                                               order=task.order)  # WebDataset shards: their shard-aware order
         except ValueError as error:
@@ -38,8 +38,9 @@ class GlobalBatches:
         self.seed = optim.seed
         self.generator = torch.Generator()
         self.loader = DataLoader(task.dataset, batch_sampler=WithEpoch(self.sampler), num_workers=data.workers,
-                                 generator=self.generator, collate_fn=task.collate, pin_memory=env.device.type == "cuda",
-                                 persistent_workers=data.workers > 0, worker_init_fn=ignore_in_worker)
+                                 generator=self.generator, collate_fn=task.collate,
+                                 pin_memory=env.device.type == "cuda", persistent_workers=data.workers > 0,
+                                 worker_init_fn=ignore_in_worker)
         self.iterator = None
         self.cache_counts = dict(hit=0, miss=0, recomputed=0)
 
@@ -65,7 +66,8 @@ class GlobalBatches:
     def end_of_epoch(self, epoch: int, say):
         hits, misses, recomputed = (host_sum(self.cache_counts[k]) for k in ("hit", "miss", "recomputed"))
         if misses + recomputed or (hits and epoch == 0):  # once a warm cache is plain, say so only once
-            say(f"epoch {epoch} done; feature cache: {hits} hits, {misses} computed, {recomputed} damaged entries recomputed")
+            say(f"epoch {epoch} done; feature cache: {hits} hits, {misses} computed, "
+                f"{recomputed} damaged entries recomputed")
         self.cache_counts = dict(hit=0, miss=0, recomputed=0)
 
     def close(self):

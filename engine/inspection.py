@@ -18,7 +18,8 @@ def print_target_preview(task, config: RunConfig) -> int:
     rank_for = LoRAConfig.from_settings(config.lora, dict(task.model.named_modules())).rank_for
     preview = preview_targets(task.model, targets, rank_for)
     also = task.heads + list(config.lora.train_also)
-    heads = sum(p.numel() for n, p in task.model.named_parameters() if any(n == h or n.startswith(h + ".") for h in also))
+    heads = sum(p.numel() for n, p in task.model.named_parameters()
+                if any(n == h or n.startswith(h + ".") for h in also))
     print(format_preview(preview, targets, extra_trainable=heads))
     strategy = task.forward_strategy(targets)
     if strategy is not None and strategy.misplaced:  # a pattern aimed at modules this strategy never loads

@@ -30,11 +30,11 @@ class NonFiniteGuard:
         gathered = host_all_gather_object(self.blame(micro_batches))
         culprit = next((c for c, w in gathered if w), gathered[0][0])  # a rank that found the bad rows, else rank 0's
         where = [w for _, ws in gathered for w in ws]
-        self.say(f"step {state.step + 1}: non-finite loss {result.loss:.4g} / grad norm {result.grad_norm:.4g}; first non-finite "
-                 f"output: {culprit}; step skipped ({state.bad_in_a_row} in a row); batch: "
+        self.say(f"step {state.step + 1}: non-finite loss {result.loss:.4g} / grad norm {result.grad_norm:.4g}; "
+                 f"first non-finite output: {culprit}; step skipped ({state.bad_in_a_row} in a row); batch: "
                  + ", ".join(f"{path} (line {line})" for path, line in where))
         self.log({"step": state.step, "nonfinite": {"loss": str(result.loss), "first_module": culprit,
                                                      "paths": [path for path, _ in where]}})
         if state.bad_in_a_row >= self.max_bad_steps:
-            raise TrainingError(f"aborting: {state.bad_in_a_row} non-finite steps in a row (first non-finite output: {culprit}); "
-                                f"the last good checkpoint is kept in {self.out}")
+            raise TrainingError(f"aborting: {state.bad_in_a_row} non-finite steps in a row "
+                                f"(first non-finite output: {culprit}); the last good checkpoint is kept in {self.out}")

@@ -20,11 +20,13 @@ def trained_heads(model) -> dict:
             if param.requires_grad and not name.endswith(LORA_PARAMS)}  # LoRA (and DoRA's magnitude) go in the adapter
 
 
-def save_outputs(run: RunDirectory, model, lora_config: LoRAConfig, config: RunConfig, state: dict, initial: dict | None = None):
+def save_outputs(run: RunDirectory, model, lora_config: LoRAConfig, config: RunConfig, state: dict,
+                 initial: dict | None = None):
     """Adapter (PEFT format), heads, run config, skipped inputs, then the resumable state. `initial`: PiSSA's or
     OLoRA's starting A and B, so the adapter is saved as plain LoRA over the base as released (lora/init.py)."""
     sources = config.sources
-    save_adapter(model, run.path, lora_config, base_model_name_or_path=sources.model or sources.audio_model, initial=initial)
+    save_adapter(model, run.path, lora_config, base_model_name_or_path=sources.model or sources.audio_model,
+                 initial=initial)
     run.save_heads(trained_heads(model))
     run.write_config(config)
     run.write_skipped(state["skipped"])
@@ -36,7 +38,8 @@ def check_output_dir(run: RunDirectory, resume: bool):
     state of earlier versions is refused unread: reading it could run any code."""
     if (run / PICKLED_STATE_FILE).exists() and not run.state.exists():
         raise TrainingError(f"{run / PICKLED_STATE_FILE} is a pickle (torch.save), which could run any code when read, "
-                            f"so it is not read: this toolkit keeps its state in {STATE_FILE}. Start a new --output-dir")
+                            f"so it is not read: this toolkit keeps its state in {STATE_FILE}. "
+                            "Start a new --output-dir")
     if run.state.exists() and not resume:
         raise TrainingError(f"{run.path} already holds a run: pass --resume to continue it, or another --output-dir")
     if resume and not run.state.exists():

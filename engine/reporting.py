@@ -47,9 +47,11 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:  # torch's writer needs the tensorboard package
-            raise UserError(f"--report-to tensorboard needs the tensorboard package ({error}): pip install tensorboard") from None
+            raise UserError(f"--report-to tensorboard needs the tensorboard package ({error}): "
+                            "pip install tensorboard") from None
         # events from the step after the checkpoint's on are the resumed run's to write again
-        self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=None if resumed_at is None else resumed_at + 1)
+        self.writer = SummaryWriter(log_dir=str(out / "tensorboard"),
+                                    purge_step=None if resumed_at is None else resumed_at + 1)
 
     def log(self, record: dict):
         for name, value in scalars(record).items():
@@ -67,8 +69,9 @@ class Wandb:
         try:
             import wandb
         except ImportError:
-            raise UserError("--report-to wandb: the wandb package is not installed; pip install wandb (the run is written "
-                            "offline, under the output folder), or use --report-to tensorboard") from None
+            raise UserError("--report-to wandb: the wandb package is not installed; pip install wandb "
+                            "(the run is written offline, under the output folder), "
+                            "or use --report-to tensorboard") from None
         self.run = wandb.init(mode="offline", dir=str(out), project="lora-mm", name=out.name, config=config,
                               id=out.name, resume="allow" if resumed_at is not None else None)
 
@@ -179,15 +182,16 @@ class StepLog:
             state.step += 1
             per_s = result.examples / max(step.seconds, 1e-9)  # wall time, waiting for data included
             # the share of log-mel frames that are padding (what --bucket-by-length keeps small)
-            padding = [1 - b["frame_mask"].float().mean().item() for b in step.micro_batches if b.get("frame_mask") is not None]
+            padding = [1 - b["frame_mask"].float().mean().item() for b in step.micro_batches
+                       if b.get("frame_mask") is not None]
             self.metrics.log({"step": state.step, "epoch": state.epoch, "loss": result.loss, "lr": result.lr,
                               "grad_norm": result.grad_norm, "examples_per_s": per_s, "data_wait_s": step.data_wait}
                              | ({"padding": sum(padding) / len(padding)} if padding else {}))
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", per_s=f"{per_s:.0f}")
             if self.main and self.bar.disable and (state.step % max(1, self.max_steps // 20) == 0 or state.step == 1):
-                print(f"step {state.step}/{self.max_steps}  loss {result.loss:.4f}  lr {result.lr:.2e}  {per_s:.0f} examples/s",
-                      flush=True)
+                print(f"step {state.step}/{self.max_steps}  loss {result.loss:.4f}  lr {result.lr:.2e}  "
+                      f"{per_s:.0f} examples/s", flush=True)
 
     def close(self):
         self.bar.close()
@@ -211,11 +215,12 @@ def print_summary(model, state, task, out: Path, eval_data: str | None):
 def describe_setup(model, sampler, max_steps: int, world_size: int, out: Path) -> str:
     """What trains and how the run is cut: the lines a run prints before its first step."""
     lines = [str(trainable_summary(model)), str(lora_placement(model)),
-             f"{max_steps} steps of {sampler.global_batch} examples ({sampler.batches_per_epoch} per epoch) = {world_size} "
-             f"process(es) x {sampler.accumulation} micro-batch(es) of {sampler.micro_batch}; output {out}"]
+             f"{max_steps} steps of {sampler.global_batch} examples ({sampler.batches_per_epoch} per epoch) = "
+             f"{world_size} process(es) x {sampler.accumulation} micro-batch(es) of {sampler.micro_batch}; "
+             f"output {out}"]
     if sampler.dropped_per_epoch:
-        lines.append(f"each epoch leaves out its last {sampler.dropped_per_epoch} example(s) (a partial global batch; the "
-                     "next epoch reshuffles)")
+        lines.append(f"each epoch leaves out its last {sampler.dropped_per_epoch} example(s) (a partial global batch; "
+                     "the next epoch reshuffles)")
     return "\n".join(lines)
 
 
@@ -223,5 +228,5 @@ def describe_quantization(model, kept: tuple[str, ...]) -> str:
     """--quantize nf4: how many Linear layers are held in NF4, their bytes before and after, and what was kept."""
     held, original = nf4_bytes(model)
     n_layers = sum(isinstance(m, NF4Linear) for m in model.modules())
-    return (f"--quantize nf4: {n_layers} Linear layers held in NF4, {size(original)} -> {size(held)}; kept in their dtype: "
-            "the output head, norms, embeddings" + "".join(f", {k}" for k in kept))
+    return (f"--quantize nf4: {n_layers} Linear layers held in NF4, {size(original)} -> {size(held)}; "
+            "kept in their dtype: the output head, norms, embeddings" + "".join(f", {k}" for k in kept))

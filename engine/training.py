@@ -74,8 +74,9 @@ class TrainState:
     def state_dict(self) -> dict:
         trainable = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         return dict(step=self.step, epoch=self.epoch, batches_done=self.batches_done, elapsed=self.elapsed,
-                    history=self.history, skipped=self.skipped, world_size=self.world_size, fingerprint=self.fingerprint,
-                    rng=self.rng, trainable=trainable, optimizer=self.optimizer.state_dict(),
+                    history=self.history, skipped=self.skipped, world_size=self.world_size,
+                    fingerprint=self.fingerprint, rng=self.rng, trainable=trainable,
+                    optimizer=self.optimizer.state_dict(),
                     schedule=self.schedule.state_dict(), scaler=self.scaler.state_dict())
 
     def load_state_dict(self, state: dict):
@@ -85,8 +86,8 @@ class TrainState:
         changed = [f"{name}: saved {saved.get(name)!r}, now {self.fingerprint.get(name)!r}"
                    for name in names if saved.get(name) != self.fingerprint.get(name)]
         if changed:
-            raise TrainingError("--resume refused: these settings differ from the saved run's (start a new --output-dir to "
-                                "change them):\n  " + "\n  ".join(changed))
+            raise TrainingError("--resume refused: these settings differ from the saved run's "
+                                "(start a new --output-dir to change them):\n  " + "\n  ".join(changed))
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in state["trainable"].items():
@@ -104,7 +105,9 @@ class TrainState:
 
 @dataclass
 class StepResult:
-    status: str  # "updated", "nonfinite" (skipped: NaN/inf loss or gradient), "overflow" (fp16 scaler), "empty" (too few readable examples)
+    # "updated", "nonfinite" (skipped: NaN/inf loss or gradient), "overflow" (fp16 scaler),
+    # "empty" (too few readable examples)
+    status: str
     examples: int  # examples of the global batch that reached the model
     loss: float | None = None
     grad_norm: float | None = None
@@ -175,8 +178,9 @@ def train_step(task, model, micro_batches, optimizer, schedule, scaler, env: Ste
     if any(p.grad is None for p in trainable):
         off_path = [n for n, p in unwrap(model).named_parameters() if p.requires_grad and p.grad is None]
         raise TrainingError(f"trainable parameter(s) received no gradient, so they sit off the forward path: "
-                            f"{', '.join(off_path[:8])}{' ...' if len(off_path) > 8 else ''}. Run `python train.py --diagnose` "
-                            "with the same flags to see where LoRA sits and what the forward reaches")
+                            f"{', '.join(off_path[:8])}{' ...' if len(off_path) > 8 else ''}. "
+                            "Run `python train.py --diagnose` with the same flags to see where LoRA sits and what "
+                            "the forward reaches")
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
     loss_ok, grads_ok = torch.isfinite(loss), torch.isfinite(grad_norm)

@@ -72,13 +72,14 @@ def evaluate_answers(model, loader, spec: AnswerBatches, *, device="cpu", precis
             condition = {key: batch[key].to(device) for key in spec.condition}
             labels = batch["labels"].to(device)
             real = int((labels != -100).sum())
-            out = model(**condition, input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                        labels=labels)
+            out = model(**condition, input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device), labels=labels)
             loss_sum += float(out.loss) * real  # token-weighted, as one big batch
             n_tokens += real
             ids_key, mask_key = spec.prompt
-            generated = model.generate(**condition, input_ids=batch[ids_key].to(device), attention_mask=batch[mask_key].to(device),
-                                       max_new_tokens=max_new_tokens, eos_token_id=spec.stop)
+            generated = model.generate(**condition, input_ids=batch[ids_key].to(device),
+                                       attention_mask=batch[mask_key].to(device), max_new_tokens=max_new_tokens,
+                                       eos_token_id=spec.stop)
             for prompt, answer, ids in zip(batch["prompts"], batch["answers"], generated.tolist()):
                 text = spec.decode(ids)
                 n_examples += 1
@@ -89,7 +90,8 @@ def evaluate_answers(model, loader, spec: AnswerBatches, *, device="cpu", precis
                     samples.append({"prompt": prompt, "answer": answer, "generated": text})
     model.train(was_training)
     loss = loss_sum / max(1, n_tokens)
-    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "exact_match": 100.0 * correct / max(1, n_examples)}
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+               "exact_match": 100.0 * correct / max(1, n_examples)}
     if wer:
         metrics["wer"] = 100.0 * edits / max(1, words)
     return metrics | {"n_examples": n_examples, "samples": samples}

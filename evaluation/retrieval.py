@@ -89,8 +89,9 @@ def encode_clips(model, tokenizer, clips, batch_size=32, pad_to_30s=None, worker
     models/text_cache.py) serve what they hold. Every caption of every clip is a query
     (captions_flat); a bad file is an error here, since a dropped clip would shift the caption-to-clip index.
     """
-    audio = model.embed_audio([clip.audio for clip in clips], batch_size=batch_size, progress=None if progress else False,
-                              workers=workers, precision=precision, pad_to_30s=pad_to_30s, feature_cache=feature_cache)
+    audio = model.embed_audio([clip.audio for clip in clips], batch_size=batch_size,
+                              progress=None if progress else False, workers=workers, precision=precision,
+                              pad_to_30s=pad_to_30s, feature_cache=feature_cache)
     texts, text_audio_index = captions_flat(clips)
     text = model.embed_text(texts, progress=None if progress else False, precision=precision, tokenizer=tokenizer,
                             text_cache=text_cache)  # in canonical chunks: no batch size to agree on

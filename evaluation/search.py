@@ -32,7 +32,8 @@ def search_clips(model, query: str, run_dir, audio_dir=None, data=None, top: int
         source = root = Path(audio_dir)
         files = find_audio_files(root)
         if not files:
-            raise ValueError(f"{root} holds no audio files (looked recursively for {', '.join(sorted(AUDIO_SUFFIXES))})")
+            raise ValueError(f"{root} holds no audio files "
+                             f"(looked recursively for {', '.join(sorted(AUDIO_SUFFIXES))})")
     index_path = Path(index) if index else default_index_path(run_dir, source, with_adapter)
     audio, names = search_index(model, files, root, index_path, with_adapter, batch_size, workers, feature_cache)
     query_embedding = model.embed_text([query]).numpy()[0]  # (E,)

@@ -60,7 +60,8 @@ def classify_zero_shot(model, source, templates: list[str] | None = None, audio_
     if problems:
         for path, reason in problems[:10]:
             print(f"{path}: {reason}", file=sys.stderr)
-        raise ValueError(f"{len(problems)} clip(s) of {source} cannot be read (listed above); evaluation needs every clip")
+        raise ValueError(f"{len(problems)} clip(s) of {source} cannot be read (listed above); "
+                         "evaluation needs every clip")
     classes = sorted({label for _, label in pairs})
     truth = np.array([classes.index(label) for _, label in pairs])  # (N,)
     audio = model.embed_audio([path for path, _ in pairs], batch_size=batch_size, workers=workers,

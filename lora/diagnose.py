@@ -93,8 +93,10 @@ class ForwardStrategy:
         lines = []
         for pattern, paths in self.misplaced.items():
             children = sorted({path.split(".", 1)[0] for path in paths})
-            lines.append(f"--targets '{pattern}' selects {len(paths)} Linear layers in {', '.join(f'`{c}`' for c in children)} "
-                         f"({_listed(paths, 3)}), which the {self.name} strategy never runs (they are not even loaded): "
+            lines.append(f"--targets '{pattern}' selects {len(paths)} Linear layers "
+                         f"in {', '.join(f'`{c}`' for c in children)} "
+                         f"({_listed(paths, 3)}), which the {self.name} strategy never runs "
+                         "(they are not even loaded): "
                          "LoRA sits where the forward never runs")
         if lines and self.fix:
             lines.append(f"fix: {self.fix}")
@@ -140,24 +142,30 @@ def diagnose(model: nn.Module, step_fn, strategy: ForwardStrategy | None = None)
     unplaced = strategy is not None and strategy.misplaced
     report.add("LoRA layers are injected", bool(layers),
                f"{len(layers)} LoRA layers: {_by_child(layers)}" if layers else
-               f"no LinearWithLoRA in the model: {'every target selects modules the strategy never loads (check 7)' if unplaced else 'call inject_lora first'}")
+               "no LinearWithLoRA in the model: "
+               + ("every target selects modules the strategy never loads (check 7)" if unplaced
+                  else "call inject_lora first"))
     if not layers:
         if unplaced:  # nothing could be injected where the targets point: say why
             report.add("LoRA sits where the forward runs", False, "\n".join(_strategy_lines(strategy, [])), number=7)
         return report
-    lora_params = {f"{path}.{name}": layer.get_parameter(name) for path, layer in layers.items() for name in layer.adapter_params()}
+    lora_params = {f"{path}.{name}": layer.get_parameter(name)
+                   for path, layer in layers.items() for name in layer.adapter_params()}
     n_lora = sum(p.numel() for p in lora_params.values())
     report.add("LoRA parameters exist", n_lora > 0, f"{n_lora:,} parameters, {100 * n_lora / total:.4f}% of {total:,}")
     frozen = [name for name, p in lora_params.items() if not p.requires_grad]
     report.add("LoRA parameters require grad", not frozen,
-               "all do" if not frozen else f"frozen: {_listed(frozen)}; call mark_only_lora_trainable(model) after any requires_grad_(False)")
+               "all do" if not frozen else f"frozen: {_listed(frozen)}; "
+               "call mark_only_lora_trainable(model) after any requires_grad_(False)")
     in_eval = [path for path, layer in layers.items() if not layer.training]
     report.add("LoRA layers are in train mode", not in_eval,
-               "all are" if not in_eval else f"in eval mode: {_listed(in_eval)}; call model.train() after evaluating (dropout is off in eval mode)")
+               "all are" if not in_eval else f"in eval mode: {_listed(in_eval)}; "
+               "call model.train() after evaluating (dropout is off in eval mode)")
 
     path_of = {module: path for path, module in model.named_modules()}
     calls: list[tuple[str, bool, bool]] = []  # (module path, input requires grad, output requires grad), in call order
-    handles = [m.register_forward_hook(lambda m, args, out: calls.append((path_of[m], _has_grad(args), _has_grad(out)))) for m in path_of]
+    handles = [m.register_forward_hook(lambda m, args, out: calls.append((path_of[m], _has_grad(args), _has_grad(out))))
+               for m in path_of]
     saved_grads = {p: p.grad for p in model.parameters()}
     saved_modes = {m: m.training for m in model.modules()}
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
@@ -183,12 +191,15 @@ def diagnose(model: nn.Module, step_fn, strategy: ForwardStrategy | None = None)
     if never:
         reach = f"never called: {_listed(never)}"
     elif lora_out_no_grad:
-        reach = f"called, but their outputs do not require grad (a torch.no_grad() or inference_mode around them): {_listed(lora_out_no_grad)}"
+        reach = (f"called, but their outputs do not require grad (a torch.no_grad() or inference_mode around them): "
+                 f"{_listed(lora_out_no_grad)}")
     else:
         reach = f"every LoRA layer ran ({min(ran[p] for p in layers)}-{max(ran[p] for p in layers)} calls each)"
     if not loss.requires_grad:
-        reach += "\nthe loss does not require grad: a no_grad block or a .detach() cuts it off from every trainable parameter"
-    report.add("the forward reaches every LoRA layer and the loss requires grad", not never and not lora_out_no_grad and loss.requires_grad, reach)
+        reach += ("\nthe loss does not require grad: a no_grad block or a .detach() cuts it off from every trainable "
+                  "parameter")
+    report.add("the forward reaches every LoRA layer and the loss requires grad",
+               not never and not lora_out_no_grad and loss.requires_grad, reach)
 
     bad = defaultdict(list)  # what is wrong -> parameter names
     for name, grad in grads.items():
@@ -219,7 +230,8 @@ def diagnose(model: nn.Module, step_fn, strategy: ForwardStrategy | None = None)
 def _strategy_lines(strategy: ForwardStrategy, placement: list[str]) -> list[str]:
     """Check 7's lines under a named strategy: what it runs, then every finding (or that there is none)."""
     findings = placement + strategy.findings()
-    return [f"encoding strategy {strategy.name}: {strategy.path}"] + (findings or ["every injected layer is on this forward path"])
+    return [f"encoding strategy {strategy.name}: {strategy.path}"] + (
+        findings or ["every injected layer is on this forward path"])
 
 
 def placement_findings(model, layers, ran, calls) -> list[str]:
@@ -232,24 +244,31 @@ def placement_findings(model, layers, ran, calls) -> list[str]:
     linear_ran = {path for path in ran if path not in layers and isinstance(model.get_submodule(path), LORA_BASES)}
     for child, paths in never_by_child.items():
         # a plain Linear that ran at the same relative path under another child: an un-injected copy
-        copies = sorted({p for p in linear_ran for q in paths if p.split(".", 1)[-1] == q.split(".", 1)[-1] and p.split(".", 1)[0] != child})
+        copies = sorted({p for p in linear_ran for q in paths
+                         if p.split(".", 1)[-1] == q.split(".", 1)[-1] and p.split(".", 1)[0] != child})
         if copies:
-            findings.append(f"{len(paths)} LoRA layers in `{child}` never ran, but plain Linears at the same place under "
-                            f"`{copies[0].split('.', 1)[0]}` did ({_listed(copies, 3)}): the forward reaches a second, "
-                            "un-injected copy of the module; inject into the copy the forward uses, or route the forward through this one")
+            findings.append(f"{len(paths)} LoRA layers in `{child}` never ran, but plain Linears at the same place "
+                            f"under `{copies[0].split('.', 1)[0]}` did ({_listed(copies, 3)}): the forward reaches a "
+                            "second, un-injected copy of the module; inject into the copy the forward uses, or route "
+                            "the forward through this one")
         elif not any(path == child or path.startswith(child + ".") for path in ran):
-            findings.append(f"{len(paths)} LoRA layers in `{child}` never ran in this task's forward: your targets select modules "
-                            "this task does not use; narrow --targets to the modules on the forward path")
+            findings.append(f"{len(paths)} LoRA layers in `{child}` never ran in this task's forward: your targets "
+                            "select modules this task does not use; narrow --targets to the modules on the forward "
+                            "path")
         else:
-            findings.append(f"{len(paths)} LoRA layers in `{child}` never ran although other parts of `{child}` did: {_listed(paths, 3)}")
-    # a LoRA-holding child whose output required grad, followed by a consumer whose input did not: a detach between them
+            findings.append(f"{len(paths)} LoRA layers in `{child}` never ran although other parts of `{child}` did: "
+                            f"{_listed(paths, 3)}")
+    # a LoRA-holding child whose output required grad, followed by a consumer whose input did not:
+    # a detach between them
     carriers = {path.split(".", 1)[0] for path in layers}
     for i, (path, _, out) in enumerate(calls):
         if path in carriers and out:
-            consumers = [c for c in calls[i + 1:] if c[0] and "." not in c[0] and c[0] != path]  # later top-level modules
+            # later top-level modules
+            consumers = [c for c in calls[i + 1:] if c[0] and "." not in c[0] and c[0] != path]
             if consumers and not consumers[0][1]:
-                findings.append(f"`{path}` returns a tensor that requires grad, but the next module called, `{consumers[0][0]}`, "
-                                "receives one that does not: a .detach() (or no_grad) sits between them, so LoRA gets no gradient")
+                findings.append(f"`{path}` returns a tensor that requires grad, but the next module called, "
+                                f"`{consumers[0][0]}`, receives one that does not: a .detach() (or no_grad) sits "
+                                "between them, so LoRA gets no gradient")
     return findings
 
 
@@ -300,7 +319,8 @@ def blame_nonfinite(model: nn.Module, step_fn, batch_tensors: dict[str, torch.Te
       module itself if it called no child, else its own forward after its last child.
     The RNG states (CPU and the current CUDA device) are restored, so training draws the same
     numbers as without the re-run; dropout in the re-run may differ from the failed step's."""
-    bad = {name: rows for name, t in (batch_tensors or {}).items() if torch.is_tensor(t) and (rows := nonfinite_rows(t))}
+    bad = {name: rows for name, t in (batch_tensors or {}).items()
+           if torch.is_tensor(t) and (rows := nonfinite_rows(t))}
     if bad:
         rows = sorted({row for name_rows in bad.values() for row in name_rows})
         where = "; ".join(f"{name!r} {_rows_text(name_rows)}" for name, name_rows in bad.items())
@@ -315,24 +335,29 @@ def blame_nonfinite(model: nn.Module, step_fn, batch_tensors: dict[str, torch.Te
         label = _label(path_of[module], module)
         if stack:
             parent = stack[-1]
-            after = f"after its child {parent['last_child']}" if parent["last_child"] else "before any of its children returned"
-            return Blame("inside", f"inside the forward of {parent['label']}, {after}: an operation between modules there "
-                         f"(softmax, GELU, a residual add, a division, ...) made the NaN/inf that reaches {label}",
+            after = (f"after its child {parent['last_child']}" if parent["last_child"]
+                     else "before any of its children returned")
+            return Blame("inside", f"inside the forward of {parent['label']}, {after}: an operation between modules "
+                         "there (softmax, GELU, a residual add, a division, ...) "
+                         f"made the NaN/inf that reaches {label}",
                          module=parent["path"], after=parent["last_child"])
         if top["last"] is not None:
-            return Blame("step", f"in the step function, outside every module, after {top['last']} returned finite values: "
-                         f"the input of {label} holds NaN/inf", after=top["last"])
+            return Blame("step", f"in the step function, outside every module, after {top['last']} returned finite "
+                         f"values: the input of {label} holds NaN/inf", after=top["last"])
         first_bad = next(t for t in _tensors(inputs) if t.is_floating_point() and not bool(torch.isfinite(t).all()))
         rows = nonfinite_rows(first_bad)
         if batch_tensors:  # the given batch is clean: the step function's code before the model made it
             return Blame("step", f"the input of {label} holds NaN/inf ({_rows_text(rows)}) although the batch tensors "
-                         f"({', '.join(batch_tensors)}) are finite: the step function made it before calling the model", rows)
-        return Blame("batch", f"the batch itself holds NaN/inf: the input of {label}, {_rows_text(rows)}", rows, module=path_of[module])
+                         f"({', '.join(batch_tensors)}) are finite: the step function made it before calling the model",
+                         rows)
+        return Blame("batch", f"the batch itself holds NaN/inf: the input of {label}, {_rows_text(rows)}", rows,
+                     module=path_of[module])
 
     def pre_hook(module, args, kwargs):
         if not found and not _finite((args, kwargs)):
             found.append(blame_input(module, (args, kwargs)))
-        stack.append({"path": path_of[module], "label": _label(path_of[module], module), "last_child": None, "called_children": False})
+        stack.append({"path": path_of[module], "label": _label(path_of[module], module), "last_child": None,
+                      "called_children": False})
 
     def post_hook(module, args, output):
         frame = stack.pop()
@@ -343,9 +368,10 @@ def blame_nonfinite(model: nn.Module, step_fn, batch_tensors: dict[str, torch.Te
         if not _finite(output):
             # a LoRA layer is one Linear to the reader: its base matmul is not "between modules"
             if frame["called_children"] and not isinstance(module, LinearWithLoRA):
-                found.append(Blame("inside", f"inside the forward of {frame['label']}, after its child {frame['last_child']}: "
-                                   "an operation between modules there (softmax, GELU, a residual add, a division, ...) "
-                                   "made the first NaN/inf", module=frame["path"], after=frame["last_child"]))
+                found.append(Blame("inside", f"inside the forward of {frame['label']}, "
+                                   f"after its child {frame['last_child']}: "
+                                   "an operation between modules there (softmax, GELU, a residual add, a division, "
+                                   "...) made the first NaN/inf", module=frame["path"], after=frame["last_child"]))
             else:
                 found.append(Blame("module", frame["label"], module=frame["path"]))
         elif stack:

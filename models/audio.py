@@ -273,7 +273,8 @@ class BatchFeatures:
     file, and checked (a picklable object, so workers can run it)."""
 
     def __init__(self, n_mels: int, pad_to_30s: bool, feature_cache=None, min_frames: int = 1):
-        self.n_mels, self.pad_to_30s, self.feature_cache, self.min_frames = n_mels, pad_to_30s, feature_cache, min_frames
+        self.n_mels, self.pad_to_30s, self.feature_cache, self.min_frames = (n_mels, pad_to_30s, feature_cache,
+                                                                             min_frames)
 
     def clip(self, index: int, item) -> ClipFeatures:
         def compute() -> ClipFeatures:
@@ -282,7 +283,8 @@ class BatchFeatures:
             if not (torch.isfinite(features.features).all() and math.isfinite(features.fill)):
                 raise ValueError(f"{name}: its log-mel is non-finite (NaN/inf samples, or samples far outside [-1, 1])")
             if features.valid_frames < self.min_frames:
-                raise ValueError(f"{name} is too short for one output of the audio tower ({features.valid_frames} log-mel frames)")
+                raise ValueError(f"{name} is too short for one output of the audio tower "
+                                 f"({features.valid_frames} log-mel frames)")
             return features  # checked before any cache keeps it
 
         if self.feature_cache is not None and isinstance(item, (str, os.PathLike)):

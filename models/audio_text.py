@@ -118,16 +118,21 @@ class AudioTextModel(nn.Module):
     def pool_full_forward(self, features: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         """full_forward: (B, n_mels, T), (B, T) -> (B, D_lm), the language model's last hidden states (after its
         final norm) averaged over each clip's audio positions, the clip placed after the fixed prompt."""
-        audio, lengths = project_audio(self.audio_tower, self.multi_modal_projector, features, frame_mask)  # (B, T_out, D_lm), (B,)
-        rows = [self.audio_prompt_ids + [self.audio_token_id] * n for n in lengths.tolist()]  # one placeholder per output
-        width = max(map(len, rows), default=len(self.audio_prompt_ids))  # no rows: a micro-batch whose clips were all skipped
-        input_ids = torch.zeros(len(rows), width, dtype=torch.long, device=features.device)  # id 0 pads: masked, never read
+        audio, lengths = project_audio(self.audio_tower, self.multi_modal_projector,
+                                       features, frame_mask)  # (B, T_out, D_lm), (B,)
+        # one placeholder per output
+        rows = [self.audio_prompt_ids + [self.audio_token_id] * n for n in lengths.tolist()]
+        # no rows: a micro-batch whose clips were all skipped
+        width = max(map(len, rows), default=len(self.audio_prompt_ids))
+        # id 0 pads: masked, never read
+        input_ids = torch.zeros(len(rows), width, dtype=torch.long, device=features.device)
         attention_mask = torch.zeros_like(input_ids)
         for i, row in enumerate(rows):  # padded on the right: positions count from the prompt's first token
             input_ids[i, : len(row)] = torch.tensor(row, device=features.device)
             attention_mask[i, : len(row)] = 1
         audio_positions = input_ids == self.audio_token_id  # (B, L)
-        embeds = place_audio(self.language_model.model.embed_tokens(input_ids), audio_positions, audio, lengths)  # (B, L, D_lm)
+        embeds = place_audio(self.language_model.model.embed_tokens(input_ids), audio_positions,
+                             audio, lengths)  # (B, L, D_lm)
         hidden = self.language_model.model(embeds, attention_mask)  # (B, L, D_lm); no lm_head: only states are pooled
         return mean_pool(hidden, audio_positions)  # (B, D_lm)
 
@@ -172,17 +177,20 @@ class AudioTextModel(nn.Module):
         (data/feature_cache.py) serves the log-mel of files it holds, and keeps new ones. A clip whose
         features are non-finite, or too short for one tower output, is an error naming it.
         """
-        single = isinstance(items, (str, os.PathLike)) or (isinstance(items, (np.ndarray, torch.Tensor)) and items.ndim == 1)
+        single = isinstance(items, (str, os.PathLike)) or (
+            isinstance(items, (np.ndarray, torch.Tensor)) and items.ndim == 1)
         items = [items] if single else list(items)  # a 2-D array is a batch of equal-length waveforms
         if not items:
             raise ValueError("embed_audio got no clips")
-        front_end = BatchFeatures(self.audio_tower.config.num_mel_bins, self.pad_to_30s if pad_to_30s is None else pad_to_30s,
+        front_end = BatchFeatures(self.audio_tower.config.num_mel_bins,
+                                  self.pad_to_30s if pad_to_30s is None else pad_to_30s,
                                   feature_cache, min_frames=self.audio_tower.min_valid_frames())
         loader = DataLoader(list(enumerate(items)), batch_size=batch_size, num_workers=workers, collate_fn=front_end)
         device = next(self.parameters()).device
         embeddings = []
         with self.inference_context(precision):
-            for features, frame_mask in tqdm(loader, desc="embed audio", unit="batch", leave=False, disable=quiet(progress, len(loader))):
+            for features, frame_mask in tqdm(loader, desc="embed audio", unit="batch", leave=False,
+                                             disable=quiet(progress, len(loader))):
                 embeddings.append(self.encode_audio(features.to(device), frame_mask.to(device)).float().cpu())
         return torch.cat(embeddings)  # (N, E)
 
@@ -207,7 +215,8 @@ class AudioTextModel(nn.Module):
         chunks = canonical_chunks(texts, tokenizer, batch_size)
         row = {}  # text -> its embedding
         with self.inference_context(precision):
-            for chunk in tqdm(chunks, desc="embed text", unit="batch", leave=False, disable=quiet(progress, len(chunks))):
+            for chunk in tqdm(chunks, desc="embed text", unit="batch", leave=False,
+                              disable=quiet(progress, len(chunks))):
                 input_ids, attention_mask = (t.to(device) for t in tokenize(tokenizer, chunk))  # (B, L) each
                 pooled = (self.pool_text(input_ids, attention_mask) if text_cache is None
                           else text_cache.pooled(self.text_tower, chunk, input_ids, attention_mask))  # (B, D_text)
@@ -254,11 +263,13 @@ def build_audio_text_model(audio_model: str, text_model: str, embed_dim: int = 2
         try:
             full_model = load_qwen2_audio(audio_model, language_model_dtype=language_model_dtype, quantize=quantize)
         except ValueError as error:
-            raise ValueError(f"--encoding-strategy full_forward runs the whole Qwen2-Audio, so --audio-model must be a whole "
-                             f"Qwen2-Audio checkpoint (e.g. Qwen/Qwen2-Audio-7B-Instruct): {error}") from error
-        audio_tower, prompt_ids = full_model.audio_tower, full_forward_prompt_ids(load_qwen2_audio_tokenizer(audio_model))
+            raise ValueError(f"--encoding-strategy full_forward runs the whole Qwen2-Audio, so --audio-model must be "
+                             f"a whole Qwen2-Audio checkpoint (e.g. Qwen/Qwen2-Audio-7B-Instruct): {error}") from error
+        audio_tower, prompt_ids = (full_model.audio_tower,
+                                   full_forward_prompt_ids(load_qwen2_audio_tokenizer(audio_model)))
     else:
-        audio_tower = load_audio_encoder(audio_model, quantize=quantize.under("audio_tower.") if quantize is not None else None)
+        audio_tower = load_audio_encoder(audio_model,
+                                         quantize=quantize.under("audio_tower.") if quantize is not None else None)
     text_tower = load_text_encoder(text_model, quantize=quantize.under("text_tower.") if quantize is not None else None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

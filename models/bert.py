@@ -67,12 +67,14 @@ class BertConfig:
         """Read a checkpoint's config.json; a missing field takes transformers' BertConfig default."""
         if cfg.get("model_type") != "bert":
             raise ValueError(
-                f"model_type {cfg.get('model_type')!r} is not a BERT checkpoint: models/bert.py reads model_type 'bert' only"
+                f"model_type {cfg.get('model_type')!r} is not a BERT checkpoint: "
+                "models/bert.py reads model_type 'bert' only"
             )
         # Relative position variants existed in transformers 4 (position_embedding_type); v5 and
         # this port know only the learned absolute table, so refuse rather than compute garbage.
         if cfg.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported, only 'absolute'")
+            raise ValueError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported, "
+                             "only 'absolute'")
         defaults = cls()
         return cls(**{f.name: cfg.get(f.name, getattr(defaults, f.name)) for f in fields(cls)})
 
@@ -91,7 +93,8 @@ class BertEmbeddings(nn.Module):
         if L > self.position_embeddings.num_embeddings:
             # otherwise the position lookup fails with an anonymous "index out of range"
             limit = self.position_embeddings.num_embeddings
-            raise ValueError(f"{L} tokens exceed max_position_embeddings={limit}; truncate in the tokenizer (max_length)")
+            raise ValueError(f"{L} tokens exceed max_position_embeddings={limit}; "
+                             "truncate in the tokenizer (max_length)")
         positions = torch.arange(L, device=input_ids.device)  # (L,), broadcast over the batch
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)  # (B, L, H)
         x = x + self.position_embeddings(positions)
@@ -113,7 +116,8 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(d_context or cfg.hidden_size, cfg.hidden_size)
         self.dropout = cfg.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor | None, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         B, L, H = x.shape
         S = context.shape[1]
@@ -193,7 +197,8 @@ class BertModel(nn.Module):
     def pooler_output(self, hidden: torch.Tensor) -> torch.Tensor:
         """HF's `pooler_output`: tanh(dense(hidden at [CLS])), (B, L, H) -> (B, H)."""
         if self.pooler is None:
-            raise ValueError("this BertModel was built with_pooler=False (its checkpoint has no pooler.dense); use mean_pool")
+            raise ValueError("this BertModel was built with_pooler=False (its checkpoint has no pooler.dense); "
+                             "use mean_pool")
         return torch.tanh(self.pooler.dense(hidden[:, 0]))
 
 
@@ -216,7 +221,8 @@ def bert_prefix(keys) -> str:
         top_level = sorted({key.split(".")[0] for key in keys})
         raise ValueError(
             "cannot find the BERT encoder in this checkpoint: expected 'embeddings.word_embeddings.weight' "
-            f"(BertModel) or 'bert.embeddings.word_embeddings.weight' (BertFor...), found {'both' if found else 'neither'}; "
+            "(BertModel) or 'bert.embeddings.word_embeddings.weight' (BertFor...), "
+            f"found {'both' if found else 'neither'}; "
             f"its {len(keys)} keys start with: {', '.join(top_level[:20])}"
         )
     return found[0]

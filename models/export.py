@@ -75,14 +75,16 @@ class Base:
     replaced: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpoint key -> new tensor
 
     def key_of(self, name: str) -> str | None:
-        """The checkpoint key of a parameter of the model ('audio_tower.conv1.weight' -> 'model.encoder.conv1.weight')."""
+        """The checkpoint key of a parameter of the model
+        ('audio_tower.conv1.weight' -> 'model.encoder.conv1.weight')."""
         top, _, rest = name.partition(".")
         return self.prefixes[top] + rest if top in self.prefixes else None
 
     def tensor(self, key: str) -> torch.Tensor:
         """One base tensor, read alone from the shard that holds it."""
         if key not in self.checkpoint.weight_map:
-            raise ValueError(f"{self.checkpoint.source} has no tensor {key!r} to merge into; is this the base the run was trained on?")
+            raise ValueError(f"{self.checkpoint.source} has no tensor {key!r} to merge into; "
+                             "is this the base the run was trained on?")
         return self.checkpoint.load_prefix(key)[""]
 
 
@@ -92,7 +94,8 @@ def bases_of(run: RunConfig) -> list[Base]:
     if run.task == "instructblip":
         checkpoint = Checkpoint.open(sources.model)
         prefix = instructblip_prefix(checkpoint)
-        prefixes = {child: f"{prefix}{child}." for child in INSTRUCTBLIP_CHILDREN} | {"query_tokens": f"{prefix}query_tokens"}
+        prefixes = ({child: f"{prefix}{child}." for child in INSTRUCTBLIP_CHILDREN}
+                    | {"query_tokens": f"{prefix}query_tokens"})
         return [Base(checkpoint, ".", prefixes)]
     if run.task == "audio-qa":  # the whole Qwen2-Audio, its parts under the hub layout's names
         checkpoint = Checkpoint.open(sources.model)
@@ -128,7 +131,8 @@ def merged_layer(weight: torch.Tensor, bias: torch.Tensor | None, pair: dict, co
     layer.module_path = path
     with torch.no_grad():
         for name in layer.adapter_params():  # lora_A.weight, lora_B.weight[, lora_B.bias][, lora_magnitude_vector]
-            layer.get_parameter(name).copy_(pair[name.removesuffix(".weight")] if name.endswith(".weight") else pair[name])
+            layer.get_parameter(name).copy_(pair[name.removesuffix(".weight")] if name.endswith(".weight")
+                                            else pair[name])
     layer.merge()  # raises, naming the layer, if the merged weight is not finite
     merged_bias = None if bias is None else layer.bias.detach().to(bias.dtype)
     return layer.weight.detach().to(weight.dtype), merged_bias
@@ -152,7 +156,8 @@ def plan(run_dir: Path, bases: list[Base]) -> dict:
         base, key = found
         original = base.tensor(key)
         if original.shape != tensor.shape:
-            raise ValueError(f"{run_dir / HEADS_FILE}: {name} has shape {tuple(tensor.shape)}, the base's {key} {tuple(original.shape)}")
+            raise ValueError(f"{run_dir / HEADS_FILE}: {name} has shape {tuple(tensor.shape)}, "
+                             f"the base's {key} {tuple(original.shape)}")
         base.replaced[key] = tensor.to(original.dtype)
         into.append(name)
     for path, pair in sorted(pairs.items()):
@@ -161,7 +166,8 @@ def plan(run_dir: Path, bases: list[Base]) -> dict:
             raise ValueError(f"{run_dir}: the adapter holds LoRA for {path}, which is in none of the base checkpoints")
         base, key = found
         original = base.tensor(key)
-        weight = base.replaced[key].to(original.dtype) if key in base.replaced else original  # a trained-also weight merges too
+        # a trained-also weight merges too
+        weight = base.replaced[key].to(original.dtype) if key in base.replaced else original
         bias_key = key.removesuffix("weight") + "bias"
         bias = base.tensor(bias_key) if bias_key in base.checkpoint.weight_map else None
         if bias is not None and bias_key in base.replaced:
@@ -252,18 +258,23 @@ def readme(run_dir: Path, run: RunConfig, summary: dict, reports: list[dict]) ->
              f"into the base weights (W + s·B@A, computed in fp32, stored in each base tensor's dtype), so this folder "
              f"loads like the base itself, with no LoRA code.", "",
              f"- task: {run.task}; targets: {', '.join(f'`{t}`' for t in run.lora.targets)}",
-             f"- rank {config.r}, alpha {config.alpha:g}, {'rsLoRA, ' if config.rslora else ''}scaling {config.scaling:g}",
-             f"- merged layers ({len(summary['merged'])}): " + "; ".join(f"`{p}`" for p in compact_paths(summary["merged"]))]
+             (f"- rank {config.r}, alpha {config.alpha:g}, "
+              f"{'rsLoRA, ' if config.rslora else ''}scaling {config.scaling:g}"),
+             f"- merged layers ({len(summary['merged'])}): "
+             + "; ".join(f"`{p}`" for p in compact_paths(summary["merged"]))]
     if summary["heads_into"]:
-        lines.append("- fully trained tensors written into the checkpoint: " + ", ".join(f"`{n}`" for n in summary["heads_into"]))
+        lines.append("- fully trained tensors written into the checkpoint: "
+                     + ", ".join(f"`{n}`" for n in summary["heads_into"]))
     for report in reports:
         where = "this folder" if report["out"] == "." else f"`{report['out']}/`"
         name = NAMES.get(report["model_type"], report["model_type"])
         kept = len(report["linked"]) + len(report["copied"])
-        lines.append(f"- {where}: the {name} checkpoint `{report['source']}`, {len(report['replaced_keys'])} tensors replaced; "
+        lines.append(f"- {where}: the {name} checkpoint `{report['source']}`, "
+                     f"{len(report['replaced_keys'])} tensors replaced; "
                      f"weight files rewritten: {', '.join(report['rewritten']) or 'none'}; {kept} kept byte-identical "
                      f"({len(report['linked'])} hard-linked, {len(report['copied'])} copied)")
-    lines.append("- `heads.safetensors`: the run's fully trained tensors " + ", ".join(f"`{n}`" for n in summary["heads_beside"] + summary["heads_into"])
+    lines.append("- `heads.safetensors`: the run's fully trained tensors "
+                 + ", ".join(f"`{n}`" for n in summary["heads_beside"] + summary["heads_into"])
                  + (" (the projection heads and temperature are not part of the base architecture; "
                     "`common.run_files.load_heads` reads them)" if summary["heads_beside"] else ""))
     if run.task == "audio-text" and len(reports) == 1:
@@ -312,8 +323,9 @@ def export_run(run_dir, out_dir, link: bool = True) -> dict:
 
 def main(argv=None):
     """`python -m models.export --checkpoint RUN_DIR --out NEW_DIR [--copy]`: export_run, then a report."""
-    parser = argparse.ArgumentParser(description="Merge a train.py run's LoRA into its base and write a Hugging Face checkpoint "
-                                     "in the base's own layout (see the module docstring of models/export.py).")
+    parser = argparse.ArgumentParser(description="Merge a train.py run's LoRA into its base and write a Hugging Face "
+                                     "checkpoint in the base's own layout (see the module docstring of "
+                                     "models/export.py).")
     parser.add_argument("--checkpoint", required=True, help="an output directory of train.py")
     parser.add_argument("--out", required=True, help="a new (or empty) folder for the merged checkpoint")
     parser.add_argument("--copy", action="store_true", help="copy unchanged shards instead of hard-linking them")

@@ -65,8 +65,8 @@ def config_from_hf(checkpoint: Checkpoint, config_class):
         raise CheckpointError(f"{checkpoint.source}: {error}") from None
 
 
-def load_audio_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = torch.float32, revision: str | None = None,
-                       quantize: Quantize | None = None) -> Qwen2AudioEncoder:
+def load_audio_encoder(path_or_hub_id: str | Path, dtype: str | torch.dtype = torch.float32,
+                       revision: str | None = None, quantize: Quantize | None = None) -> Qwen2AudioEncoder:
     """The Qwen2-Audio audio tower (or a Whisper encoder mapped onto it), weights loaded, in eval mode; with
     `quantize`, its Linear layers then held in NF4 (models/shard_loading.py)."""
     checkpoint = Checkpoint.open(path_or_hub_id, revision=revision)
@@ -113,7 +113,8 @@ def load_tokenizer(path_or_hub_id: str | Path, revision: str | None = None) -> T
     return load_tokenizer_files(tokenizer_json, vocab_txt, max_length=max_length)
 
 
-def load_instructblip_tokenizers(path_or_hub_id: str | Path, revision: str | None = None) -> tuple[Tokenizer, Tokenizer]:
+def load_instructblip_tokenizers(path_or_hub_id: str | Path,
+                                 revision: str | None = None) -> tuple[Tokenizer, Tokenizer]:
     """(Q-Former tokenizer, language-model tokenizer) of an InstructBLIP checkpoint: `qformer_tokenizer/`
     (a BERT WordPiece for the instruction) and the root `tokenizer.json` for the prompt and answers:
     T5's (flan-t5, appends </s>) or a LLaMA-family one (Vicuna: a </s> BOS in front), as `text_config` says;
@@ -128,7 +129,8 @@ def load_instructblip_tokenizers(path_or_hub_id: str | Path, revision: str | Non
         raise CheckpointNotFound(f"{checkpoint.source} has no qformer_tokenizer/tokenizer.json or "
                                  "qformer_tokenizer/vocab.txt")
     qformer_config = checkpoint.config.get("qformer_config") or {}
-    qformer = load_tokenizer_files(qformer_json, qformer_vocab, max_length=int(qformer_config.get("max_position_embeddings", 512)))
+    qformer = load_tokenizer_files(qformer_json, qformer_vocab,
+                                   max_length=int(qformer_config.get("max_position_embeddings", 512)))
     text_config = checkpoint.config.get("text_config") or {}
     if text_config.get("model_type") == "llama":  # InstructBLIP-Vicuna, or another LLaMA-family decoder
         tokenizer_json = decoder_tokenizer_files(checkpoint)

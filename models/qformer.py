@@ -129,8 +129,9 @@ class QFormerLayer(nn.Module):
                                             output=BertAddNorm(cfg.hidden_size, cfg)))
         self.crossattention = None
         if has_cross_attention:
-            self.crossattention = nn.ModuleDict(dict(attention=BertSelfAttention(cfg, d_context=cfg.encoder_hidden_size),
-                                                     output=BertAddNorm(cfg.hidden_size, cfg)))
+            self.crossattention = nn.ModuleDict(dict(
+                attention=BertSelfAttention(cfg, d_context=cfg.encoder_hidden_size),
+                output=BertAddNorm(cfg.hidden_size, cfg)))
         self.intermediate = nn.ModuleDict(dict(dense=nn.Linear(cfg.hidden_size, cfg.intermediate_size)))
         self.output = BertAddNorm(cfg.intermediate_size, cfg)
         self.intermediate_query = nn.ModuleDict(dict(dense=nn.Linear(cfg.hidden_size, cfg.intermediate_size)))

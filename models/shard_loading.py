@@ -49,7 +49,8 @@ class Quantize:
         if settings.quantize == "none":
             return None
         if settings.quantize != "nf4":
-            raise ValueError(f"run_config.json: unknown quantize {settings.quantize!r} (this toolkit knows 'none' and 'nf4')")
+            raise ValueError(f"run_config.json: unknown quantize {settings.quantize!r} "
+                             "(this toolkit knows 'none' and 'nf4')")
         return cls(keep=tuple(settings.quantize_keep))
 
     def under(self, path: str) -> "Quantize":
@@ -70,7 +71,8 @@ class Quantize:
         def replace(path: str, linear: nn.Linear, weight: torch.Tensor) -> nn.Module | None:
             if self.kept(path):
                 return None
-            return NF4Linear(quantize_nf4(weight, self.blocksize, double_quant=True, name=self.base + path), linear.bias)
+            return NF4Linear(quantize_nf4(weight, self.blocksize, double_quant=True, name=self.base + path),
+                             linear.bias)
         return replace
 
 
@@ -136,7 +138,8 @@ def quantize_linears(module: nn.Module, quantize: Quantize) -> nn.Module:
     """Replace, one at a time, every nn.Linear of a loaded `module` that `quantize` does not keep by its
     NF4Linear: for the towers, small enough to load whole first (the language model streams instead)."""
     if type(module) is nn.Linear:  # set_submodule cannot replace the root: quantize it from its parent instead
-        raise ValueError(f"quantize_linears got a bare Linear ({quantize.base or 'the root'}); pass the module holding it")
+        raise ValueError(f"quantize_linears got a bare Linear ({quantize.base or 'the root'}); "
+                         "pass the module holding it")
     paths = [path for path, m in module.named_modules() if type(m) is nn.Linear and not quantize.kept(path)]
     replace = quantize.replacer()
     for path in paths:

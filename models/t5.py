@@ -91,8 +91,8 @@ class T5Config:
         proj = cfg.get("feed_forward_proj", "relu").split("-")
         act = cfg.get("dense_act_fn", "gelu_new" if proj == ["gated", "gelu"] else proj[-1])
         if act not in ACTIVATIONS:
-            raise ValueError(f"activation {act!r} (feed_forward_proj {cfg.get('feed_forward_proj')!r}) is not supported; "
-                             f"use one of {sorted(ACTIVATIONS)}")
+            raise ValueError(f"activation {act!r} (feed_forward_proj {cfg.get('feed_forward_proj')!r}) "
+                             f"is not supported; use one of {sorted(ACTIVATIONS)}")
         tie = cfg.get("tie_word_embeddings", True) is not False
         eos = cfg.get("eos_token_id", 1)
         given = {f.name: cfg[f.name] for f in fields(cls) if cfg.get(f.name) is not None}  # null = HF default
@@ -181,7 +181,8 @@ class T5Attention(nn.Module):
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split_heads(self.k(x)), self.split_heads(self.v(x))  # 2 x (B, H, S, dk)
 
-    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.split_heads(self.q(x))  # (B, H, L, dk)
         # bias: position bias and masks in one float tensor; scale=1.0 is T5's unscaled dot product
@@ -321,7 +322,8 @@ class T5ForConditionalGeneration(nn.Module):
         With a cache, keys and values of positions < start are read from it and the new ones added."""
         x = self.shared(decoder_input_ids)  # (B, T, D)
         T = x.shape[1]
-        bias = self.decoder.block[0].layer[0].SelfAttention.position_bias(T, start + T, bidirectional=False, offset=start)
+        bias = self.decoder.block[0].layer[0].SelfAttention.position_bias(T, start + T, bidirectional=False,
+                                                                          offset=start)
         query_position = torch.arange(T, device=x.device)[:, None] + start  # (T, 1)
         future = torch.arange(start + T, device=x.device)[None, :] > query_position  # (T, start + T)
         bias = bias.masked_fill(future, torch.finfo(bias.dtype).min)  # (1, H, T, start + T)
@@ -357,7 +359,8 @@ class T5ForConditionalGeneration(nn.Module):
         return Seq2SeqLMOutput(logits=logits, loss=loss)
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, max_new_tokens: int = 20) -> torch.Tensor:
+    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None,
+                 max_new_tokens: int = 20) -> torch.Tensor:
         """Greedy decoding with a KV cache -> (B, 1 + n) long: decoder_start_token_id, then n <= max_new_tokens
         tokens. A row that emits eos keeps it and is padded with pad_token_id after it; decoding stops when
         every row has, as `transformers` generate(do_sample=False, num_beams=1). Unlike transformers, a

@@ -90,7 +90,8 @@ class FrozenTextCache:
         caller's autocast (see the module docstring). Returns how many were computed."""
         from models.tokenizer import tokenize  # the text tower's own tokenizer, padding to a chunk's longest
 
-        autocast = torch.get_autocast_dtype(torch.device(device).type) if torch.is_autocast_enabled(torch.device(device).type) else None
+        autocast = (torch.get_autocast_dtype(torch.device(device).type)
+                    if torch.is_autocast_enabled(torch.device(device).type) else None)
         self._check(text_tower)
         new = [c for c in captions if (str(torch.device(device)), autocast, c) not in self._pooled]
         chunks = canonical_chunks(new, tokenizer, chunk)

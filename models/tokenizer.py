@@ -86,13 +86,15 @@ def load_t5_tokenizer(tokenizer_json: Path, max_length: int = MAX_LENGTH) -> Tok
     every text must end in `</s>`: a decoder trained on answers without it never learns to stop."""
     tokenizer_json = Path(tokenizer_json)
     if not tokenizer_json.is_file():
-        raise CheckpointNotFound(f"no T5 tokenizer at {tokenizer_json}; InstructBLIP checkpoints ship it as tokenizer.json")
+        raise CheckpointNotFound(f"no T5 tokenizer at {tokenizer_json}; "
+                                 "InstructBLIP checkpoints ship it as tokenizer.json")
     tok = read_tokenizer_json(tokenizer_json)
     pad_id, eos_id = tok.token_to_id(T5_PAD), tok.token_to_id(T5_EOS)
     if pad_id is None or eos_id is None:
         raise CheckpointError(f"{tokenizer_json} lacks {T5_PAD} or {T5_EOS}: not a T5 tokenizer")
     if tok.encode("a").ids[-1:] != [eos_id]:
-        raise CheckpointError(f"{tokenizer_json} does not append {T5_EOS} (its post-processor should be the template '$A {T5_EOS}')")
+        raise CheckpointError(f"{tokenizer_json} does not append {T5_EOS} "
+                              f"(its post-processor should be the template '$A {T5_EOS}')")
     tok.enable_truncation(max_length)
     tok.enable_padding(pad_id=pad_id, pad_token=T5_PAD)
     return tok
@@ -254,9 +256,9 @@ def load_llama_tokenizer(tokenizer_json: Path | None, max_length: int = 2048,
     if tokenizer_json is None or not Path(tokenizer_json).is_file():
         raise CheckpointNotFound(
             f"no LLaMA tokenizer.json {f'at {tokenizer_json}' if tokenizer_json else 'in the checkpoint'}; if it ships "
-            "only the SentencePiece tokenizer.model, write tokenizer.json once with python -c \"from transformers import "
-            "AutoTokenizer; AutoTokenizer.from_pretrained('MODEL').save_pretrained('DIR')\" (MODEL: its directory or "
-            "hub id) and copy DIR/tokenizer.json beside config.json")
+            "only the SentencePiece tokenizer.model, write tokenizer.json once with python -c \"from transformers "
+            "import AutoTokenizer; AutoTokenizer.from_pretrained('MODEL').save_pretrained('DIR')\" (MODEL: its "
+            "directory or hub id) and copy DIR/tokenizer.json beside config.json")
     tokenizer_json = Path(tokenizer_json)
     tok = read_tokenizer_json(tokenizer_json)
     special = read_special_tokens(tok, tokenizer_json.parent, model_config)

@@ -79,7 +79,8 @@ class AnswerTask:
         bad = {(item.source, item.line) for item, _ in problems}  # one example a line (a row, a shard sample)
         examples = [e for e in examples if (e.source, e.line) not in bad]
         if not examples:
-            raise TrainingError(f"no example of {src.train_data} is left to train on: every one was skipped (listed above)")
+            raise TrainingError(f"no example of {src.train_data} is left to train on: every one was skipped "
+                                "(listed above)")
         self.order = source.order_for(examples)
         self.config = config.replace(train_data_sha256=data_fingerprint(source))
         eval_examples = None
@@ -112,15 +113,16 @@ class AnswerTask:
             loss += share.detach().float()
         return all_reduce_sum(loss)
 
-    def evaluate(self, model: nn.Module, batch_size: int, workers: int, precision: str, progress: bool = False) -> dict | None:
+    def evaluate(self, model: nn.Module, batch_size: int, workers: int, precision: str,
+                 progress: bool = False) -> dict | None:
         """Answers on the eval manifest, during training (None without one)."""
         if self.eval_examples is None:
             return None
         device = next(model.parameters()).device
         loader, spec = self.answer_batches(model, self.tokenizers, self.eval_examples, batch_size, workers, self.config,
                                            getattr(self, "feature_cache", None))
-        return evaluate_answers(model, loader, spec, device=device, precision=precision, max_new_tokens=self.max_new_tokens,
-                                progress=progress, wer=self.report_wer)
+        return evaluate_answers(model, loader, spec, device=device, precision=precision,
+                                max_new_tokens=self.max_new_tokens, progress=progress, wer=self.report_wer)
 
     # ---- a trained run, for eval.py ------------------------------------------------------------
 
@@ -136,8 +138,9 @@ class AnswerTask:
         return model.to(device).eval(), cls.load_tokenizers(config.sources.model)
 
     @classmethod
-    def evaluate_file(cls, model, tokenizers, config: RunConfig, data: str, audio_dir=None, *, batch_size: int, workers: int,
-                      precision: str, device, max_new_tokens: int | None = None, feature_cache=None, **_) -> dict:
+    def evaluate_file(cls, model, tokenizers, config: RunConfig, data: str, audio_dir=None, *, batch_size: int,
+                      workers: int, precision: str, device, max_new_tokens: int | None = None, feature_cache=None,
+                      **_) -> dict:
         """Answers on a manifest given to eval.py; every file must be readable."""
         examples = cls.read_eval_examples(config, data, audio_dir)
         loader, spec = cls.answer_batches(model, tokenizers, examples, batch_size, workers, config, feature_cache)

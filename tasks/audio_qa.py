@@ -46,8 +46,10 @@ class AudioQATask(AnswerTask):
         from data.demo_audio_qa import ensure_demo_audio_qa
 
         made = ensure_demo_audio_qa(Path(config.data.cache_dir) / "demo" / "audio-qa")  # fixed data: not --seed
-        say("offline demo: questions about synthetic sounds and a tiny RANDOM-INIT Qwen2-Audio (a pipeline check, not a pretrained model)")
-        return dict(model=made["model"], train_data=made["train_data"], eval_data=config.sources.eval_data or made["eval_data"])
+        say("offline demo: questions about synthetic sounds and a tiny RANDOM-INIT Qwen2-Audio "
+            "(a pipeline check, not a pretrained model)")
+        return dict(model=made["model"], train_data=made["train_data"],
+                    eval_data=config.sources.eval_data or made["eval_data"])
 
     @staticmethod
     def load_model(source: str, language_model_dtype: str, quantize: Quantize | None) -> nn.Module:
@@ -63,14 +65,17 @@ class AudioQATask(AnswerTask):
     def __init__(self, config: RunConfig, say=print):
         src = config.sources
         if not all([src.model, src.train_data]):
-            raise TrainingError("give --model (a whole Qwen2-Audio) and --train-data together, or neither for the offline demo")
+            raise TrainingError("give --model (a whole Qwen2-Audio) and --train-data together, "
+                                "or neither for the offline demo")
         self.model = self.load_model(src.model, config.model.language_model_dtype, Quantize.of_run(config.model))
         self.tokenizers = tokenizer = self.load_tokenizers(src.model)
         if tokenizer.token_to_id(AUDIO) != self.model.config.audio_token_id:
-            raise TrainingError(f"{src.model}: the tokenizer's {AUDIO} is id {tokenizer.token_to_id(AUDIO)} but config.json's "
-                                f"audio_token_index is {self.model.config.audio_token_id}: tokenizer and model disagree")
+            raise TrainingError(f"{src.model}: the tokenizer's {AUDIO} is id {tokenizer.token_to_id(AUDIO)} "
+                                f"but config.json's audio_token_index is {self.model.config.audio_token_id}: "
+                                "tokenizer and model disagree")
 
-        def problems_of(examples):  # missing audio, and prompts or answers over the token budgets (listed by their line)
+        # missing audio, and prompts or answers over the token budgets (listed by their line)
+        def problems_of(examples):
             return ([(e, f"{r}: {e.audio}") for e, r in check_audio(examples)]
                     + [(BadLine.of(e, r), r) for e, r in check_audio_qa_texts(examples, tokenizer)])
 
@@ -84,7 +89,8 @@ class AudioQATask(AnswerTask):
     def inputs(self, batch: dict, device: torch.device) -> dict:
         if batch["input_ids"] is None:  # every clip skipped: zero rows keep this rank in DDP's collectives
             empty = torch.zeros(0, 1, dtype=torch.long, device=device)
-            return dict(input_ids=empty, attention_mask=empty, input_features=torch.zeros(0, self.n_mels, 4, device=device),
+            return dict(input_ids=empty, attention_mask=empty,
+                        input_features=torch.zeros(0, self.n_mels, 4, device=device),
                         feature_attention_mask=torch.zeros(0, 4, dtype=torch.long, device=device), labels=empty - 100)
         return {key: batch[key].to(device) for key in self.batch_keys}
 
@@ -95,15 +101,18 @@ class AudioQATask(AnswerTask):
         return examples
 
     @classmethod
-    def answer_batches(cls, model, tokenizers, examples, batch_size: int, workers: int, config: RunConfig, feature_cache=None):
+    def answer_batches(cls, model, tokenizers, examples, batch_size: int, workers: int, config: RunConfig,
+                       feature_cache=None):
         """Greedy answers from the left-padded prompts, stopping at <|im_end|> or an eos (data/audio_qa.py)."""
         tokenizer = tokenizers
         dataset = AudioQADataset(examples, on_bad_audio="fail", n_mels=model.audio_tower.config.num_mel_bins,
                                  feature_cache=feature_cache)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                            collate_fn=functools.partial(collate_audio_qa, tokenizer=tokenizer, pad_to_30s=config.model.pad_to_30s))
+                            collate_fn=functools.partial(collate_audio_qa, tokenizer=tokenizer,
+                                                         pad_to_30s=config.model.pad_to_30s))
         # <|im_end|>, which the answers were trained to end with, and every eos the checkpoint lists
-        stop = tuple(dict.fromkeys((tokenizer.token_to_id(IM_END),) + load_special_tokens(config.sources.model).eos_ids))
+        stop = tuple(dict.fromkeys((tokenizer.token_to_id(IM_END),)
+                                   + load_special_tokens(config.sources.model).eos_ids))
         spec = AnswerBatches(condition=("input_features", "feature_attention_mask"),
                              prompt=("prompt_input_ids", "prompt_attention_mask"), stop=stop,
                              decode=functools.partial(answer_text, tokenizer, stop=set(stop)))
@@ -111,8 +120,10 @@ class AudioQATask(AnswerTask):
 
     @staticmethod
     def headline(metrics: dict) -> str:
-        return f"exact match {metrics['exact_match']:.2f}%, WER {metrics['wer']:.2f}%, answer loss {metrics['loss']:.4f}"
+        return (f"exact match {metrics['exact_match']:.2f}%, WER {metrics['wer']:.2f}%, "
+                f"answer loss {metrics['loss']:.4f}")
 
     @staticmethod
     def curves() -> tuple[str, str, dict]:
-        return "percent", "answers on the eval set", {"exact match": lambda e: e["exact_match"], "word error rate": lambda e: e["wer"]}
+        return ("percent", "answers on the eval set",
+                {"exact match": lambda e: e["exact_match"], "word error rate": lambda e: e["wer"]})

@@ -16,7 +16,8 @@ from torch import nn
 
 from common.atomic import atomic_write
 from common.run_config import RunConfig
-from data.audio_text import AudioTextDataset, captions_flat, clip_durations, collate_audio_text, count_truncated_captions, precheck
+from data.audio_text import (AudioTextDataset, captions_flat, clip_durations, collate_audio_text,
+                             count_truncated_captions, precheck)
 from data.feature_cache import FeatureCache
 from data.search_index import save_npz
 from engine.training import StepEnv, TrainingError
@@ -60,11 +61,13 @@ class AudioTextTask:
         sounds = ensure_demo_set(cache / "sounds")
         sources = dict(ensure_demo_models(cache / "towers", sounds["captions"]), train_data=sounds["train"],
                        eval_data=config.sources.eval_data or sounds["eval"])
-        if config.model.encoding_strategy == "full_forward":  # the demo tower has no language model: the audio-qa demo's
+        # the demo tower has no language model: the audio-qa demo's
+        if config.model.encoding_strategy == "full_forward":
             from data.demo_audio_qa import ensure_demo_audio_qa
 
             sources["audio_model"] = ensure_demo_audio_qa(cache / "audio-qa")["model"]
-        say("offline demo: synthetic sound events and small RANDOM-INIT towers (a pipeline check, not a pretrained model)")
+        say("offline demo: synthetic sound events and small RANDOM-INIT towers "
+            "(a pipeline check, not a pretrained model)")
         return sources
 
     def __init__(self, config: RunConfig, say=print):
@@ -72,13 +75,16 @@ class AudioTextTask:
         and the training data's fingerprint."""
         src, model_settings = config.sources, config.model
         if not all([src.audio_model, src.text_model, src.train_data]):
-            raise TrainingError("give --audio-model, --text-model and --train-data together, or none of them for the offline demo")
-        self.encoding_strategy = model_settings.encoding_strategy  # audio_tower: the tower alone; full_forward: the whole Qwen2-Audio
+            raise TrainingError("give --audio-model, --text-model and --train-data together, "
+                                "or none of them for the offline demo")
+        # audio_tower: the tower alone; full_forward: the whole Qwen2-Audio
+        self.encoding_strategy = model_settings.encoding_strategy
         self.quantize = Quantize.of_run(model_settings)  # --quantize nf4: what the loaders hold in NF4 (None: nothing)
         try:
-            self.model = build_audio_text_model(src.audio_model, src.text_model, model_settings.embed_dim, seed=config.optim.seed,
-                                                encoding_strategy=self.encoding_strategy,
-                                                language_model_dtype=model_settings.language_model_dtype, quantize=self.quantize)
+            self.model = build_audio_text_model(src.audio_model, src.text_model, model_settings.embed_dim,
+                                                seed=config.optim.seed, encoding_strategy=self.encoding_strategy,
+                                                language_model_dtype=model_settings.language_model_dtype,
+                                                quantize=self.quantize)
         except ValueError as error:  # e.g. full_forward on a checkpoint without the language model
             raise TrainingError(str(error)) from error
         self.audio_config = Checkpoint.open(src.audio_model, weights=False).config  # names what the strategy leaves out
@@ -87,12 +93,16 @@ class AudioTextTask:
         source = read_data(config, src.train_data, src.train_audio_dir, bad_lines, flag="--train-audio-dir")
         if source.note:  # a Clotho or AudioCaps CSV whose audio sits in its split folder
             say(source.note)
-        found = dict(train_audio_dir=str(source.media_dir) if source.media_dir else None, train_data_sha256=data_fingerprint(source))
+        found = dict(train_audio_dir=str(source.media_dir) if source.media_dir else None,
+                     train_data_sha256=data_fingerprint(source))
         clips, problems = precheck(source.examples)
-        self.skipped_up_front = report_problems([(b, b.reason) for b in bad_lines] + [(c, f"{r}: {c.audio}") for c, r in problems],
-                                                src.train_data, config.data.on_bad_input, "train", "clip", self.input_flag, say)
+        self.skipped_up_front = report_problems([(b, b.reason) for b in bad_lines]
+                                                + [(c, f"{r}: {c.audio}") for c, r in problems],
+                                                src.train_data, config.data.on_bad_input, "train", "clip",
+                                                self.input_flag, say)
         if not clips:
-            raise TrainingError(f"no clip of {src.train_data} is left to train on: every one was skipped (listed above)")
+            raise TrainingError(f"no clip of {src.train_data} is left to train on: every one was skipped "
+                                "(listed above)")
         self.eval_clips = None
         if src.eval_data:
             eval_source = read_data(config, src.eval_data, src.eval_audio_dir, flag="--eval-audio-dir")
@@ -100,7 +110,8 @@ class AudioTextTask:
                 say(eval_source.note)
             found["eval_audio_dir"] = str(eval_source.media_dir) if eval_source.media_dir else None
             self.eval_clips, problems = precheck(eval_source.examples)
-            report_problems([(c, f"{r}: {c.audio}") for c, r in problems], src.eval_data, "fail", "eval", "clip", self.input_flag, say)
+            report_problems([(c, f"{r}: {c.audio}") for c, r in problems], src.eval_data, "fail", "eval", "clip",
+                            self.input_flag, say)
         truncated = count_truncated_captions(self.tokenizer, clips)
         if truncated:
             say(f"note: {truncated} caption(s) of {src.train_data} are longer than the text tower's "
@@ -111,8 +122,8 @@ class AudioTextTask:
         # log-mel computed once per clip and front-end setting, shared by epochs, runs and ranks
         self.feature_cache = feature_cache_of(config)
         self.order = source.order_for(clips)  # WebDataset shards: shard-aware shuffling (data/shards.py); else None
-        self.dataset = AudioTextDataset(clips, seed=config.optim.seed, on_bad_audio=config.data.on_bad_input, n_mels=self.n_mels,
-                                        feature_cache=self.feature_cache)
+        self.dataset = AudioTextDataset(clips, seed=config.optim.seed, on_bad_audio=config.data.on_bad_input,
+                                        n_mels=self.n_mels, feature_cache=self.feature_cache)
         # tokenized in the workers too: the main process only moves tensors and runs the model
         self.collate = functools.partial(collate_audio_text, n_mels=self.n_mels, pad_to_30s=self.pad_to_30s,
                                          tokenizer=self.tokenizer)
@@ -127,16 +138,17 @@ class AudioTextTask:
         audio_tower, targets that select only the language side (projector, language model) are LoRA where
         the forward never runs (the projector and language model are not even loaded)."""
         if self.encoding_strategy == "full_forward":
-            return ForwardStrategy("full_forward", "log-mel -> audio_tower -> multi_modal_projector -> language_model (after a "
-                                   "fixed chat prompt) -> mean over the audio positions -> audio_proj")
+            return ForwardStrategy("full_forward", "log-mel -> audio_tower -> multi_modal_projector -> language_model "
+                                   "(after a fixed chat prompt) -> mean over the audio positions -> audio_proj")
         unloaded = language_side_linear_paths(self.audio_config)  # built on meta: a 7B layout costs nothing
         loaded = [path for path, _ in self.model.named_modules()]
         misplaced = {pattern: hits for pattern in targets
-                     if (hits := [p for p in unloaded if re.fullmatch(pattern, p)]) and not any(re.fullmatch(pattern, p) for p in loaded)}
-        fix = ("pass --encoding-strategy full_forward to run the clip through the whole Qwen2-Audio (audio_tower -> "
-               "multi_modal_projector -> language_model), so LoRA on the language model trains (--audio-model must then be a "
-               "whole Qwen2-Audio checkpoint); or keep audio_tower and target the tower: --targets "
-               f"'{self.default_targets[0]}'")
+                     if (hits := [p for p in unloaded if re.fullmatch(pattern, p)])
+                     and not any(re.fullmatch(pattern, p) for p in loaded)}
+        fix = ("pass --encoding-strategy full_forward to run the clip through the whole Qwen2-Audio "
+               "(audio_tower -> multi_modal_projector -> language_model), so LoRA on the language model trains "
+               "(--audio-model must then be a whole Qwen2-Audio checkpoint); or keep audio_tower and target the "
+               f"tower: --targets '{self.default_targets[0]}'")
         return ForwardStrategy("audio_tower", "log-mel -> audio_tower -> mean over the valid frames -> audio_proj "
                                "(the projector and the language model are never run, nor loaded)", misplaced, fix)
 
@@ -149,7 +161,8 @@ class AudioTextTask:
         tower's pooled features of every training caption, once, in a fixed order (models/text_cache.py)."""
         if self.text_tower_frozen():
             with torch.no_grad(), env.autocast():
-                n = self.text_cache.fill(self.model.text_tower, captions_flat(self.dataset.clips)[0], self.tokenizer, env.device)
+                n = self.text_cache.fill(self.model.text_tower, captions_flat(self.dataset.clips)[0], self.tokenizer,
+                                         env.device)
             say(f"text tower frozen: pooled features of {n} distinct captions computed once, reused by every step "
                 "(and those of the eval captions by every evaluation)")
 
@@ -160,9 +173,11 @@ class AudioTextTask:
             return dict(features=torch.zeros(0, self.n_mels, 4, device=device),
                         frame_mask=torch.zeros(0, 4, dtype=torch.bool, device=device),
                         input_ids=torch.zeros(0, 1, **empty), attention_mask=torch.zeros(0, 1, **empty))
-        x = {key: batch[key].to(device, non_blocking=True) for key in ("features", "frame_mask", "input_ids", "attention_mask")}
+        x = {key: batch[key].to(device, non_blocking=True)
+             for key in ("features", "frame_mask", "input_ids", "attention_mask")}
         if self.text_tower_frozen():  # each distinct caption's pooled features were computed once (prepare)
-            x["text_pooled"] = self.text_cache.pooled(self.model.text_tower, batch["captions"], x["input_ids"], x["attention_mask"])
+            x["text_pooled"] = self.text_cache.pooled(self.model.text_tower, batch["captions"], x["input_ids"],
+                                                      x["attention_mask"])
         return x
 
     def micro_batch_loss(self, model: nn.Module, batch: dict, env: StepEnv) -> torch.Tensor:
@@ -182,7 +197,8 @@ class AudioTextTask:
             return loss.detach()
         return grad_cache(model, inputs, env)
 
-    def evaluate(self, model: nn.Module, batch_size: int, workers: int, precision: str, progress: bool = False) -> dict | None:
+    def evaluate(self, model: nn.Module, batch_size: int, workers: int, precision: str,
+                 progress: bool = False) -> dict | None:
         """Recall on the eval manifest, during training (None without one)."""
         if self.eval_clips is None:
             return None
@@ -201,8 +217,8 @@ class AudioTextTask:
         return model, model.tokenizer
 
     @staticmethod
-    def evaluate_file(model, tokenizers, config: RunConfig, data: str, audio_dir=None, *, batch_size: int, workers: int,
-                      feature_cache=None, save_embeddings=None, **_) -> dict:
+    def evaluate_file(model, tokenizers, config: RunConfig, data: str, audio_dir=None, *, batch_size: int,
+                      workers: int, feature_cache=None, save_embeddings=None, **_) -> dict:
         """Recall on a manifest given to eval.py, in the model's own precision and front end (load_run's); every
         clip must be readable. `save_embeddings`: an .npz path for the embeddings and the caption-to-clip index."""
         clips, problems = precheck(read_data(config, data, audio_dir).examples)
@@ -210,17 +226,20 @@ class AudioTextTask:
         audio, text, text_audio_index = encode_clips(model, tokenizers, clips, batch_size=batch_size, workers=workers,
                                                      feature_cache=feature_cache)
         if save_embeddings:
-            atomic_write(save_embeddings, functools.partial(save_npz, audio=audio, text=text, text_audio_index=text_audio_index))
+            atomic_write(save_embeddings, functools.partial(save_npz, audio=audio, text=text,
+                                                            text_audio_index=text_audio_index))
         return retrieval_metrics(text @ audio.T, text_audio_index)
 
     format = staticmethod(format_metrics)
 
     @staticmethod
     def headline(metrics: dict) -> str:
-        return ", ".join(f"{d} R@1 {metrics[d]['R@1']:.2f} R@10 {metrics[d]['R@10']:.2f}" for d in ("text_to_audio", "audio_to_text"))
+        return ", ".join(f"{d} R@1 {metrics[d]['R@1']:.2f} R@10 {metrics[d]['R@10']:.2f}"
+                         for d in ("text_to_audio", "audio_to_text"))
 
     @staticmethod
     def curves() -> tuple[str, str, dict]:
         """(y label, title, {label: metrics -> value}) for the evaluation plot."""
-        values = {f"{d} {k}": (lambda e, d=d, k=k: e[d][k]) for d in ("text_to_audio", "audio_to_text") for k in ("R@1", "R@10")}
+        values = {f"{d} {k}": (lambda e, d=d, k=k: e[d][k])
+                  for d in ("text_to_audio", "audio_to_text") for k in ("R@1", "R@10")}
         return "recall (%)", "retrieval on the eval set", values

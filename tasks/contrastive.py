@@ -86,7 +86,8 @@ def global_contrastive_loss(audio, text, logit_scale, keys) -> torch.Tensor:
     logit_scale): what a single process holding the whole global batch would compute."""
     width = _max_width(keys)
     all_keys, _ = gather_rows(pad_columns(keys, width))
-    loss, _ = contrastive_loss(gather_with_grad(audio), gather_with_grad(text), logit_scale, contrastive_targets(all_keys))
+    loss, _ = contrastive_loss(gather_with_grad(audio), gather_with_grad(text), logit_scale,
+                               contrastive_targets(all_keys))
     return loss
 
 
@@ -105,7 +106,8 @@ class CachedLoss:
     scale_grad: torch.Tensor  # scalar
 
 
-def cached_loss_and_gradients(audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, keys: torch.Tensor) -> CachedLoss:
+def cached_loss_and_gradients(audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                              keys: torch.Tensor) -> CachedLoss:
     """GradCache's middle step on this rank's pass-1 embeddings (no graph behind them): gather the
     global batch, compute its loss on leaf copies, and return the gradients for this rank's rows."""
     width = _max_width(keys)
@@ -148,7 +150,8 @@ def grad_cache(model: nn.Module, inputs: list[dict], env: StepEnv) -> torch.Tens
             rows = slice(start, start + out.audio_embeds.shape[0])
             start = rows.stop
             # d(surrogate)/d(parameters) = d(loss)/d(embeddings) . d(embeddings)/d(parameters): the chain rule
-            surrogate = (out.audio_embeds.float() * cached.audio_grad[rows]).sum() + (out.text_embeds.float() * cached.text_grad[rows]).sum()
+            surrogate = ((out.audio_embeds.float() * cached.audio_grad[rows]).sum()
+                         + (out.text_embeds.float() * cached.text_grad[rows]).sum())
             # DDP averages over ranks, but each rank's rows carry their own share of the gradient: undo the average
             surrogate = surrogate * env.world_size
             if last:  # logit_scale's gradient is the same on every rank, which the average keeps

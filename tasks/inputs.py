@@ -19,7 +19,8 @@ def resolved(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path else None
 
 
-def read_data(config: RunConfig, path: str, media_dir=None, bad_lines: list | None = None, flag: str | None = None) -> Source:
+def read_data(config: RunConfig, path: str, media_dir=None, bad_lines: list | None = None,
+              flag: str | None = None) -> Source:
     """The examples of `path` for the run's task, whatever the source, read with the run's --*-column choices;
     shards are indexed once under the cache folder. Lines that cannot be read go to `bad_lines` (else: an error)."""
     data = config.data
@@ -53,7 +54,8 @@ def report_problems(problems, manifest: str, policy: str, role: str, what: str, 
         say(f"  {item.where}: {reason}")
     if problems and (policy == "fail" or role == "eval"):
         (first, reason), more = problems[0], len(problems) - 1
-        raise TrainingError(f"{first.where}: {reason}" + (f" (and {more} more {role} {what}(s), listed above)" if more else "")
+        raise TrainingError(f"{first.where}: {reason}"
+                            + (f" (and {more} more {role} {what}(s), listed above)" if more else "")
                             + f"; fix {manifest}" + (f" or pass {flag} skip" if role == "train" else ""))
     if problems:
         say(f"skipping {len(problems)} unreadable train {what}(s) of {manifest}")

@@ -72,8 +72,8 @@ def train_flags(sources: dict, out, *extra, **settings) -> list[str]:
     argv = []
     for key, flag in (("audio_model", "--audio-model"), ("text_model", "--text-model"), ("model", "--model")):
         argv += [flag, str(sources[key])] if key in sources else []
-    argv += ["--train-data", str(sources.get("train") or sources["train_data"]), "--output-dir", str(out), "--workers", "0",
-             "--eval-every", "0", "--save-every", "0"]
+    argv += ["--train-data", str(sources.get("train") or sources["train_data"]), "--output-dir", str(out),
+             "--workers", "0", "--eval-every", "0", "--save-every", "0"]
     for name, value in settings.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
     return argv + [str(flag) for flag in extra]

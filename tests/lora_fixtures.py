@@ -71,12 +71,14 @@ def tiny_qwen2_audio_encoder(seed: int = 0):
     from transformers import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
 
     config = Qwen2AudioEncoderConfig(
-        num_mel_bins=16, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, max_source_positions=12
+        num_mel_bins=16, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+        max_source_positions=12
     )
     torch.manual_seed(seed)
     model = Qwen2AudioEncoder(config).eval()
     # The reference insists on exactly 2 * max_source_positions input frames.
-    features = torch.randn(2, config.num_mel_bins, 2 * config.max_source_positions, generator=torch.Generator().manual_seed(seed + 1))
+    features = torch.randn(2, config.num_mel_bins, 2 * config.max_source_positions,
+                           generator=torch.Generator().manual_seed(seed + 1))
     return model, features
 
 
@@ -110,7 +112,8 @@ def peft_copy(base, ours_config, ours_model=None):
     patterns = ours_config.patterns
     target = patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)
     peft_config = LoraConfig(
-        target_modules=target, r=ours_config.r, lora_alpha=ours_config.alpha, lora_dropout=ours_config.dropout, use_rslora=ours_config.rslora
+        target_modules=target, r=ours_config.r, lora_alpha=ours_config.alpha, lora_dropout=ours_config.dropout,
+        use_rslora=ours_config.rslora
     )
     peft_model = get_peft_model(copy.deepcopy(base), peft_config)
     if ours_model is not None:

@@ -26,15 +26,17 @@ def save_tiny_qwen2_audio(directory: Path, seed: int = 1, max_shard_size: str = 
 
     tokenizer = tokenizer_for()
     config = transformers.Qwen2AudioConfig(
-        audio_config=dict(num_mel_bins=num_mel_bins, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
-                          max_source_positions=max_source_positions),
-        text_config=dict(model_type="qwen2", vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         rms_norm_eps=1e-5, eos_token_id=tokenizer.token_to_id("<|im_end|>"), pad_token_id=0),
+        audio_config=dict(num_mel_bins=num_mel_bins, d_model=32, encoder_layers=2, encoder_attention_heads=4,
+                          encoder_ffn_dim=64, max_source_positions=max_source_positions),
+        text_config=dict(model_type="qwen2", vocab_size=tokenizer.get_vocab_size(), hidden_size=32,
+                         intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, rms_norm_eps=1e-5,
+                         eos_token_id=tokenizer.token_to_id("<|im_end|>"), pad_token_id=0),
         audio_token_index=tokenizer.token_to_id(AUDIO))
     reference = transformers.Qwen2AudioForConditionalGeneration(config)
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # every weight random (unit norms and zero biases would hide a misplaced one), scaled by fan-in
+    # every weight random (unit norms and zero biases would hide a misplaced one), scaled by fan-in
+    with torch.no_grad():
         for name, p in reference.named_parameters():
             if p.ndim > 1:
                 p.copy_(torch.randn(p.shape, generator=generator) * p[0].numel() ** -0.5)

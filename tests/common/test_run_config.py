@@ -13,11 +13,13 @@ from common.run_config import RunConfig
 
 
 def test_the_json_round_trips_and_is_flat():
-    config = RunConfig().replace(targets=["a.*q", "b"], rank_pattern={"q_proj": 4}, alpha_pattern={"k": 2.0}, max_steps=9,
-                                 precision="bf16", train_also=["audio_proj"], quantize="nf4", quantize_keep=("audio_proj",))
+    config = RunConfig().replace(targets=["a.*q", "b"], rank_pattern={"q_proj": 4}, alpha_pattern={"k": 2.0},
+                                 max_steps=9, precision="bf16", train_also=["audio_proj"], quantize="nf4",
+                                 quantize_keep=("audio_proj",))
     flat = json.loads(config.dumps())
     assert flat["targets"] == ["a.*q", "b"] and flat["rank_pattern"] == {"q_proj": 4} and flat["precision"] == "bf16"
-    assert not any(isinstance(value, dict) and key not in ("rank_pattern", "alpha_pattern") for key, value in flat.items())
+    assert not any(isinstance(value, dict) and key not in ("rank_pattern", "alpha_pattern")
+                   for key, value in flat.items())
     assert RunConfig.from_json(flat) == config
 
 
@@ -48,7 +50,8 @@ def test_a_config_never_changes_in_place():
 def test_the_fingerprint_holds_what_defines_a_run_and_reads_old_states():
     config = RunConfig().replace(targets=["x"], max_steps=10)
     fingerprint = config.fingerprint()
-    assert {"task", "targets", "rank", "lr", "batch_size", "max_steps", "seed", "precision", "quantize"} <= set(fingerprint)
+    assert ({"task", "targets", "rank", "lr", "batch_size", "max_steps", "seed", "precision", "quantize"}
+            <= set(fingerprint))
     assert not {"eval_every", "save_every", "workers", "log_every", "cache_dir", "eval_data"} & set(fingerprint)
     assert config.replace(eval_every=7, workers=0).fingerprint() == fingerprint  # how a run is watched: not the run
     assert config.replace(lr=5e-4).fingerprint() != fingerprint

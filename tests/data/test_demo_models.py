@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from data.demo_models import build_wordpiece, ensure_demo_instructblip, ensure_demo_models, SPECIAL_TOKENS
-from models import load_audio_encoder, load_instructblip, load_instructblip_tokenizers, load_text_encoder, load_tokenizer
+from models import (load_audio_encoder, load_instructblip, load_instructblip_tokenizers, load_text_encoder,
+                    load_tokenizer)
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["Three short high beeps then a low hum", "a rising chirp", "What colour is the shape?", "red", "two"]
@@ -28,9 +29,11 @@ def digest(directory: Path) -> str:
 def test_demo_checkpoints_are_identical_across_processes(tmp_path):
     texts = write_texts(tmp_path / "texts.txt")
     script = ("import sys; from data.demo_models import ensure_demo_models, ensure_demo_instructblip; "
-              "ensure_demo_models(sys.argv[1], sys.argv[2], verbose=False); ensure_demo_instructblip(sys.argv[3], sys.argv[2], verbose=False)")
+              "ensure_demo_models(sys.argv[1], sys.argv[2], verbose=False); "
+              "ensure_demo_instructblip(sys.argv[3], sys.argv[2], verbose=False)")
     for run in ("a", "b"):  # separate processes: a per-process hash order would show up here
-        subprocess.run([sys.executable, "-c", script, str(tmp_path / run / "towers"), str(texts), str(tmp_path / run / "vqa")],
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / run / "towers"), str(texts),
+                        str(tmp_path / run / "vqa")],
                        cwd=ROOT, check=True)
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
 
@@ -44,7 +47,8 @@ def test_demo_checkpoints_load_through_the_public_loaders(tmp_path):
     vqa = ensure_demo_instructblip(tmp_path / "vqa", texts, verbose=False)
     model = load_instructblip(vqa)
     qformer_tok, t5_tok = load_instructblip_tokenizers(vqa)
-    assert t5_tok.encode("red").tokens == ["red", "</s>"] and qformer_tok.encode("red").tokens == ["[CLS]", "red", "[SEP]"]
+    assert (t5_tok.encode("red").tokens == ["red", "</s>"]
+            and qformer_tok.encode("red").tokens == ["[CLS]", "red", "[SEP]"])
     assert model.config.num_query_tokens == 8
 
 

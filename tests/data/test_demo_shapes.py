@@ -156,7 +156,8 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(small_set, tmp
     assert other.keys() == reference.keys()
     assert "train.jsonl" in other and sum(other[n] != reference[n] for n in reference if n.endswith(".png")) >= 12
     more = tree_hashes(tmp_path / "more")  # eval does not depend on n_train
-    assert more["eval.jsonl"] == reference["eval.jsonl"] and more["images/eval_0003.png"] == reference["images/eval_0003.png"]
+    assert (more["eval.jsonl"] == reference["eval.jsonl"]
+            and more["images/eval_0003.png"] == reference["images/eval_0003.png"])
 
 
 def test_ensure_reuses_a_finished_set_without_writing(tmp_path, monkeypatch):

@@ -30,7 +30,8 @@ def write_clips(folder, names=None):
     for k, n in enumerate(LENGTHS):
         sf.write(folder / f"clip{k}.wav", tone(n, 200.0 + 100 * k), SAMPLE_RATE)
     manifest = folder / "m.jsonl"
-    manifest.write_text("".join(json.dumps({"audio": name, "text": f"caption {k}"}) + "\n" for k, name in enumerate(names)))
+    manifest.write_text("".join(json.dumps({"audio": name, "text": f"caption {k}"}) + "\n"
+                                for k, name in enumerate(names)))
     return read_manifest(manifest)
 
 
@@ -164,7 +165,8 @@ def test_two_workers_reading_the_same_clips_twice(clips, tmp_path):
     the same time. Every item is counted once, nothing is damaged, the numbers are the uncached."""
     twice = [clip for clip in clips for _ in range(2)]
     dataset = AudioTextDataset(twice, n_mels=N_MELS, feature_cache=FeatureCache(tmp_path / "cache"))
-    loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=functools.partial(collate_audio_text, n_mels=N_MELS))
+    loader = DataLoader(dataset, batch_size=1, num_workers=2,
+                        collate_fn=functools.partial(collate_audio_text, n_mels=N_MELS))
     # the entries are computed in the workers, which run torch on one thread; BLAS may split a matmul
     # otherwise on several, so the reference is computed on one thread too: the same kernels, the same bits
     threads = torch.get_num_threads()
@@ -199,7 +201,8 @@ def test_processes_rewriting_an_entry_never_expose_a_partial_one(clips, tmp_path
     item = AudioTextDataset(clips, n_mels=N_MELS, feature_cache=cache)[0]
     key, entry = file_key(clips[0].audio, N_MELS), entry_of(cache, clips[0])
     context = multiprocessing.get_context("fork")
-    writers = [context.Process(target=_write_many, args=(tmp_path / "cache", clips[0].audio, N_MELS, item["features"], 60))
+    writers = [context.Process(target=_write_many,
+                               args=(tmp_path / "cache", clips[0].audio, N_MELS, item["features"], 60))
                for _ in range(2)]
     for writer in writers:
         writer.start()

@@ -164,9 +164,11 @@ YTIDS = [("r1nicOVtvkQ", 130, 91139), ("UDGBjjwyaqE", 20, 58146), ("-2xiZDEuHd8"
     ("audiocaps/{split}.csv", "audiocaps/{split}/{aid}.wav", "audiocaps-download, wav"),
     ("audiocaps/{split}.csv", "audiocaps/{split}/{aid}.ogg", "audiocaps-download, default vorbis"),
     ("AUDIOCAPS/{split}.csv", "AUDIOCAPS/audio_32000Hz/{split}/{yt}_{start}.flac", "aac-datasets"),
-    ("AUDIOCAPS/csv_files_v1/{split}.csv", "AUDIOCAPS/audio_32000Hz/{split}/{yt}_{start}.flac", "aac-datasets v1 csv folder"),
+    ("AUDIOCAPS/csv_files_v1/{split}.csv", "AUDIOCAPS/audio_32000Hz/{split}/{yt}_{start}.flac",
+     "aac-datasets v1 csv folder"),
     ("AUDIOCAPS_32000Hz/{split}.csv", "AUDIOCAPS_32000Hz/audio/{split}/{yt}_{start}.flac", "aac-datasets 0.3"),
-    ("audiocaps-dl/data/{split}.csv", "audiocaps-dl/{split}/{yt}_{start_ms}_{end_ms}.wav", "audiocaps-dl, milliseconds"),
+    ("audiocaps-dl/data/{split}.csv", "audiocaps-dl/{split}/{yt}_{start_ms}_{end_ms}.wav",
+     "audiocaps-dl, milliseconds"),
     ("ac/dataset/{split}.csv", "ac/audio/Y{yt}.wav", "AudioSet's Y prefix, one flat folder"),
     ("ac/{split}.csv", "ac/audio/{split}/{yt}.wav", "yt-dlp's %(id)s"),
 ])

@@ -37,9 +37,11 @@ def test_resume_in_global_batches_on_another_split():
 
 def test_sizes_that_do_not_divide_name_the_numbers_that_would():
     assert accumulation_steps(32, 2, 4) == 4
-    with pytest.raises(ValueError, match=r"--batch-size 30 does not split over 4 processes; use a multiple of 4, e\.g\. 28 or 32"):
+    with pytest.raises(ValueError, match=r"--batch-size 30 does not split over 4 processes; "
+                                         r"use a multiple of 4, e\.g\. 28 or 32"):
         accumulation_steps(30, 4, 1)
-    with pytest.raises(ValueError, match=r"--micro-batch-size 3 does not divide the 8 examples .* use one of 1, 2, 4, 8"):
+    with pytest.raises(ValueError,
+                       match=r"--micro-batch-size 3 does not divide the 8 examples .* use one of 1, 2, 4, 8"):
         accumulation_steps(16, 2, 3)
     with pytest.raises(ValueError, match="fewer than one global batch of 32"):
         GlobalBatchSampler(20, 32)
@@ -71,7 +73,8 @@ def test_bucketing_sorts_within_the_global_batch_and_keeps_its_examples():
     bucketed = global_batches(2000, 32, 2, 4, lengths=LENGTHS)
     # the same examples in every global batch (the negatives of a contrastive loss), split otherwise
     assert [sorted(b) for b in bucketed] == [sorted(b) for b in plain]
-    assert global_batches(2000, 32, 1, 4, lengths=LENGTHS, done=11) == global_batches(2000, 32, 1, 4, lengths=LENGTHS)[11:]
+    assert (global_batches(2000, 32, 1, 4, lengths=LENGTHS, done=11)
+            == global_batches(2000, 32, 1, 4, lengths=LENGTHS)[11:])
     # forwards pad little: micro-batches hold clips of similar length
     sorted_micro = [m for rank in micro_batches(32, 2, 4, lengths=LENGTHS) for m in rank]
     plain_micro = [m for rank in micro_batches(32, 2, 4) for m in rank]
@@ -95,6 +98,9 @@ def test_bucketing_across_batches_groups_similar_lengths_and_stays_a_permutation
     maxima = [max(lengths[i] for i in b) for b in buckets[:BUCKET_WINDOW]]
     assert maxima != sorted(maxima)
     # deterministic, resumable and splittable like the plain order (within a batch, sorted by length)
-    assert [sorted(b) for b in global_batches(n, batch, 2, 2, lengths=lengths, across=True)] == [sorted(b) for b in buckets]
-    assert global_batches(n, batch, 2, 4, lengths=lengths, done=37, across=True) == global_batches(n, batch, 2, 4, lengths=lengths, across=True)[37:]
-    assert bucketed(list(range(16)), [0.0] * 16, 8, seed=0, epoch=0) in ([*range(8), *range(8, 16)], [*range(8, 16), *range(8)])
+    assert ([sorted(b) for b in global_batches(n, batch, 2, 2, lengths=lengths, across=True)]
+            == [sorted(b) for b in buckets])
+    assert (global_batches(n, batch, 2, 4, lengths=lengths, done=37, across=True)
+            == global_batches(n, batch, 2, 4, lengths=lengths, across=True)[37:])
+    assert bucketed(list(range(16)), [0.0] * 16, 8, seed=0, epoch=0) in ([*range(8), *range(8, 16)],
+                                                                         [*range(8, 16), *range(8)])

@@ -96,18 +96,21 @@ def audio_cases(folder: Path) -> list[Case]:
     write_wav(folder, "two_samples.wav", tone(seconds(0.2))[:2])
     return [
         good("tone_0.wav", "a low tone", tone(seconds(0.3), freq=200)),
-        Case("missing file", {"audio": "missing.wav", "text": "a low tone"}, "audio file not found", "file check", "missing.wav"),
-        good("stereo_8k_24bit.wav", "a stereo tone", tone(seconds(0.4, 8000), sr=8000, channels=2), sr=8000, subtype="PCM_24",
-             kind="8 kHz 24-bit stereo"),
+        Case("missing file", {"audio": "missing.wav", "text": "a low tone"}, "audio file not found", "file check",
+             "missing.wav"),
+        good("stereo_8k_24bit.wav", "a stereo tone", tone(seconds(0.4, 8000), sr=8000, channels=2), sr=8000,
+             subtype="PCM_24", kind="8 kHz 24-bit stereo"),
         Case("empty file", {"audio": "empty.wav", "text": "a low tone"}, "empty (0 bytes)", "file check", "empty.wav"),
-        Case("truncated header", {"audio": "truncated_header.wav", "text": "a low tone"}, "audio file cannot be decoded",
-             "file check", "truncated_header.wav"),  # the header check before training finds it
+        # the header check before training finds it
+        Case("truncated header", {"audio": "truncated_header.wav", "text": "a low tone"},
+             "audio file cannot be decoded", "file check", "truncated_header.wav"),
         bad_line("malformed JSON", '{"audio": "line_malformed_JSON.wav", "text": "a low tone}', "invalid JSON"),
         good("tone_1.wav", "a high tone", tone(seconds(0.25), freq=900)),
-        Case("not audio", {"audio": "not_audio.wav", "text": "a low tone"}, "audio file cannot be decoded", "file check",
-             "not_audio.wav"),
+        Case("not audio", {"audio": "not_audio.wav", "text": "a low tone"}, "audio file cannot be decoded",
+             "file check", "not_audio.wav"),
         bad_line("missing audio key", '{"text": "a high tone"}', 'missing "audio"'),
-        good("surround_96k.wav", "a loud tone", tone(seconds(0.3, 96000), sr=96000, channels=6), sr=96000, kind="96 kHz 6-channel"),
+        good("surround_96k.wav", "a loud tone", tone(seconds(0.3, 96000), sr=96000, channels=6), sr=96000,
+             kind="96 kHz 6-channel"),
         bad_line("missing caption key", {}, 'neither "text" nor "captions"'),
         decoded("NaN samples", "nan.wav", "non-finite samples"),
         bad_line("empty caption", {"text": ""}, '"text" is empty'),
@@ -226,7 +229,8 @@ def test_skips_from_worker_processes_of_a_clotho_csv_are_counted_once(audio_set,
     manifest.write_text("file_name,caption_1,caption_2,caption_3,caption_4,caption_5\n" + manifest_text(cases))
     reached = Reached(monkeypatch)
     out = tmp_path / "run"
-    assert train.main(audio_args(audio_set, manifest, out, "--epochs", "2", "--on-bad-audio", "skip", "--workers", "2")) == 0
+    assert train.main(audio_args(audio_set, manifest, out, "--epochs", "2", "--on-bad-audio", "skip",
+                                 "--workers", "2")) == 0
     check_skip_run(out, manifest, cases, reached, capsys.readouterr().out, first_line=2)
 
 
@@ -246,7 +250,8 @@ def test_fail_stops_at_each_bad_clip_naming_its_line(audio_set, tmp_path, capsys
     manifest = audio_set["folder"] / f"fail_{kind.replace(' ', '_')}.jsonl"
     manifest.write_text(manifest_text(tones[:2] + [cases[kind]] + tones[2:]))  # the bad one on line 3
     out = tmp_path / "run"
-    assert train.main(audio_args(audio_set, manifest, out, "--max-steps", "2", "--batch-size", "5", "--no-feature-cache")) == 2
+    assert train.main(audio_args(audio_set, manifest, out, "--max-steps", "2", "--batch-size", "5",
+                                 "--no-feature-cache")) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"error: {manifest}:3: ") and cases[kind].reason in error, error
     assert "--on-bad-audio skip" in error  # and what to do
@@ -262,8 +267,9 @@ def test_evaluation_manifests_stay_strict_under_skip(audio_set, tmp_path, capsys
     for kind in ("malformed JSON", "missing file"):
         eval_manifest = audio_set["folder"] / "strict_eval.jsonl"
         eval_manifest.write_text(manifest_text([tones[0], cases[kind]]))
-        code = train.main(audio_args(audio_set, train_manifest, tmp_path / kind, "--max-steps", "1", "--on-bad-audio", "skip",
-                                     "--eval-data", str(eval_manifest), "--no-feature-cache"))
+        code = train.main(audio_args(audio_set, train_manifest, tmp_path / kind, "--max-steps", "1",
+                                     "--on-bad-audio", "skip", "--eval-data", str(eval_manifest),
+                                     "--no-feature-cache"))
         error = capsys.readouterr().err
         assert code == 2 and error.startswith(f"error: {eval_manifest}:2: ") and cases[kind].reason in error, error
 
@@ -281,7 +287,8 @@ def image_cases(folder: Path, shapes: dict) -> list[Case]:
         return Case(f"shapes line {k + 1}", row, file=Path(row["image"]).name)
 
     def image(kind, name, reason=None, found=""):
-        return Case(kind, {"image": name, "prompt": rows[0]["prompt"], "answer": rows[0]["answer"]}, reason, found, name)
+        return Case(kind, {"image": name, "prompt": rows[0]["prompt"], "answer": rows[0]["answer"]}, reason, found,
+                    name)
 
     def bad_line(kind, row, reason):  # an image the manifest reader never gets to
         return Case(kind, row if isinstance(row, str) else {**rows[1], "image": str(base / rows[1]["image"]), **row},
@@ -311,7 +318,8 @@ def image_cases(folder: Path, shapes: dict) -> list[Case]:
         bad_line("malformed JSON", '{"image": "a.png", "prompt": "what colour?"', "invalid JSON"),
         good(2), image("16-bit PNG", "grey16.png"),
         image("empty image", "empty.png", "image file is empty", "file check"),
-        Case("over-long prompt", {"image": shared, "prompt": too_long, "answer": "red"}, "prompt in Q-Former tokens", "manifest"),
+        Case("over-long prompt", {"image": shared, "prompt": too_long, "answer": "red"}, "prompt in Q-Former tokens",
+             "manifest"),
         good(3), image("truncated PNG", "truncated.png", "cannot decode the image", "decoding"),
         bad_line("missing key", '{"image": "a.png", "prompt": "what colour?"}', 'missing "answer"'),
         good(4), bad_line("empty prompt", {"prompt": "  "}, '"prompt" is empty'),
@@ -323,7 +331,8 @@ def image_cases(folder: Path, shapes: dict) -> list[Case]:
         Case("over-long answer", {"image": shared, "prompt": rows[0]["prompt"], "answer": "red " * 300},
              "answer in T5 tokens", "manifest"),
         good(7), image("PNG cut at 3 quarters", "cut_late.png", "cannot decode the image", "decoding"),
-        good(8), good(9), image("PNG cut at 1 quarter", "cut_early.png", "cannot decode the image", "decoding"), good(10),
+        good(8), good(9), image("PNG cut at 1 quarter", "cut_early.png", "cannot decode the image", "decoding"),
+        good(10),
     ]
 
 
@@ -337,9 +346,9 @@ def image_set(tmp_path_factory):
 
 
 def image_args(image_set, manifest, out, *extra):
-    return ["--task", "instructblip", "--model", image_set["model"], "--train-data", str(manifest), "--output-dir", str(out),
-            "--batch-size", str(BATCH), "--workers", "0", "--eval-every", "0", "--save-every", "0", "--warmup-steps", "1",
-            "--rank", "4", *extra]
+    return ["--task", "instructblip", "--model", image_set["model"], "--train-data", str(manifest),
+            "--output-dir", str(out), "--batch-size", str(BATCH), "--workers", "0", "--eval-every", "0",
+            "--save-every", "0", "--warmup-steps", "1", "--rank", "4", *extra]
 
 
 def test_skip_trains_every_good_example_and_counts_each_bad_one_once(image_set, tmp_path, monkeypatch, capsys):
@@ -354,9 +363,9 @@ def test_skip_trains_every_good_example_and_counts_each_bad_one_once(image_set, 
     check_skip_run(out, manifest, cases, reached, capsys.readouterr().out)
 
 
-BAD_IMAGES = ["missing image", "unreadable image", "malformed JSON", "empty image", "over-long prompt", "truncated PNG",
-              "missing key", "empty prompt", "truncated JPEG", "non-string answer", "invisible prompt", "over-long answer",
-              "PNG cut at 3 quarters", "PNG cut at 1 quarter"]
+BAD_IMAGES = ["missing image", "unreadable image", "malformed JSON", "empty image", "over-long prompt",
+              "truncated PNG", "missing key", "empty prompt", "truncated JPEG", "non-string answer",
+              "invisible prompt", "over-long answer", "PNG cut at 3 quarters", "PNG cut at 1 quarter"]
 
 
 def test_the_image_fail_cases_are_the_skip_run_s_bad_cases(image_set):
@@ -380,7 +389,8 @@ def test_fail_stops_at_each_bad_example_naming_its_line(image_set, tmp_path, cap
 
 def test_manifest_readers_collect_bad_lines_when_asked_and_raise_otherwise(tmp_path):
     jsonl = tmp_path / "m.jsonl"
-    jsonl.write_text('{"audio": "a.wav", "text": "a dog"}\n{"audio": "b.wav", "text": \n\n{"audio": "c.wav", "captions": ["ok", 3]}\n'
+    jsonl.write_text('{"audio": "a.wav", "text": "a dog"}\n{"audio": "b.wav", "text": \n\n'
+                     '{"audio": "c.wav", "captions": ["ok", 3]}\n'
                      '{"audio": "a.wav", "text": "barking"}\n')
     bad: list[BadLine] = []
     clips, _ = load_manifest(jsonl, bad_lines=bad)
@@ -395,7 +405,8 @@ def test_manifest_readers_collect_bad_lines_when_asked_and_raise_otherwise(tmp_p
     bad = []
     assert [c.audio.name for c in read_manifest(clotho, tmp_path, bad_lines=bad)] == ["a.wav", "d.wav"]
     assert [(b.line, b.reason.split(";")[0]) for b in bad] == [
-        (3, "2 cells, but the header on line 1 has 3"), (4, 'column "caption_2" is empty'), (5, 'column "file_name" is empty')]
+        (3, "2 cells, but the header on line 1 has 3"), (4, 'column "caption_2" is empty'),
+        (5, 'column "file_name" is empty')]
     audiocaps = tmp_path / "audiocaps.csv"
     audiocaps.write_text("audiocap_id,youtube_id,start_time,caption\n1,yt1,30,a car\n2,yt1,30,\u200b\n3,,0,birds\n")
     bad = []
@@ -407,14 +418,16 @@ def test_manifest_readers_collect_bad_lines_when_asked_and_raise_otherwise(tmp_p
     with pytest.raises(ManifestError, match="unknown CSV header"):
         read_manifest(tmp_path / "h.csv", bad_lines=[])
     (tmp_path / "all_bad.jsonl").write_text('{"audio": "a.wav"}\nnot json\n')
-    with pytest.raises(ManifestError, match=r"none of its 2 rows can be read \(the first, .*all_bad\.jsonl:1: has neither"):
+    with pytest.raises(ManifestError,
+                       match=r"none of its 2 rows can be read \(the first, .*all_bad\.jsonl:1: has neither"):
         read_manifest(tmp_path / "all_bad.jsonl", bad_lines=[])
 
 
 def test_vqa_reader_collects_bad_lines_when_asked(tmp_path):
     manifest = tmp_path / "vqa.jsonl"
     manifest.write_text('{"image": "a.png", "prompt": "what?", "answer": "red"}\n[1, 2]\n'
-                        '{"image": "b.png", "prompt": "\\u200b", "answer": "red"}\n{"image": "c.png", "prompt": "what?"}\n')
+                        '{"image": "b.png", "prompt": "\\u200b", "answer": "red"}\n'
+                        '{"image": "c.png", "prompt": "what?"}\n')
     bad = []
     [example] = read_vqa_manifest(manifest, bad_lines=bad)
     assert example.line == 1 and [b.line for b in bad] == [2, 3, 4]

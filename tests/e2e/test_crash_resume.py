@@ -57,8 +57,8 @@ def check_left_behind(out: Path):
 def test_kills_at_random_moments_then_resume_give_the_uninterrupted_run(tiny):
     # in processes alike (one thread each), so that bit-identical is a fair demand
     env, reference = dict(os.environ, OMP_NUM_THREADS="1", KILL_AT_REPLACE="0"), tiny["root"] / "reference"
-    subprocess.run([sys.executable, "-c", KILLABLE, *flags(tiny, reference, tiny["root"] / "cache-reference")], cwd=REPO,
-                   env=env, check=True, capture_output=True, timeout=240)
+    subprocess.run([sys.executable, "-c", KILLABLE, *flags(tiny, reference, tiny["root"] / "cache-reference")],
+                   cwd=REPO, env=env, check=True, capture_output=True, timeout=240)
 
     out, cache, rng, kills = tiny["root"] / "killed", tiny["root"] / "cache-killed", random.Random(2026), 0
     for attempt in range(6):
@@ -89,15 +89,16 @@ def test_kills_at_random_moments_then_resume_give_the_uninterrupted_run(tiny):
     if process.returncode != 0:  # the last attempt was killed too: finish the run
         env["KILL_AT_REPLACE"] = "0"
         resume = ["--resume"] if (out / train.STATE_FILE).exists() else []
-        subprocess.run([sys.executable, "-c", KILLABLE, *flags(tiny, out, cache), *resume], cwd=REPO, env=env, check=True,
-                       capture_output=True, timeout=240)
+        subprocess.run([sys.executable, "-c", KILLABLE, *flags(tiny, out, cache), *resume], cwd=REPO, env=env,
+                       check=True, capture_output=True, timeout=240)
 
     for name in ("adapter_model.safetensors", "heads.safetensors"):
         ours, theirs = load_file(str(out / name)), load_file(str(reference / name))
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
 
     def losses(run):
-        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]
 
     assert losses(out) == losses(reference) and len(losses(out)) == 14
     assert not list(out.glob(".*.tmp-*"))  # the half-written files of the kills were cleaned up

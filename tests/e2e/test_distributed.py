@@ -48,9 +48,11 @@ def torchrun(args, nproc=2, log=None, script="train.py"):
     """`torchrun --standalone` of train.py in a subprocess: a free port, one thread per process.
     With a log file, start it in its own session and return the Popen (to be killed)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+               *args]
     if log:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -96,17 +98,18 @@ def test_two_processes_train_the_same_run(tiny, whole_batch, micro):
     assert_same_run(out, whole_batch)
 
 
-def test_resume_after_a_kill_on_another_number_of_processes(tiny, whole_batch):
-    out = tiny["root"] / "killed"
-    log = open(tiny["root"] / "killed.log", "w")
-    process = torchrun(flags(tiny, out, "--save-every", "1"), log=log)
-    state_file, deadline, killed_at = out / train.STATE_FILE, time.monotonic() + TIMEOUT, None
+def kill_after_a_checkpoint(args, out: Path, log_path: Path, at_step: int = 2) -> int:
+    """A 2-process torchrun of train.py (saving every step), SIGKILLed on every rank at once as soon as its
+    saved state reaches `at_step`; returns the step it was killed at (None: the run ended or timed out first)."""
+    log = open(log_path, "w")
+    process = torchrun(args, log=log)
+    state_file, deadline, killed_at = out / "training_state.safetensors", time.monotonic() + TIMEOUT, None
     try:
         while killed_at is None and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
             with contextlib.suppress(StateFileError):  # not written yet
                 step = load_state(state_file)["step"]
-                if step >= 2:
+                if step >= at_step:
                     os.killpg(process.pid, signal.SIGKILL)  # every rank at once, mid-run
                     killed_at = step
     finally:
@@ -114,12 +117,19 @@ def test_resume_after_a_kill_on_another_number_of_processes(tiny, whole_batch):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
         log.close()
+    return killed_at
+
+
+def test_resume_after_a_kill_on_another_number_of_processes(tiny, whole_batch):
+    out = tiny["root"] / "killed"
+    killed_at = kill_after_a_checkpoint(flags(tiny, out, "--save-every", "1"), out, tiny["root"] / "killed.log")
     assert killed_at is not None and killed_at < STEPS, (tiny["root"] / "killed.log").read_text()
 
     history = train.train(train.parse_args(flags(tiny, out, "--save-every", "1", "--resume")))  # 1 process now
     assert history is not None
     assert_same_run(out, whole_batch)
-    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r] == list(range(1, STEPS + 1))
 
     with pytest.raises(train.TrainingError, match=r"lr: saved 0\.001, now 0\.002") as error:
         train.train(train.parse_args(flags(tiny, out, "--resume", "--lr", "2e-3", "--rank", "8")))
@@ -133,7 +143,8 @@ def test_a_finished_run_tears_its_process_group_down(tiny, tmp_path):
     script = tmp_path / "train_then_list_threads.py"
     script.write_text(f"import os, sys\nsys.path.insert(0, {str(REPO)!r})\nimport train\n"
                       "train.train(train.parse_args(sys.argv[1:]))\n"
-                      "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+                      "names = [open(f'/proc/self/task/{t}/comm').read().strip() "
+                      "for t in os.listdir('/proc/self/task')]\n"
                       "print('threads after train():', sorted(names), flush=True)\n")
     result = torchrun(flags(tiny, tmp_path / "out", "--max-steps", "1"), script=script)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -231,8 +242,9 @@ def test_instructblip_accumulation_weights_micro_batches_by_answer_tokens(tmp_pa
 
     def run(out, *extra):
         train.train(train.parse_args(["--task", "instructblip", "--model", model, "--train-data", shapes["train"],
-                                      "--output-dir", str(out), "--batch-size", "8", "--workers", "0", "--max-steps", "3",
-                                      "--eval-every", "0", "--dropout", "0", "--lr", "3e-3", "--warmup-steps", "1", *extra]))
+                                      "--output-dir", str(out), "--batch-size", "8", "--workers", "0",
+                                      "--max-steps", "3", "--eval-every", "0", "--dropout", "0", "--lr", "3e-3",
+                                      "--warmup-steps", "1", *extra]))
         return out
 
     assert_same_run(run(root / "micro2", "--micro-batch-size", "2"), run(root / "whole"))

@@ -88,7 +88,8 @@ def assert_same_weights(out: Path, reference: Path):
 
 
 def losses(run: Path) -> list:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
 
 
 def stop_and_resume(tiny, name: str, signum: int, nproc: int, reference: Path, to_group: bool):
@@ -110,7 +111,8 @@ def stop_and_resume(tiny, name: str, signum: int, nproc: int, reference: Path, t
     if nproc == 1:
         assert code == 128 + signum, output[-3000:]
     step, command = int(stopped.group(1)), shlex.split(stopped.group(2))
-    assert 0 < step < STEPS and command[-1] == "--resume" and command[-len(flags(tiny, out, workers)) - 1:-1] == flags(tiny, out, workers)
+    assert (0 < step < STEPS and command[-1] == "--resume"
+            and command[-len(flags(tiny, out, workers)) - 1:-1] == flags(tiny, out, workers))
     assert output.count("stopped at step") == 1  # rank 0 alone says it
     assert json.loads(Path(out / "run_config.json").read_text())["world_size"] == nproc
     assert logged_steps(out) == step  # every finished step was logged before the checkpoint

@@ -49,7 +49,8 @@ def flags(tiny_sets, task, out, *extra):
 
 
 def losses(run) -> list:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
 
 
 @pytest.mark.parametrize("task", ["audio-text", "instructblip", "audio-qa"])
@@ -118,7 +119,8 @@ def test_the_export_of_an_nf4_run_merges_onto_the_16_bit_originals(tiny_sets, ti
     train.train(train.parse_args(flags(tiny_sets, "audio-text", run, "--max-steps", "2")))
     record = export.export_run(run, tmp_path / "merged")
     [report] = record["bases"]
-    original = load_file(str(next(p for p in (tmp_path / "merged").rglob("*.safetensors") if p.name != "heads.safetensors")))
+    original = load_file(str(next(p for p in (tmp_path / "merged").rglob("*.safetensors")
+                                  if p.name != "heads.safetensors")))
     base = load_file(str(next(Path(tiny_audio_text["audio_model"]).glob("*.safetensors"))))
     config, weights = read_adapter_config(run), read_adapter_weights(run)
     assert report["replaced_keys"]
@@ -134,7 +136,8 @@ def test_the_export_of_an_nf4_run_merges_onto_the_16_bit_originals(tiny_sets, ti
 
 def test_nf4_under_bf16_autocast_trains(tiny_sets, tmp_path):
     out = tmp_path / "bf16"
-    model, _ = train.train(train.parse_args(flags(tiny_sets, "audio-qa", out, "--max-steps", "2", "--precision", "bf16")))
+    model, _ = train.train(train.parse_args(flags(tiny_sets, "audio-qa", out, "--max-steps", "2",
+                                                  "--precision", "bf16")))
     assert all(layer.lora_A.weight.dtype == torch.float32 for layer in lora_layers(model).values())  # LoRA stays fp32
     assert len(losses(out)) == 2 and all(math.isfinite(loss) for _, loss in losses(out))
 
@@ -144,8 +147,8 @@ def test_two_processes_train_the_nf4_run_of_one(tiny_sets, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     train.train(train.parse_args(flags(tiny_sets, "audio-text", one, "--max-steps", "3", "--dropout", "0")))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                             *flags(tiny_sets, "audio-text", two, "--max-steps", "3", "--dropout", "0")],
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *flags(tiny_sets, "audio-text", two, "--max-steps", "3", "--dropout", "0")],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert json.loads((two / "run_config.json").read_text())["world_size"] == 2

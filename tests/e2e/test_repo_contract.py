@@ -80,8 +80,9 @@ def test_contract_names_exist_with_docstrings():
     import models.export
 
     names = {
-        lora: ["LoRAConfig", "LinearWithLoRA", "inject_lora", "mark_only_lora_trainable", "lora_state_dict", "merge_lora",
-               "unmerge_lora", "trainable_summary", "save_adapter", "load_adapter", "diagnose", "cast_frozen"],
+        lora: ["LoRAConfig", "LinearWithLoRA", "inject_lora", "mark_only_lora_trainable", "lora_state_dict",
+               "merge_lora", "unmerge_lora", "trainable_summary", "save_adapter", "load_adapter", "diagnose",
+               "cast_frozen"],
         models: ["load_audio_encoder", "audio_to_features", "load_text_encoder", "load_tokenizer", "load_instructblip",
                  "load_qwen2_audio", "load_llama"],
         models.audio_text: ["load_run", "AudioTextModel"],

@@ -44,7 +44,8 @@ def args_for(demo, out, *extra):
 @pytest.fixture(scope="module")
 def trained(tiny_demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    model, history = train.train(args_for(tiny_demo, out, "--max-steps", "36", "--eval-every", "0", "--save-every", "0"))
+    model, history = train.train(args_for(tiny_demo, out, "--max-steps", "36", "--eval-every", "0",
+                                          "--save-every", "0"))
     return out, model, history
 
 
@@ -92,7 +93,8 @@ def test_only_lora_and_heads_changed(trained, tiny_demo):
 
 def test_eval_reproduces_the_final_recall_and_writes_json_and_embeddings(trained, tmp_path):
     out, _, history = trained
-    metrics = evaluation.main(["--checkpoint", str(out), "--json", str(tmp_path / "m.json"), "--save-embeddings", str(tmp_path / "e.npz")])
+    metrics = evaluation.main(["--checkpoint", str(out), "--json", str(tmp_path / "m.json"),
+                               "--save-embeddings", str(tmp_path / "e.npz")])
     for direction in ("text_to_audio", "audio_to_text"):
         for name, value in history["after"][direction].items():
             assert metrics[direction][name] == pytest.approx(value, abs=1e-9)
@@ -138,7 +140,8 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tiny_demo, tmp_path, mo
     train.train(args_for(tiny_demo, tmp_path / "resumed", *steps, "--resume"))
 
     def losses(run):
-        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]
 
     whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
     assert [s for s, _ in resumed] == list(range(1, 16))
@@ -198,7 +201,8 @@ def test_grad_checkpointing_gives_the_same_losses(tiny_demo, tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_autocast_keeps_lora_fp32_and_trains(tiny_demo, tmp_path, precision):
-    model, _ = train.train(args_for(tiny_demo, tmp_path / precision, "--max-steps", "3", "--eval-every", "0", "--precision", precision))
+    model, _ = train.train(args_for(tiny_demo, tmp_path / precision, "--max-steps", "3", "--eval-every", "0",
+                                    "--precision", precision))
     assert {layer.lora_A.weight.dtype for layer in lora_layers(model).values()} == {torch.float32}
     losses = losses_of(tmp_path / precision)
     assert len(losses) == 3 and np.isfinite(losses).all()
@@ -259,8 +263,10 @@ def test_nonfinite_step_is_skipped_named_and_training_goes_on(tiny_demo, tmp_pat
 def test_too_many_nonfinite_steps_abort_and_keep_the_last_good_checkpoint(tiny_demo, tmp_path, monkeypatch):
     poison_audio_proj(monkeypatch, bad_steps=set(range(3, 100)))
     out = tmp_path / "abort"
-    with pytest.raises(train.TrainingError, match="3 non-finite steps in a row .*audio_proj.*last good checkpoint is kept"):
-        train.train(args_for(tiny_demo, out, "--max-steps", "20", "--eval-every", "0", "--save-every", "2", "--max-bad-steps", "3"))
+    with pytest.raises(train.TrainingError,
+                       match="3 non-finite steps in a row .*audio_proj.*last good checkpoint is kept"):
+        train.train(args_for(tiny_demo, out, "--max-steps", "20", "--eval-every", "0", "--save-every", "2",
+                             "--max-bad-steps", "3"))
     state = load_state(out / train.STATE_FILE)
     assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["trainable"].values())
 
@@ -281,9 +287,11 @@ def test_adamw_never_decays_logit_scale_biases_or_norms(trained):
 
 def test_feature_cache_cold_warm_and_off_give_the_same_losses(tiny_demo, tmp_path):
     """The feature cache is an optimisation with no visible effect: the same bits, cold or warm or off."""
-    steps = ["--max-steps", "4", "--eval-every", "0", "--save-every", "0", "--dropout", "0", "--cache-dir", str(tmp_path / "cache")]
+    steps = ["--max-steps", "4", "--eval-every", "0", "--save-every", "0", "--dropout", "0",
+             "--cache-dir", str(tmp_path / "cache")]
     train.train(args_for(tiny_demo, tmp_path / "cold", *steps))
-    entries = lambda: {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "features").rglob("*.safetensors")}  # noqa: E731
+    entries = lambda: {p: p.stat().st_mtime_ns  # noqa: E731
+                       for p in (tmp_path / "cache" / "features").rglob("*.safetensors")}
     filled = entries()
     assert filled  # the first run filled it
     train.train(args_for(tiny_demo, tmp_path / "warm", *steps))
@@ -308,5 +316,7 @@ def test_text_cache_serves_a_frozen_text_tower_only_and_changes_nothing(tiny_dem
 
     calls.clear()
     monkeypatch.setattr(AudioTextTask, "text_tower_frozen", frozen)
-    model, _ = train.train(args_for(tiny_demo, tmp_path / "text-lora", *steps, "--targets", r"text_tower.*\.(query|value)"))
-    assert any(p.requires_grad for p in model.text_tower.parameters()) and not calls  # a training text tower is never cached
+    model, _ = train.train(args_for(tiny_demo, tmp_path / "text-lora", *steps,
+                                    "--targets", r"text_tower.*\.(query|value)"))
+    # a training text tower is never cached
+    assert any(p.requires_grad for p in model.text_tower.parameters()) and not calls

@@ -1,21 +1,16 @@
 """train.py on Hugging Face datasets and WebDataset shards: a parquet copy of a manifest trains the same run
 as the manifest, and a 2-process run on shards killed mid-run resumes to the uninterrupted run, bit for bit."""
 
-import contextlib
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from common.state_file import StateFileError, load_state
 from tests.conftest import train_flags
 from tests.data.source_fixtures import AUDIO_TYPE, hf_schema, write_shard
-from tests.e2e.test_distributed import TIMEOUT, adapter, losses, torchrun
+from tests.e2e.test_distributed import adapter, kill_after_a_checkpoint, losses, torchrun
 
 STEPS = 4
 
@@ -61,22 +56,9 @@ def test_a_two_process_run_on_shards_killed_mid_run_resumes_to_the_uninterrupted
     result = torchrun(flags(sources, whole, sources["shards"]))
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(losses(whole)) == STEPS
-    out, log = tmp_path / "killed", open(tmp_path / "killed.log", "w")
-    process = torchrun(flags(sources, out, sources["shards"], "--save-every", "1"), log=log)
-    state_file, deadline, killed_at = out / "training_state.safetensors", time.monotonic() + TIMEOUT, None
-    try:
-        while killed_at is None and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-            with contextlib.suppress(StateFileError):  # not written yet
-                step = load_state(state_file)["step"]
-                if step >= 2:
-                    os.killpg(process.pid, signal.SIGKILL)  # every rank at once, mid-run
-                    killed_at = step
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-        log.close()
+    out = tmp_path / "killed"
+    killed_at = kill_after_a_checkpoint(flags(sources, out, sources["shards"], "--save-every", "1"), out,
+                                        tmp_path / "killed.log")
     assert killed_at is not None and killed_at < STEPS, (tmp_path / "killed.log").read_text()
     result = torchrun(flags(sources, out, sources["shards"], "--save-every", "1", "--resume"))
     assert result.returncode == 0, result.stdout + result.stderr

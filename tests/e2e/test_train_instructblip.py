@@ -25,16 +25,17 @@ def tiny_shapes(tmp_path_factory):
 
 def args_for(shapes, out, *extra):
     return train.parse_args([
-        "--task", "instructblip", "--targets", QFORMER_TARGETS, "--model", shapes["model"], "--train-data", shapes["train"],
-        "--eval-data", shapes["eval"], "--output-dir", str(out), "--batch-size", "8", "--workers", "0", "--lr", "3e-3",
-        "--warmup-steps", "2", *extra,
+        "--task", "instructblip", "--targets", QFORMER_TARGETS, "--model", shapes["model"],
+        "--train-data", shapes["train"], "--eval-data", shapes["eval"], "--output-dir", str(out),
+        "--batch-size", "8", "--workers", "0", "--lr", "3e-3", "--warmup-steps", "2", *extra,
     ])
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    model, history = train.train(args_for(tiny_shapes, out, "--max-steps", "24", "--eval-every", "0", "--save-every", "0"))
+    model, history = train.train(args_for(tiny_shapes, out, "--max-steps", "24", "--eval-every", "0",
+                                          "--save-every", "0"))
     return out, model, history
 
 
@@ -49,7 +50,8 @@ def test_short_run_changes_only_the_qformer_lora_and_lowers_the_loss(trained, ti
     assert all(state[n].abs().sum() > 0 for n in changed if n.endswith("lora_B.weight"))
     assert history["after"]["loss"] < history["before"]["loss"]
     run = json.loads((out / "run_config.json").read_text())
-    assert run["task"] == "instructblip" and run["model"] == tiny_shapes["model"] and run["eval_data"] == tiny_shapes["eval"]
+    assert (run["task"] == "instructblip" and run["model"] == tiny_shapes["model"]
+            and run["eval_data"] == tiny_shapes["eval"])
 
 
 def test_start_report_says_where_lora_sits(tiny_shapes, tmp_path, capsys):
@@ -58,7 +60,8 @@ def test_start_report_says_where_lora_sits(tiny_shapes, tmp_path, capsys):
 
 
 def test_train_also_language_projection(tiny_shapes, tmp_path):
-    model, _ = train.train(args_for(tiny_shapes, tmp_path / "p", "--max-steps", "3", "--eval-every", "0", "--train-also", "language_projection"))
+    model, _ = train.train(args_for(tiny_shapes, tmp_path / "p", "--max-steps", "3", "--eval-every", "0",
+                                    "--train-also", "language_projection"))
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"qformer", "language_projection"}
     fresh = load_instructblip(tiny_shapes["model"])

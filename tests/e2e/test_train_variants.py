@@ -31,7 +31,8 @@ def test_each_variant_trains_saves_and_reevaluates_to_its_own_numbers(tiny_audio
     saved = json.loads((out / "adapter_config.json").read_text())
     assert {key: saved[key] for key in config_fields} == config_fields
     assert evaluation.main(["--checkpoint", str(out)])["text_to_audio"] == history["after"]["text_to_audio"]
-    field = {"dora": "dora", "lora-plus": "lora_plus_ratio", "pissa": "init", "olora": "init", "patterns": "rank_pattern"}
+    field = {"dora": "dora", "lora-plus": "lora_plus_ratio", "pissa": "init", "olora": "init",
+             "patterns": "rank_pattern"}
     with pytest.raises(train.TrainingError, match=f"--resume refused.*\\n  (.*\\n  )*{field[variant]}: saved"):
         train.train(train.parse_args(flags(tiny_audio_text, out, "--resume")))  # the same run without its variant
 
@@ -47,7 +48,8 @@ def test_all_linear_prints_its_expansion(tiny_audio_text, tmp_path, capsys):
     code = train.main(flags(tiny_audio_text, tmp_path / "run", "--targets", "all-linear", "--list-targets"))
     printed = capsys.readouterr().out
     assert "--targets all-linear: 25 Linear layers: audio_tower.layers.{0..1}.self_attn.{k,out,q,v}_proj" in printed
-    assert "audio_proj" not in printed.split("--targets all-linear:")[1].splitlines()[0]  # a trained head is not a target
+    # a trained head is not a target
+    assert "audio_proj" not in printed.split("--targets all-linear:")[1].splitlines()[0]
     assert code in (0, 1)
 
 

@@ -45,8 +45,9 @@ def tiny_demo(tmp_path_factory):
 def train_run(demo, out, *extra):
     args = train.parse_args([
         "--targets", TARGETS, "--audio-model", demo["audio_model"], "--text-model", demo["text_model"],
-        "--train-data", demo["library"], "--eval-data", demo["eval"], "--output-dir", str(out), "--batch-size", str(BATCH),
-        "--workers", "0", "--lr", "3e-3", "--warmup-steps", "3", "--eval-every", "0", "--save-every", "0", *extra,
+        "--train-data", demo["library"], "--eval-data", demo["eval"], "--output-dir", str(out),
+        "--batch-size", str(BATCH), "--workers", "0", "--lr", "3e-3", "--warmup-steps", "3", "--eval-every", "0",
+        "--save-every", "0", *extra,
     ])
     _, history = train.train(args)
     return out, history
@@ -197,7 +198,8 @@ def test_search_index_is_reused_until_the_folder_or_checkpoint_changes(fp32_run,
 
     def search(*extra):
         embedded.clear()
-        evaluation.main(["--checkpoint", str(out), "--search", "a pause", "--audio-dir", str(folder), "--index", str(index), *extra])
+        evaluation.main(["--checkpoint", str(out), "--search", "a pause", "--audio-dir", str(folder),
+                         "--index", str(index), *extra])
         return sorted(Path(p).name for p in embedded)
 
     assert len(search()) == 8  # first time: every clip
@@ -219,7 +221,8 @@ def test_search_over_a_manifest_and_the_default_index_in_the_run(fp32_run, tiny_
     out = tmp_path / "run"
     shutil.copytree(fp32_run[0], out)
     clips = read_manifest(tiny_demo["eval"])
-    results = evaluation.main(["--checkpoint", str(out), "--search", clips[0].captions[0], "--data", tiny_demo["eval"], "--top", "16"])
+    results = evaluation.main(["--checkpoint", str(out), "--search", clips[0].captions[0], "--data", tiny_demo["eval"],
+                               "--top", "16"])
     assert sorted(r["path"] for r in results) == sorted(f"audio/{Path(c.audio).name}" for c in clips)
     assert len(list(out.glob("search-index-*.npz"))) == 1
 
@@ -278,7 +281,8 @@ def test_zero_shot_from_a_csv_equals_the_class_folders(fp32_run, classes, tmp_pa
     table = tmp_path / "meta" / "labels.csv"
     table.parent.mkdir()
     with open(table, "w", newline="") as f:
-        csv.writer(f).writerows([["filename", "fold", "category"]] + [[f"{p.parent.name}/{p.name}", 1, p.parent.name] for p in files])
+        csv.writer(f).writerows([["filename", "fold", "category"]]
+                                + [[f"{p.parent.name}/{p.name}", 1, p.parent.name] for p in files])
     args = ["--checkpoint", str(out), "--template", "a {label}", "--template", "{label}"]
     from_csv = evaluation.main([*args, "--zero-shot", str(table), "--audio-dir", str(classes)])
     from_folders = evaluation.main([*args, "--zero-shot", str(classes)])
@@ -291,17 +295,19 @@ def refused(argv, capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         evaluation.main(argv)
     lines = capsys.readouterr().err.splitlines()
-    assert exit_info.value.code == 2 and lines[-1].startswith("error: ") and not any("Traceback" in x for x in lines), lines
+    assert (exit_info.value.code == 2 and lines[-1].startswith("error: ")
+            and not any("Traceback" in x for x in lines)), lines
     return lines[-1]
 
 
 def test_zero_shot_refusals_name_the_problem(fp32_run, classes, tmp_path, capsys):
     out, _ = fp32_run
-    assert "has no {label}" in refused(["--checkpoint", str(out), "--zero-shot", str(classes), "--template", "the sound of"],
-                                       capsys)
+    assert "has no {label}" in refused(["--checkpoint", str(out), "--zero-shot", str(classes),
+                                        "--template", "the sound of"], capsys)
     bad = tmp_path / "bad.csv"
     bad.write_text("file,tag\na.wav,dog\n")
-    assert "bad.csv:1: the header must name a file column" in refused(["--checkpoint", str(out), "--zero-shot", str(bad)],
-                                                                      capsys)
+    assert "bad.csv:1: the header must name a file column" in refused(
+        ["--checkpoint", str(out), "--zero-shot", str(bad)], capsys)
     (classes / "high_beeps" / "broken.wav").write_bytes(b"RIFF not really")
-    assert re.search("1 clip.* cannot be read", refused(["--checkpoint", str(out), "--zero-shot", str(classes)], capsys))
+    assert re.search("1 clip.* cannot be read",
+                     refused(["--checkpoint", str(out), "--zero-shot", str(classes)], capsys))

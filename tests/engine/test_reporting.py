@@ -23,8 +23,8 @@ def records(out) -> list[dict]:
 
 def test_tensorboard_events_hold_every_step_and_evaluation_of_metrics_jsonl(tiny, tmp_path):
     out = tmp_path / "run"
-    train.train(train.parse_args(train_flags(tiny, out, "--report-to", "tensorboard", eval_data=tiny["eval"], batch_size=8,
-                                             max_steps=3)))
+    train.train(train.parse_args(train_flags(tiny, out, "--report-to", "tensorboard", eval_data=tiny["eval"],
+                                             batch_size=8, max_steps=3)))
     logged = events(out)
     steps = [r for r in records(out) if "loss" in r]
     assert len(steps) == 3
@@ -34,7 +34,8 @@ def test_tensorboard_events_hold_every_step_and_evaluation_of_metrics_jsonl(tiny
             assert abs(value - record[name]) <= 1e-6 * max(1.0, abs(record[name])), name  # TensorBoard keeps float32
     evaluations = [r for r in records(out) if "eval" in r]
     assert [s for s, _ in logged["eval/text_to_audio/R@1"]] == [r["step"] for r in evaluations] == [0, 3]
-    assert {f"eval/{d}/{k}" for d in ("text_to_audio", "audio_to_text") for k in ("R@1", "R@5", "R@10", "mAP@10")} <= set(logged)
+    assert ({f"eval/{d}/{k}" for d in ("text_to_audio", "audio_to_text") for k in ("R@1", "R@5", "R@10", "mAP@10")}
+            <= set(logged))
 
 
 def test_a_resumed_run_drops_the_events_after_its_checkpoint(tiny, tmp_path, monkeypatch):

@@ -29,7 +29,8 @@ def trained_adapter(model_name, targets, tmp_path, rslora=False):
 
 @pytest.mark.parametrize(
     "model_name, targets",
-    [("tiny_net", [r".*self_attn\.(q|v)_proj", r"head\.0"]), ("qwen2_audio", r".*self_attn\.(q|k|v|out)_proj"), ("qwen2_audio", [r".*fc1", r"layers\.0\.self_attn\.k_proj"])],
+    [("tiny_net", [r".*self_attn\.(q|v)_proj", r"head\.0"]), ("qwen2_audio", r".*self_attn\.(q|k|v|out)_proj"),
+     ("qwen2_audio", [r".*fc1", r"layers\.0\.self_attn\.k_proj"])],
 )
 @pytest.mark.parametrize("rslora", [False, True])
 def test_our_adapter_loads_in_peft(model_name, targets, rslora, tmp_path):
@@ -52,7 +53,8 @@ def peft_adapter(model_name, target_modules, tmp_path, use_rslora=False):
 
     make_base, make_input = MODELS[model_name]
     base = make_base()
-    reference = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=target_modules, r=4, lora_alpha=8, use_rslora=use_rslora))
+    reference = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=target_modules, r=4, lora_alpha=8,
+                                                               use_rslora=use_rslora))
     randomize_lora(reference, seed=6)
     reference.save_pretrained(tmp_path / "peft")
     return base, reference.eval(), make_input()
@@ -102,14 +104,17 @@ def damage(tmp_path, edit_tensors=None, edit_config=None):
 
 
 def test_missing_key_is_named(tmp_path):
-    base, adapter = damage(tmp_path, edit_tensors=lambda t: t.pop("base_model.model.layers.1.self_attn.v_proj.lora_B.weight"))
-    with pytest.raises(ValueError, match=r"missing key base_model\.model\.layers\.1\.self_attn\.v_proj\.lora_B\.weight"):
+    base, adapter = damage(tmp_path,
+                           edit_tensors=lambda t: t.pop("base_model.model.layers.1.self_attn.v_proj.lora_B.weight"))
+    with pytest.raises(ValueError,
+                       match=r"missing key base_model\.model\.layers\.1\.self_attn\.v_proj\.lora_B\.weight"):
         load_adapter(base, adapter)
     assert not lora_layers(base)
 
 
 def test_unexpected_key_is_named(tmp_path):
-    base, adapter = damage(tmp_path, edit_tensors=lambda t: t.update({"base_model.model.head.0.weight": torch.zeros(16, 16)}))
+    base, adapter = damage(tmp_path,
+                           edit_tensors=lambda t: t.update({"base_model.model.head.0.weight": torch.zeros(16, 16)}))
     with pytest.raises(ValueError, match=r"unexpected key 'base_model\.model\.head\.0\.weight'"):
         load_adapter(base, adapter)
 
@@ -119,7 +124,8 @@ def test_shape_mismatch_is_named(tmp_path):
         t["base_model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 17)
 
     base, adapter = damage(tmp_path, edit_tensors=widen)
-    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj\.lora_A\.weight has shape \(4, 17\), expected \(4, 16\)"):
+    with pytest.raises(ValueError,
+                       match=r"layers\.0\.self_attn\.q_proj\.lora_A\.weight has shape \(4, 17\), expected \(4, 16\)"):
         load_adapter(base, adapter)
     assert not lora_layers(base), "nothing may be injected when a check fails"
 
@@ -134,7 +140,8 @@ def test_module_missing_from_model_is_named(tmp_path):
     _, adapter = damage(tmp_path)
     other = tiny_net(0)
     del other.layers[1]
-    with pytest.raises(ValueError, match=r"names module 'layers\.1\.self_attn\.q_proj', which this model does not have"):
+    with pytest.raises(ValueError,
+                       match=r"names module 'layers\.1\.self_attn\.q_proj', which this model does not have"):
         load_adapter(other, adapter)
 
 
@@ -149,7 +156,8 @@ def test_truncated_weights_file_is_named(tmp_path):
     base, adapter = damage(tmp_path)
     weights = adapter / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"adapter_model\.safetensors cannot be read as safetensors .*truncated or corrupted"):
+    with pytest.raises(ValueError,
+                       match=r"adapter_model\.safetensors cannot be read as safetensors .*truncated or corrupted"):
         load_adapter(base, adapter)
 
 
@@ -164,7 +172,8 @@ def test_garbage_weights_file_is_named(tmp_path):
     "edit, message",
     [
         (lambda c: c.update(peft_type="IA3"), "only 'LORA'"),
-        (lambda c: c.update(layers_to_transform=[0]), r"layers_to_transform=\[0\] \(would need restricting the targets"),
+        (lambda c: c.update(layers_to_transform=[0]),
+         r"layers_to_transform=\[0\] \(would need restricting the targets"),
         (lambda c: c.update(init_lora_weights="loftq"), r"init_lora_weights='loftq' \(would need its initialisation"),
         (lambda c: c.update(bias="all"), "bias"),
         (lambda c: c.pop("r"), "has no 'r'"),

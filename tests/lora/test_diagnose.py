@@ -191,7 +191,8 @@ def test_blame_a_child_module_that_makes_the_nan():
 def test_blame_a_functional_op_between_children():
     blame = blame_nonfinite(Outer("between"), loss_of(X))
     assert (blame.kind, blame.module, blame.after) == ("inside", "block", "block.a")
-    assert blame.message.startswith("inside the forward of block (Parent), after its child block.a: an operation between modules")
+    assert blame.message.startswith("inside the forward of block (Parent), after its child block.a: "
+                                    "an operation between modules")
     assert "reaches block.b (Linear)" in blame.message  # b received it; b is not blamed
 
 
@@ -210,7 +211,8 @@ def test_blame_a_softmax_overflow_inside_attention_not_the_projection():
     for proj in (attn.q_proj, attn.k_proj):  # finite but huge: q @ k^T overflows, softmax gives NaN
         proj.register_forward_hook(lambda m, args, out: out * 1e25)
     blame = blame_nonfinite(model, step)
-    assert (blame.kind, blame.module, blame.after) == ("inside", "tower.layers.0.self_attn", "tower.layers.0.self_attn.v_proj")
+    assert (blame.kind, blame.module, blame.after) == ("inside", "tower.layers.0.self_attn",
+                                                       "tower.layers.0.self_attn.v_proj")
     assert "reaches tower.layers.0.self_attn.out_proj" in blame.message
 
 
@@ -260,7 +262,8 @@ def test_blame_inside_the_audio_encoders_attention_on_an_sdpa_overflow():
 
     torch.manual_seed(0)
     encoder = Qwen2AudioEncoder(Qwen2AudioEncoderConfig(num_mel_bins=8, d_model=16, encoder_layers=2,
-                                                        encoder_attention_heads=2, encoder_ffn_dim=32, max_source_positions=8))
+                                                        encoder_attention_heads=2, encoder_ffn_dim=32,
+                                                        max_source_positions=8))
     attn = encoder.layers[1].self_attn
     for proj in (attn.q_proj, attn.k_proj):  # finite but huge: the scores inside scaled_dot_product_attention overflow
         proj.register_forward_hook(lambda m, args, out: out * 1e25)

@@ -10,10 +10,14 @@ from tests.lora_fixtures import peft_copy, peft_lora_modules, randomize_lora, ru
 
 CASES = {
     # name: (base model factory, input factory, targets)
-    "tiny_net": (lambda: tiny_net(0), lambda: torch.randn(3, 7, 6, generator=torch.Generator().manual_seed(1)), [r".*self_attn\.(q|k|v|out)_proj", r"head\.0"]),
-    "tiny_net_suffix": (lambda: tiny_net(0), lambda: torch.randn(3, 7, 6, generator=torch.Generator().manual_seed(1)), r".*(fc2|dense)"),
-    "qwen2_audio": (lambda: tiny_qwen2_audio_encoder(0)[0], lambda: tiny_qwen2_audio_encoder(0)[1], r".*self_attn\.(q|k|v|out)_proj"),
-    "qwen2_audio_fc": (lambda: tiny_qwen2_audio_encoder(0)[0], lambda: tiny_qwen2_audio_encoder(0)[1], [r"layers\.1\.fc1", r"layers\.0\..*_proj"]),
+    "tiny_net": (lambda: tiny_net(0), lambda: torch.randn(3, 7, 6, generator=torch.Generator().manual_seed(1)),
+                 [r".*self_attn\.(q|k|v|out)_proj", r"head\.0"]),
+    "tiny_net_suffix": (lambda: tiny_net(0), lambda: torch.randn(3, 7, 6, generator=torch.Generator().manual_seed(1)),
+                        r".*(fc2|dense)"),
+    "qwen2_audio": (lambda: tiny_qwen2_audio_encoder(0)[0], lambda: tiny_qwen2_audio_encoder(0)[1],
+                    r".*self_attn\.(q|k|v|out)_proj"),
+    "qwen2_audio_fc": (lambda: tiny_qwen2_audio_encoder(0)[0], lambda: tiny_qwen2_audio_encoder(0)[1],
+                       [r"layers\.1\.fc1", r"layers\.0\..*_proj"]),
 }
 
 
@@ -50,8 +54,10 @@ def test_forward_and_gradients_equal_peft(case, rslora):
     (out_ref * weights).sum().backward()
     ref_layers = peft_lora_modules(reference)
     for path, layer in lora_layers(ours).items():
-        torch.testing.assert_close(layer.lora_A.weight.grad, ref_layers[path].lora_A["default"].weight.grad, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(layer.lora_B.weight.grad, ref_layers[path].lora_B["default"].weight.grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(layer.lora_A.weight.grad, ref_layers[path].lora_A["default"].weight.grad,
+                                   atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(layer.lora_B.weight.grad, ref_layers[path].lora_B["default"].weight.grad,
+                                   atol=1e-6, rtol=1e-5)
         assert layer.lora_A.weight.grad.abs().sum() > 0 and layer.lora_B.weight.grad.abs().sum() > 0
 
 

@@ -21,7 +21,8 @@ class WithAudioTower(nn.Module):
 
 
 def test_compact_paths_folds_layer_indices_and_sibling_names():
-    paths = [f"audio_tower.layers.{i}.self_attn.{p}_proj" for i in range(32) for p in "qkv"] + ["head.0", "head.2", "x.fc1"]
+    paths = ([f"audio_tower.layers.{i}.self_attn.{p}_proj" for i in range(32) for p in "qkv"]
+             + ["head.0", "head.2", "x.fc1"])
     assert compact_paths(paths) == ["audio_tower.layers.{0..31}.self_attn.{k,q,v}_proj", "head.{0,2}", "x.fc1"]
 
 
@@ -80,7 +81,8 @@ def test_the_warning_is_the_same_after_injection_and_backslashes_are_kept():
 
 
 def test_patterns_whose_alternatives_all_match_give_no_warning():
-    warnings = check_target_alternatives(WithAudioTower(), [r"audio_tower.*self_attn\.(q|k|v|out)_proj", "nothing_here"])
+    warnings = check_target_alternatives(WithAudioTower(),
+                                         [r"audio_tower.*self_attn\.(q|k|v|out)_proj", "nothing_here"])
     assert not warnings and warnings.findings == [] and warnings.message == ""  # no match at all: inject_lora's error
 
 
@@ -89,6 +91,7 @@ def test_a_dead_alternative_away_from_the_matches_gets_the_nearest_unselected_na
     [finding] = check_target_alternatives(model, [r"audio_tower.layers.\d+.(fc2|dense2)"]).findings
     assert finding.alternative == "dense2" and finding.nearest[0] == "dense"
     assert finding.fixed_pattern is None  # swapping in 'dense' would still not reach intermediate_query.dense
-    assert "the nearest Linear name in the model is 'dense' (audio_tower.layers.{0..1}.intermediate_query.dense)" in str(finding)
+    assert ("the nearest Linear name in the model is 'dense' (audio_tower.layers.{0..1}.intermediate_query.dense)"
+            in str(finding))
     [finding] = check_target_alternatives(model, [r".*\.(fc2|fc1)"]).findings  # fc2, the only close name, is selected
     assert finding.nearest == () and "no unselected Linear layer has a similar name" in finding.suggestion

@@ -31,8 +31,8 @@ def tiny(tmp_path_factory):
     reference = save_tiny_qwen2_audio(root / "qwen2_audio")
     sounds = ensure_demo_set(root / "sounds", n_train=16, n_eval=8, seed=0, verbose=False)
     write_text_tower(root / "text_tower", (root / "sounds" / "captions.txt").read_text().splitlines(), seed=0)
-    return dict(root=root, reference=reference, audio_model=str(root / "qwen2_audio"), text_model=str(root / "text_tower"),
-                train=sounds["train"], eval=sounds["eval"])
+    return dict(root=root, reference=reference, audio_model=str(root / "qwen2_audio"),
+                text_model=str(root / "text_tower"), train=sounds["train"], eval=sounds["eval"])
 
 
 def flags(tiny, out, *extra):
@@ -44,7 +44,8 @@ def clips(tiny):
 
 
 def test_full_forward_embedding_pools_transformers_hidden_states_at_the_audio_positions(tiny):
-    model = build_audio_text_model(tiny["audio_model"], tiny["text_model"], embed_dim=16, encoding_strategy="full_forward").eval()
+    model = build_audio_text_model(tiny["audio_model"], tiny["text_model"], embed_dim=16,
+                                   encoding_strategy="full_forward").eval()
     assert model.encoding_strategy == "full_forward" and model.audio_proj.in_features == 32  # the LM's width
     paths = clips(tiny)
     features, frame_mask = audio_to_features(paths, n_mels=128)  # the batch's longest clip + 2 frames
@@ -109,19 +110,24 @@ def test_diagnose_names_the_strategy_and_catches_lora_on_the_language_model(tiny
     assert "[FAIL] 1. LoRA layers are injected" in printed and "[FAIL] 7. LoRA sits where the forward runs" in printed
     assert "encoding strategy audio_tower: log-mel -> audio_tower" in printed
     assert (f"--targets '{LM_TARGETS}' selects 4 Linear layers in `language_model` "
-            "(language_model.model.layers.{0..1}.self_attn.{q,v}_proj), which the audio_tower strategy never runs") in printed
-    assert "LoRA sits where the forward never runs" in printed and "fix: pass --encoding-strategy full_forward" in printed
+            "(language_model.model.layers.{0..1}.self_attn.{q,v}_proj), which the audio_tower strategy "
+            "never runs") in printed
+    assert ("LoRA sits where the forward never runs" in printed
+            and "fix: pass --encoding-strategy full_forward" in printed)
 
     # the tower's targets beside them: checks 1-6 pass on the tower's LoRA, 7 still fails on the language model's
-    assert train.run_diagnosis(train.parse_args(flags(tiny, tmp_path, "--targets", TOWER_TARGETS, "--targets", LM_TARGETS))) == 1
+    assert train.run_diagnosis(train.parse_args(flags(tiny, tmp_path, "--targets", TOWER_TARGETS,
+                                                      "--targets", LM_TARGETS))) == 1
     printed = capsys.readouterr().out
     failed = [line for line in printed.splitlines() if "[FAIL]" in line]
     assert failed == ["  [FAIL] 7. LoRA sits where the forward runs"]
 
     # the fix: the whole model runs, LoRA on the language model gets its gradient
-    assert train.run_diagnosis(train.parse_args(flags(tiny, tmp_path, "--targets", LM_TARGETS, "--encoding-strategy", "full_forward"))) == 0
+    assert train.run_diagnosis(train.parse_args(flags(tiny, tmp_path, "--targets", LM_TARGETS,
+                                                      "--encoding-strategy", "full_forward"))) == 0
     printed = capsys.readouterr().out
-    assert "healthy" in printed and "encoding strategy full_forward: log-mel -> audio_tower -> multi_modal_projector" in printed
+    assert ("healthy" in printed
+            and "encoding strategy full_forward: log-mel -> audio_tower -> multi_modal_projector" in printed)
     assert "4 LoRA layers: 4 in language_model" in printed
 
     with pytest.raises(train.TrainingError, match="LoRA sits where the forward never runs"):  # and before any training
@@ -130,7 +136,8 @@ def test_diagnose_names_the_strategy_and_catches_lora_on_the_language_model(tiny
 
 def test_full_forward_trains_lora_on_the_language_model_and_load_run_rebuilds_it(tiny, tmp_path):
     out = tmp_path / "run"
-    model, _ = train.train(train.parse_args(flags(tiny, out, "--targets", LM_TARGETS, "--encoding-strategy", "full_forward",
+    model, _ = train.train(train.parse_args(flags(tiny, out, "--targets", LM_TARGETS,
+                                                  "--encoding-strategy", "full_forward",
                                                   "--max-steps", "3", "--save-every", "0")))
     layers = lora_layers(model)
     assert set(layers) == {f"language_model.model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"}
@@ -141,7 +148,8 @@ def test_full_forward_trains_lora_on_the_language_model_and_load_run_rebuilds_it
     loaded = load_run(out)
     assert loaded.encoding_strategy == "full_forward"
     torch.testing.assert_close(loaded.embed_audio(clips(tiny)), model.embed_audio(clips(tiny)), atol=1e-5, rtol=0)
-    assert not torch.allclose(load_run(out, with_adapter=False).embed_audio(clips(tiny)), loaded.embed_audio(clips(tiny)), atol=1e-4)
+    assert not torch.allclose(load_run(out, with_adapter=False).embed_audio(clips(tiny)),
+                              loaded.embed_audio(clips(tiny)), atol=1e-4)
 
     with pytest.raises(train.TrainingError, match="encoding_strategy: saved 'full_forward', now 'audio_tower'"):
         train.train(train.parse_args(flags(tiny, out, "--targets", TOWER_TARGETS, "--max-steps", "3", "--resume")))
@@ -151,6 +159,7 @@ def test_full_forward_needs_a_whole_qwen2_audio(tiny, tmp_path):
     from data.demo_models import write_audio_tower
 
     write_audio_tower(tmp_path / "tower", seed=0)  # a qwen2_audio config holding the tower alone
-    args = flags(dict(tiny, audio_model=str(tmp_path / "tower")), tmp_path / "run", "--encoding-strategy", "full_forward")
+    args = flags(dict(tiny, audio_model=str(tmp_path / "tower")), tmp_path / "run",
+                 "--encoding-strategy", "full_forward")
     with pytest.raises(train.TrainingError, match="--audio-model must be a whole Qwen2-Audio checkpoint"):
         build_task(train.parse_args(args))
