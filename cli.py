@@ -214,6 +214,10 @@ def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
                    "negatives (clips of one length together) and cost the demo recall: see the README")
     p.add_argument("--no-feature-cache", action="store_true", help="compute the log-mel of every clip on every read "
                    "instead of once (cached under --cache-dir/features); the numbers are the same")
+    p.add_argument("--pack", type=int, metavar="TOKENS", help="audio-qa, instructblip with a decoder-only language "
+                   "model: put several examples end to end in rows of at most TOKENS language-model tokens, with a "
+                   "block-diagonal attention and positions restarting per example (data/packing.py): no compute on "
+                   "padding, the same loss")
     p.add_argument("--pad-to-30s", action="store_true", help="pad every clip to 30 s as the reference does (slower)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="abort after this many non-finite steps in a row")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -272,7 +276,7 @@ def config_from_args(args) -> RunConfig:
             max_steps=args.max_steps or (None if args.epochs else defaults.get("max_steps")), epochs=args.epochs),
         data=DataSettings(on_bad_input=args.on_bad_input, bucket_by_length=args.bucket_by_length,
                           bucket_across_batches=args.bucket_across_batches, workers=args.workers,
-                          feature_cache=not args.no_feature_cache, cache_dir=args.cache_dir,
+                          feature_cache=not args.no_feature_cache, cache_dir=args.cache_dir, pack=args.pack,
                           audio_column=args.audio_column, text_column=args.text_column,
                           image_column=args.image_column, prompt_column=args.prompt_column,
                           answer_column=args.answer_column),

@@ -95,6 +95,9 @@ class DataSettings:
     workers: int = 2  # DataLoader workers per process
     feature_cache: bool = True  # log-mel computed once per clip and kept under cache_dir
     cache_dir: str | None = None  # demo sets, demo models, the feature cache, shard indexes
+    # answer tasks: examples end to end in rows of at most this many language-model tokens (None: padded batches);
+    # the same loss within float rounding, so a resume must not switch it
+    pack: int | None = defines_run()
     # a Hugging Face dataset's columns or a shard's json keys (None: found from the schema): which data it is
     audio_column: str | None = defines_run()
     text_column: str | None = defines_run()

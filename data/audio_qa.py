@@ -106,7 +106,8 @@ def check_texts(examples: list[AudioQAExample], tokenizer, max_prompt_tokens: in
         if prompt_ids.count(audio_id) != 1:
             problems.append((example, f"the prompt itself holds {AUDIO}; the chat template places the clip"))
         elif len(prompt_ids) - 1 > max_prompt_tokens:
-            problems.append((example, _too_long("prompt in the chat template", len(prompt_ids) - 1, "max_prompt_tokens", max_prompt_tokens)))
+            problems.append((example, _too_long("prompt in the chat template", len(prompt_ids) - 1,
+                                                "max_prompt_tokens", max_prompt_tokens)))
         elif len(answer_ids) > max_answer_tokens:
             problems.append((example, _too_long("answer", len(answer_ids), "max_answer_tokens", max_answer_tokens)))
     return problems
@@ -123,7 +124,8 @@ class AudioQADataset(Dataset):
             raise ValueError(f"on_bad_audio must be one of {BAD_AUDIO_POLICIES}, got {on_bad_audio!r}")
         if not examples:
             raise ValueError("AudioQADataset got no examples; check the manifest (and check_audio's report)")
-        self.examples, self.on_bad_audio, self.n_mels, self.feature_cache = list(examples), on_bad_audio, n_mels, feature_cache
+        self.examples, self.on_bad_audio = list(examples), on_bad_audio
+        self.n_mels, self.feature_cache = n_mels, feature_cache
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -179,8 +181,8 @@ def collate_audio_qa(items: list, tokenizer, pad_to_30s: bool = False, max_promp
     cache = {status: sum(item["cache"] == status for item in kept) for status in CACHE_STATUSES}
     if not kept:
         packed_keys = ("position_ids", "segment_ids") if pack is not None else ()
-        return {key: None for key in ("input_features", "feature_attention_mask", "input_ids", "attention_mask", "labels",
-                                      "prompt_input_ids", "prompt_attention_mask", *packed_keys)} | {
+        return {key: None for key in ("input_features", "feature_attention_mask", "input_ids", "attention_mask",
+                                      "labels", "prompt_input_ids", "prompt_attention_mask", *packed_keys)} | {
             "prompts": [], "answers": [], "paths": [], "lines": [], "index": torch.zeros(0, dtype=torch.long),
             "skipped": skipped, "cache": cache, "padding_tokens": 0, "lm_tokens": 0, "padding_share": 0.0}
     audio_id = tokenizer.token_to_id(AUDIO)
@@ -189,11 +191,14 @@ def collate_audio_qa(items: list, tokenizer, pad_to_30s: bool = False, max_promp
     for item in kept:
         prompt_ids, answer_ids = prompt_and_answer_ids(tokenizer, item["prompt"], item["answer"])
         if len(prompt_ids) - 1 > max_prompt_tokens:
-            raise ValueError(f"{item['where']}: {_too_long('prompt in the chat template', len(prompt_ids) - 1, 'max_prompt_tokens', max_prompt_tokens)}")
+            raise ValueError(f"{item['where']}: " + _too_long("prompt in the chat template", len(prompt_ids) - 1,
+                                                              "max_prompt_tokens", max_prompt_tokens))
         if len(answer_ids) > max_answer_tokens:
-            raise ValueError(f"{item['where']}: {_too_long('answer', len(answer_ids), 'max_answer_tokens', max_answer_tokens)}")
+            raise ValueError(f"{item['where']}: " + _too_long("answer", len(answer_ids), "max_answer_tokens",
+                                                              max_answer_tokens))
         # one placeholder per audio-tower output of this clip, as transformers 5's processor writes them
-        prompt_rows.append(expand_audio_placeholder(prompt_ids, audio_id, audio_token_count(item["features"].valid_frames)))
+        prompt_rows.append(expand_audio_placeholder(prompt_ids, audio_id,
+                                                    audio_token_count(item["features"].valid_frames)))
         answer_rows.append(answer_ids)
     token_rows = [p + a for p, a in zip(prompt_rows, answer_rows)]
     label_rows = [[-100] * len(p) + a for p, a in zip(prompt_rows, answer_rows)]

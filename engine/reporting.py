@@ -18,7 +18,7 @@ from lora.summary import lora_placement
 
 
 REPORTERS = ("tensorboard", "wandb")  # the --report-to choices; metrics.jsonl and the PNG are always written
-STEP_SCALARS = ("loss", "lr", "grad_norm", "examples_per_s", "data_wait_s", "padding")
+STEP_SCALARS = ("loss", "lr", "grad_norm", "examples_per_s", "data_wait_s", "padding", "lm_padding")
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -159,6 +159,19 @@ def size(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
+def padding_shares(micro_batches: list[dict]) -> dict:
+    """What a step computed on padding: "padding", the share of log-mel frames (what --bucket-by-length keeps
+    small), and "lm_padding", the share of the language model's input positions (what --pack removes)."""
+    shares = {}
+    frames = [b["frame_mask"] for b in micro_batches if b.get("frame_mask") is not None]
+    if frames:
+        shares["padding"] = sum(1 - mask.float().mean().item() for mask in frames) / len(frames)
+    lm_tokens = sum(b.get("lm_tokens", 0) for b in micro_batches)
+    if lm_tokens:
+        shares["lm_padding"] = sum(b["padding_tokens"] for b in micro_batches) / lm_tokens
+    return shares
+
+
 class StepLog:
     """The launched steps, read in order: counted in the state, logged, shown on the progress bar (printed about
     20 times a run where there is no terminal), a non-finite one handed to the guard (engine/nonfinite.py).
@@ -181,12 +194,9 @@ class StepLog:
             state.bad_in_a_row = 0
             state.step += 1
             per_s = result.examples / max(step.seconds, 1e-9)  # wall time, waiting for data included
-            # the share of log-mel frames that are padding (what --bucket-by-length keeps small)
-            padding = [1 - b["frame_mask"].float().mean().item() for b in step.micro_batches
-                       if b.get("frame_mask") is not None]
             self.metrics.log({"step": state.step, "epoch": state.epoch, "loss": result.loss, "lr": result.lr,
                               "grad_norm": result.grad_norm, "examples_per_s": per_s, "data_wait_s": step.data_wait}
-                             | ({"padding": sum(padding) / len(padding)} if padding else {}))
+                             | padding_shares(step.micro_batches))
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.2e}", per_s=f"{per_s:.0f}")
             if self.main and self.bar.disable and (state.step % max(1, self.max_steps // 20) == 0 or state.step == 1):

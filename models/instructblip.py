@@ -66,7 +66,8 @@ class InstructBlipConfig:
     @classmethod
     def from_hf(cls, cfg: dict) -> "InstructBlipConfig":
         if cfg.get("model_type") != "instructblip":
-            raise ValueError(f"config.json has model_type {cfg.get('model_type')!r}; load_instructblip reads 'instructblip' checkpoints")
+            raise ValueError(f"config.json has model_type {cfg.get('model_type')!r}; load_instructblip reads "
+                             "'instructblip' checkpoints")
         text = cfg.get("text_config") or {}
         if text.get("model_type", "t5") not in LANGUAGE_MODELS:
             raise ValueError(f"text_config has model_type {text.get('model_type')!r}: the ported language models are "
@@ -122,16 +123,20 @@ class InstructBlip(nn.Module):
         if segment_ids is not None:
             return self.packed_forward(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
                                        attention_mask, labels, position_ids, segment_ids)
-        embeds, mask = self.language_model_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask)
+        embeds, mask = self.language_model_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
+                                                  attention_mask)
         if not self.config.decoder_only:
-            return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, decoder_input_ids=decoder_input_ids)
+            return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels,
+                                       decoder_input_ids=decoder_input_ids)
         if decoder_input_ids is not None:
-            raise ValueError("decoder_input_ids is for the T5 language model; a decoder-only LM reads the answer from input_ids")
+            raise ValueError("decoder_input_ids is for the T5 language model; a decoder-only LM reads the answer "
+                             "from input_ids")
         Q = self.config.num_query_tokens
         if labels is not None:  # nothing to predict at the query positions: the last one predicts labels[:, 0]
             labels = torch.cat([labels.new_full((labels.shape[0], Q), -100), labels], dim=1)  # (B, Q + L)
         out = self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-        return CausalLMOutput(last_hidden_state=out.last_hidden_state[:, Q:], head=out.head, loss=out.loss)  # text rows only
+        # text rows only
+        return CausalLMOutput(last_hidden_state=out.last_hidden_state[:, Q:], head=out.head, loss=out.loss)
 
     def packed_forward(self, pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask,
                        labels, position_ids, segment_ids) -> CausalLMOutput:
@@ -170,9 +175,11 @@ class InstructBlip(nn.Module):
         LLaMA: (B, n), the new tokens only, after a left-padded prompt; `eos_token_id` (default: the
         text_config's), one id or several, is where rows stop: the id the training answers ended with and the
         checkpoint's generation_config.json's (models/loading.py `load_special_tokens(...).eos_ids`)."""
-        embeds, mask = self.language_model_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids, attention_mask)
+        embeds, mask = self.language_model_inputs(pixel_values, qformer_input_ids, qformer_attention_mask, input_ids,
+                                                  attention_mask)
         if not self.config.decoder_only:
-            return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens)
+            return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                                max_new_tokens=max_new_tokens)
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                             eos_token_id=eos_token_id)
 
@@ -204,20 +211,24 @@ def load_instructblip(path_or_hub_id, dtype=torch.float32, language_model_dtype=
         language_model = load_llama(checkpoint, f"{prefix}language_model.", config.text_config, dtype=lm_dtype,
                                     quantize=quantize.under("language_model.") if quantize is not None else None)
     elif lm_dtype == torch.float16:
-        raise ValueError("fp16 for the T5 language model is refused: flan-t5 activations overflow fp16 (inf/NaN); use bf16 or fp32")
+        raise ValueError("fp16 for the T5 language model is refused: flan-t5 activations overflow fp16 (inf/NaN); "
+                         "use bf16 or fp32")
     else:
         language_model = load_t5(checkpoint, f"{prefix}language_model.", config.text_config, dtype=lm_dtype)
     with torch.device("meta"):
         model = InstructBlip(config, language_model)
     for name in ("vision_model", "qformer"):  # with quantize, streamed: their Linears NF4 as they are read
-        load_weights(getattr(model, name), checkpoint, f"{prefix}{name}.", dtype, quantize.under(f"{name}.") if quantize is not None else None)
+        load_weights(getattr(model, name), checkpoint, f"{prefix}{name}.", dtype,
+                     quantize.under(f"{name}.") if quantize is not None else None)
     load_into(model.language_projection, checkpoint.load_prefix(f"{prefix}language_projection.", dtype),
               f"{checkpoint.source} [{prefix}language_projection.*]")
     query_tokens = checkpoint.load_prefix(f"{prefix}query_tokens", dtype)[""]
     if query_tokens.shape != model.query_tokens.shape:
-        raise ValueError(f"{checkpoint.source}: query_tokens has shape {tuple(query_tokens.shape)}, the config implies {tuple(model.query_tokens.shape)}")
+        raise ValueError(f"{checkpoint.source}: query_tokens has shape {tuple(query_tokens.shape)}, the config implies "
+                         f"{tuple(model.query_tokens.shape)}")
     model.query_tokens = nn.Parameter(query_tokens)
-    if quantize is not None:  # the rest once loaded: language_projection (a bare Linear of the model) and T5 (flan-t5-xl's
-        # 3B load whole: T5's shared-table aliases need every key at once); a Vicuna's Linears already are NF4
+    # the rest once loaded: language_projection (a bare Linear of the model) and T5 (flan-t5-xl's 3B load whole:
+    # T5's shared-table aliases need every key at once); a Vicuna's Linears already are NF4
+    if quantize is not None:
         quantize_linears(model, quantize.keeping("language_model.lm_head"))
     return model.eval()

@@ -30,10 +30,9 @@ Quirks of the reference, copied on purpose:
 
 Packed rows (data/packing.py): several examples in one row, `segment_ids` (B, T) numbering them 1, 2, ...
 in each row (0 = padding) and `position_ids` restarting at 0 for each. Attention is then block-diagonal
-causal (`BlockCausal`): a token sees the earlier tokens of its own example only, so every example gets
-exactly the hidden states it gets alone. On the CPU that is SDPA with an explicit boolean mask; on CUDA in
-fp16/bf16, torch's variable-length flash attention (`torch.nn.attention.varlen`), which skips the masked
-blocks instead of computing them.
+causal (`BlockCausal`, models/attention.py): a token sees the earlier tokens of its own example only, so
+every example gets exactly the hidden states it gets alone. Greedy decoding and its static KV cache are in
+models/generation.py.
 
 Tied weights: when tie_word_embeddings is set, save_pretrained writes only
 `model.embed_tokens.weight`; this module then has `lm_head = None` and multiplies by the embedding
@@ -49,14 +48,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.attention import BlockCausal, attend, attention_mask_and_positions, segment_positions
 from models.checkpoint import Checkpoint, CheckpointError, resolve_dtype
+from models.generation import KVCache, greedy_generate
 from models.lm_loss import CHUNK_POSITIONS, next_token_loss
 from models.shard_loading import STREAM_GROUP_BYTES, Quantize, load_streaming
-
-try:  # torch >= 2.10: flash attention over packed variable-length sequences (CUDA, fp16/bf16)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
 
 ROPE_TYPES = ("default", "linear", "llama3")
 MODEL_TYPES = ("llama", "qwen2")
@@ -102,7 +98,8 @@ class LlamaConfig:
         if model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r}: models/llama.py reads {' and '.join(MODEL_TYPES)} configs")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {cfg['hidden_act']!r}: LLaMA and Qwen2 use SwiGLU with silu; nothing else is ported")
+            raise ValueError(f"hidden_act {cfg['hidden_act']!r}: LLaMA and Qwen2 use SwiGLU with silu; "
+                             "nothing else is ported")
         layer_types = cfg.get("layer_types") or []
         if cfg.get("use_sliding_window") or "sliding_attention" in layer_types:
             raise ValueError("this qwen2 config turns on sliding-window attention (use_sliding_window / layer_types); "
@@ -127,9 +124,11 @@ class LlamaConfig:
         eos = cfg.get("eos_token_id", 2)
         pad = cfg.get("pad_token_id")
         return cls(
-            vocab_size=cfg.get("vocab_size", 32000), hidden_size=hidden, intermediate_size=cfg.get("intermediate_size", 11008),
+            vocab_size=cfg.get("vocab_size", 32000), hidden_size=hidden,
+            intermediate_size=cfg.get("intermediate_size", 11008),
             num_hidden_layers=cfg.get("num_hidden_layers", 32), num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads, head_dim=cfg.get("head_dim") or hidden // heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope=rope,
             qkv_bias=True if model_type == "qwen2" else bias, o_bias=False if model_type == "qwen2" else bias,
             mlp_bias=cfg.get("mlp_bias", False), tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -150,7 +149,8 @@ def rope_inverse_frequencies(cfg: LlamaConfig) -> torch.Tensor:
         low_wavelength = rope.original_max_position_embeddings / rope.low_freq_factor
         high_wavelength = rope.original_max_position_embeddings / rope.high_freq_factor
         scaled = torch.where(wavelength > low_wavelength, inv_freq / rope.factor, inv_freq)
-        smooth = (rope.original_max_position_embeddings / wavelength - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smooth = ((rope.original_max_position_embeddings / wavelength - rope.low_freq_factor)
+                  / (rope.high_freq_factor - rope.low_freq_factor))
         smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
         between = (wavelength >= high_wavelength) & (wavelength <= low_wavelength)
         return torch.where(between, smoothed, scaled)
@@ -211,84 +211,11 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)  # back to the input's dtype first, as the reference
 
 
-class KVCache:
-    """Keys and values of the positions decoded so far, one preallocated (B, H_kv, max_len, d) buffer
-    per layer (gpt-fast's static cache); `length` positions are filled."""
-
-    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.length = 0  # advanced by LlamaModel.forward once every layer has written
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H_kv, T, d) after the cached positions; return all of them (B, H_kv, length + T, d)."""
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-
-def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
-    """segment_ids (B, T) of packed rows -> (B, T) positions restarting at 0 where each example starts (0 on
-    padding): what `position_ids` of data/packing.py hold, for a caller that passes only the segments."""
-    B, T = segment_ids.shape
-    index = torch.arange(T, device=segment_ids.device).expand(B, T)  # (B, T)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]  # an example (or the padding) begins here
-    first = torch.where(starts, index, 0).cummax(dim=-1).values  # (B, T) index of the run's first token
-    return (index - first).masked_fill(segment_ids == 0, 0)
-
-
-class BlockCausal:
-    """The attention of packed rows: token t of a row may attend to token s <= t when both belong to the same
-    example (segment_ids equal and > 0). A padding token attends to itself only; its output is never read.
-
-    Two spellings of the same attention, chosen per call by `Attention.forward`:
-    - `mask()`: the (B, 1, T, T) boolean mask for SDPA, built once per forward and shared by every layer;
-    - `varlen_attention`: the row's examples laid end to end, (B * T, H, d), with the cumulative lengths of
-      every example and of each row's padding run (treated as one more sequence), for torch's variable-length
-      flash attention, which needs CUDA and fp16/bf16 and has no dropout."""
-
-    def __init__(self, segment_ids: torch.Tensor):
-        self.segment_ids = segment_ids  # (B, T) long, 0 = padding, k = the k-th example of its row
-        self._mask = None
-        self._varlen = None
-
-    def mask(self) -> torch.Tensor:
-        if self._mask is None:
-            seg, T = self.segment_ids, self.segment_ids.shape[1]
-            same = seg[:, :, None] == seg[:, None, :]  # (B, T, T): query t and key s in one example
-            causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()  # (T, T)
-            allowed = same & causal & (seg[:, None, :] > 0)  # no padding keys
-            allowed |= torch.eye(T, dtype=torch.bool, device=seg.device)  # a padding query: itself, not a NaN row
-            self._mask = allowed[:, None]  # (B, 1, T, T)
-        return self._mask
-
-    def varlen_applies(self, q: torch.Tensor, dropout: float) -> bool:
-        return varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0
-
-    def varlen_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (B, H, T, d), k and v (B, H_kv, T, d) -> (B, T, H*d), each example attending causally to itself."""
-        B, H, T, d = q.shape
-        if self._varlen is None:
-            starts = torch.ones_like(self.segment_ids, dtype=torch.bool)
-            starts[:, 1:] = self.segment_ids[:, 1:] != self.segment_ids[:, :-1]  # a row starts a sequence too
-            begins = starts.flatten().nonzero().flatten()  # (n,) first token of each sequence in (B * T)
-            ends = torch.cat([begins[1:], begins.new_tensor([B * T])])
-            cumulative = torch.cat([begins, begins.new_tensor([B * T])]).to(torch.int32)  # (n + 1,)
-            self._varlen = cumulative, int((ends - begins).max())
-        cumulative, longest = self._varlen
-        packed = [t.transpose(1, 2).reshape(B * T, t.shape[1], d) for t in (q, k, v)]  # (B, H, T, d) -> (B*T, H, d)
-        y = varlen_attn(*packed, cumulative, cumulative, longest, longest, window_size=(-1, 0),
-                        enable_gqa=k.shape[1] != H)  # (-1, 0): causal
-        return y.view(B, T, H * d)  # (B*T, H, d) -> (B, T, H*d)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim, self.layer = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, layer
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim, self.layer = cfg.head_dim, layer
         self.dropout = cfg.attention_dropout
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -303,16 +230,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H_kv, S, d), S = cached + T
-        if isinstance(mask, BlockCausal):  # packed rows
-            dropout = self.dropout if self.training else 0.0
-            if mask.varlen_applies(q, dropout):
-                return self.o_proj(mask.varlen_attention(q, k, v))  # (B, T, H*d)
-            mask = mask.mask()  # (B, 1, T, T)
-        groups = self.heads // self.kv_heads  # each key/value head serves this many query heads
-        if groups > 1:  # repeat_interleave copies even by 1: with a KV cache, every step would copy it whole
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H_kv, S, d) -> (B, H, S, d)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))  # (B, H, T, d) -> (B, T, H*d); explicit: B may be 0
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, T, H*d)
+        return self.o_proj(y)
 
 
 class MLP(nn.Module):
@@ -339,26 +258,6 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-def attention_mask_and_positions(attention_mask: torch.Tensor | None, batch: int, start: int, T: int, device):
-    """(B, 1, T, S) bool mask (True = may attend) and (B, T) positions for T new tokens after `start`
-    cached ones; attention_mask (B, S = start + T), 1 on real tokens, or None (all real)."""
-    S = start + T
-    if attention_mask is None:
-        attention_mask = torch.ones(batch, S, dtype=torch.long, device=device)
-    if attention_mask.shape != (batch, S):
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; it must cover the cached and the "
-                         f"new positions: ({batch}, {S})")
-    real = attention_mask.bool()
-    # positions count real tokens only, so padding on either side shifts nothing (transformers' generate)
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~real, 0)[:, start:]  # (B, T)
-    query = torch.arange(start, S, device=device)[:, None]  # (T, 1) index of each new token in the sequence
-    key = torch.arange(S, device=device)[None, :]  # (1, S)
-    allowed = (key <= query) & real[:, None, :]  # (B, T, S): causal, and no padding keys
-    # A padding query would see no key at all (a NaN row); let it see itself. Its output is never used.
-    allowed = allowed | (key == query)
-    return allowed[:, None], positions  # (B, 1, T, S)
 
 
 class LlamaModel(nn.Module):
@@ -431,8 +330,10 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         # tied: no module at all, logits use model.embed_tokens.weight (see the module docstring)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.loss_chunk_size = CHUNK_POSITIONS  # scored positions projected onto the vocabulary at a time (models/lm_loss.py)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        # scored positions projected onto the vocabulary at a time (models/lm_loss.py)
+        self.loss_chunk_size = CHUNK_POSITIONS
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., V). The lm_head module is called, not its weight read: LoRA on lm_head must act."""
@@ -457,42 +358,12 @@ class LlamaForCausalLM(nn.Module):
             loss = next_token_loss(hidden, labels, self.logits, self.loss_chunk_size)
         return CausalLMOutput(last_hidden_state=hidden, head=self.logits, loss=loss)
 
-    @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, max_new_tokens: int = 20,
                  eos_token_id: int | tuple[int, ...] | None = None, use_cache: bool = True) -> torch.Tensor:
-        """Greedy decoding -> (B, n) long: only the n <= max_new_tokens new tokens, not the prompt. A row that
-        emits eos keeps it and is padded after it (pad_token_id, else the first eos); decoding stops when every
-        row has, as transformers' generate(do_sample=False, num_beams=1). Pad the prompt on the left: every row's
-        next token then follows its last real one. eos_token_id (default: the config's) may be overridden, by one
-        id or several (a checkpoint's generation_config.json lists several: models/tokenizer.py SpecialTokens).
-
-        Everything that grows with the output is allocated once, for T + max_new_tokens positions: the KV cache
-        (gpt-fast's static cache, written in place), the attention mask and the output ids; each step reads a
-        prefix of them, so no step copies what the previous ones wrote."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        B, T, _ = x.shape
-        mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=x.device)  # every new token is real
-        if attention_mask is not None:
-            mask[:, :T] = attention_mask
-        eos_ids = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        eos = torch.tensor(eos_ids, dtype=torch.long, device=x.device).flatten()
-        pad = self.config.pad_token_id if self.config.pad_token_id is not None else int(eos[0]) if len(eos) else 0
-        cache = KVCache(self.config, B, T + max_new_tokens, x.dtype, x.device) if use_cache else None
-        tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=x.device)  # (B, n)
-        finished = torch.zeros(B, dtype=torch.bool, device=x.device)
-        step_input = x  # with a cache: the prompt, then one new token a step; without: everything so far
-        for step in range(max_new_tokens):
-            hidden = self.model(step_input, mask[:, :T + step], cache=cache)  # (B, T', D)
-            next_token = self.logits(hidden[:, -1]).argmax(-1).masked_fill(finished, pad)  # (B,)
-            tokens[:, step] = next_token
-            finished |= torch.isin(next_token, eos)
-            if finished.all():
-                return tokens[:, :step + 1]
-            new = self.model.embed_tokens(next_token[:, None]).to(x.dtype)  # (B, 1, D)
-            step_input = new if use_cache else torch.cat([step_input, new], dim=1)
-        return tokens
+        """Greedy decoding -> (B, n) long, the n <= max_new_tokens new tokens only; stops when every row has
+        emitted eos. Pad the prompt on the left. See models/generation.py greedy_generate."""
+        return greedy_generate(self, input_ids, inputs_embeds, attention_mask, max_new_tokens, eos_token_id,
+                               use_cache)
 
 
 def load_llama(checkpoint: Checkpoint | str, prefix: str = "", config: dict | None = None,

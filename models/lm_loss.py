@@ -49,19 +49,22 @@ IGNORE_INDEX = -100  # labels that score nothing: prompt, padding, image queries
 CHUNK_POSITIONS = 1024  # scored rows per chunk: a full Qwen2-Audio-7B chunk peaks near 2.6 GB (see above)
 
 
-def summed_cross_entropy(head: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def summed_cross_entropy(head: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor,
+                         targets: torch.Tensor) -> torch.Tensor:
     """rows (n, D), targets (n,) -> the summed fp32 cross entropy of their logits (n, V), upcast here."""
     return F.cross_entropy(head(rows).float(), targets, reduction="sum")
 
 
-def next_token_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor,
+def next_token_loss(hidden: torch.Tensor, labels: torch.Tensor,
+                    head: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor,
                     chunk_size: int = CHUNK_POSITIONS) -> torch.Tensor:
     """hidden (B, T, D) after the final norm, labels (B, T) aligned with the inputs (-100 ignored), head:
     (..., D) -> (..., V) or its (V, D) weight -> the mean next-token cross entropy over the scored tokens,
     a fp32 scalar; equal to F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()).
     No scored token at all gives NaN, as that reference does (the mean of nothing)."""
     if labels.shape != hidden.shape[:2]:
-        raise ValueError(f"labels have shape {tuple(labels.shape)}; they must align with the inputs: {tuple(hidden.shape[:2])}")
+        raise ValueError(f"labels have shape {tuple(labels.shape)}; they must align with the inputs: "
+                         f"{tuple(hidden.shape[:2])}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
     if isinstance(head, torch.Tensor):
@@ -78,7 +81,8 @@ def next_token_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[
     total = None
     for start in range(0, n, chunk_size):
         piece = slice(start, start + chunk_size)
-        # the chunk's logits are rebuilt in backward; with the RNG replayed, a LoRA dropout on lm_head draws the same mask
+        # the chunk's logits are rebuilt in backward; with the RNG replayed, a LoRA dropout on lm_head draws the
+        # same mask
         part = checkpoint(summed_cross_entropy, head, rows[piece], targets[piece], use_reentrant=False)
         total = part if total is None else total + part
     return total / n

@@ -98,8 +98,9 @@ class Qwen2AudioConfig:
     def from_hf(cls, cfg: dict) -> "Qwen2AudioConfig":
         if cfg.get("model_type") != "qwen2_audio" or not cfg.get("text_config"):
             raise ValueError(f"config.json has model_type {cfg.get('model_type')!r}"
-                             f"{'' if cfg.get('text_config') else ' and no text_config'}: the whole Qwen2-Audio needs a "
-                             "'qwen2_audio' checkpoint with its language model (e.g. Qwen/Qwen2-Audio-7B-Instruct)")
+                             f"{'' if cfg.get('text_config') else ' and no text_config'}: the whole Qwen2-Audio "
+                             "needs a 'qwen2_audio' checkpoint with its language model "
+                             "(e.g. Qwen/Qwen2-Audio-7B-Instruct)")
         text = dict(cfg["text_config"])
         text.setdefault("model_type", "qwen2")
         # transformers saves `audio_token_index` (its attribute_map calls it audio_token_id)
@@ -118,7 +119,8 @@ class MultiModalProjector(nn.Module):
         return self.linear(x)
 
 
-def project_audio(audio_tower: Qwen2AudioEncoder, multi_modal_projector: MultiModalProjector, input_features: torch.Tensor,
+def project_audio(audio_tower: Qwen2AudioEncoder, multi_modal_projector: MultiModalProjector,
+                  input_features: torch.Tensor,
                   feature_attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Clips -> (audio (N, T_out, D_lm), lengths (N,)): row n is valid up to lengths[n] = its placeholders."""
     frame_mask = feature_attention_mask.bool()  # (N, T), 1 on valid frames, which come first
@@ -167,7 +169,8 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         if feature_attention_mask is None:  # every frame valid: clips padded to 30 s by the caller
             feature_attention_mask = torch.ones(input_features.shape[0], input_features.shape[-1], dtype=torch.long,
                                                 device=input_features.device)
-        audio, lengths = project_audio(self.audio_tower, self.multi_modal_projector, input_features, feature_attention_mask)
+        audio, lengths = project_audio(self.audio_tower, self.multi_modal_projector, input_features,
+                                       feature_attention_mask)
         return place_audio(text, audio_positions, audio, lengths)
 
     def forward(self, input_ids, input_features=None, attention_mask=None, feature_attention_mask=None,
@@ -211,7 +214,8 @@ def language_side_linear_paths(config: dict | None = None) -> list[str]:
 
 
 def load_qwen2_audio(path_or_hub_id: str | Path, dtype: str | torch.dtype = torch.float32, language_model_dtype=None,
-                     revision: str | None = None, quantize: Quantize | None = None) -> Qwen2AudioForConditionalGeneration:
+                     revision: str | None = None,
+                     quantize: Quantize | None = None) -> Qwen2AudioForConditionalGeneration:
     """The whole Qwen2-Audio (e.g. Qwen/Qwen2-Audio-7B-Instruct) from a checkpoint directory or hub id, sharded
     or not, in eval mode. `language_model_dtype` (default: `dtype`) holds the 7B language model in bf16 while
     the tower and projector stay in `dtype` (LoRA weights are added later, in fp32, by lora/). With `quantize`
@@ -219,16 +223,19 @@ def load_qwen2_audio(path_or_hub_id: str | Path, dtype: str | torch.dtype = torc
     checkpoint = Checkpoint.open(path_or_hub_id, revision=revision)
     config = Qwen2AudioConfig.from_hf(checkpoint.config)
     if "language_model.model.embed_tokens.weight" not in checkpoint.weight_map:
-        raise ValueError(f"{checkpoint.source} holds no 'language_model.model.embed_tokens.weight': not a whole Qwen2-Audio "
-                         f"in the hub layout (its top-level prefixes are: {', '.join(checkpoint.top_level_prefixes())}); "
+        raise ValueError(f"{checkpoint.source} holds no 'language_model.model.embed_tokens.weight': not a whole "
+                         "Qwen2-Audio in the hub layout (its top-level prefixes are: "
+                         f"{', '.join(checkpoint.top_level_prefixes())}); "
                          "an audio tower alone serves --encoding-strategy audio_tower, not the whole model")
     dtype = resolve_dtype(dtype)
-    language_model = load_llama(checkpoint, "language_model.", config.text_config, dtype=resolve_dtype(language_model_dtype or dtype),
+    language_model = load_llama(checkpoint, "language_model.", config.text_config,
+                                dtype=resolve_dtype(language_model_dtype or dtype),
                                 quantize=quantize.under("language_model.") if quantize is not None else None)
     with torch.device("meta"):
         model = Qwen2AudioForConditionalGeneration(config, language_model)
     for name in ("audio_tower", "multi_modal_projector"):  # with quantize, streamed: their Linears NF4 as they are read
-        load_weights(getattr(model, name), checkpoint, f"{name}.", dtype, quantize.under(f"{name}.") if quantize is not None else None)
+        load_weights(getattr(model, name), checkpoint, f"{name}.", dtype,
+                     quantize.under(f"{name}.") if quantize is not None else None)
     return model.eval()
 
 
@@ -238,8 +245,9 @@ def load_qwen2_audio_tokenizer(path_or_hub_id: str | Path, revision: str | None 
     checkpoint = Checkpoint.open(path_or_hub_id, revision=revision, weights=False)
     path = checkpoint.file("tokenizer.json", required=False)
     if path is None:
-        raise FileNotFoundError(f"{checkpoint.source} ships no tokenizer.json; write it once with python -c \"from transformers "
-                                "import AutoTokenizer; AutoTokenizer.from_pretrained('MODEL').save_pretrained('DIR')\" and copy "
+        raise FileNotFoundError(f"{checkpoint.source} ships no tokenizer.json; write it once with python -c "
+                                "\"from transformers import AutoTokenizer; "
+                                "AutoTokenizer.from_pretrained('MODEL').save_pretrained('DIR')\" and copy "
                                 "DIR/tokenizer.json beside config.json")
     tokenizer = Tokenizer.from_file(str(path))
     missing = [token for token in CHAT_TOKENS if tokenizer.token_to_id(token) is None]

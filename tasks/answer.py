@@ -22,6 +22,9 @@ from models.shard_loading import Quantize
 from tasks.inputs import data_fingerprint, read_data, report_problems
 
 
+PACKED_KEYS = ("position_ids", "segment_ids")  # what a packed batch adds for the model (data/packing.py)
+
+
 class AnswerTask:
     heads: list[str] = []  # nothing trained from scratch: LoRA, and --train-also modules
     min_examples = 1

@@ -24,7 +24,7 @@ from models import load_qwen2_audio, load_qwen2_audio_tokenizer
 from models.loading import load_special_tokens
 from models.qwen2_audio import AUDIO, IM_END
 from models.shard_loading import Quantize
-from tasks.answer import AnswerTask
+from tasks.answer import PACKED_KEYS, AnswerTask
 from tasks.audio_text import feature_cache_of
 from tasks.inputs import read_data, refuse_unreadable
 
@@ -84,7 +84,10 @@ class AudioQATask(AnswerTask):
         self.feature_cache = feature_cache_of(config)
         self.dataset = AudioQADataset(examples, on_bad_audio=config.data.on_bad_input, n_mels=self.n_mels,
                                       feature_cache=self.feature_cache)
-        self.collate = functools.partial(collate_audio_qa, tokenizer=tokenizer, pad_to_30s=config.model.pad_to_30s)
+        self.collate = functools.partial(collate_audio_qa, tokenizer=tokenizer, pad_to_30s=config.model.pad_to_30s,
+                                         pack=config.data.pack)
+        if config.data.pack is not None:  # the packed rows' positions and example boundaries (data/packing.py)
+            self.batch_keys = self.batch_keys + PACKED_KEYS
 
     def inputs(self, batch: dict, device: torch.device) -> dict:
         if batch["input_ids"] is None:  # every clip skipped: zero rows keep this rank in DDP's collectives

@@ -74,6 +74,9 @@ class AudioTextTask:
         """The model (no LoRA yet) and the data of a run; `self.config` is `config` with the audio folders found
         and the training data's fingerprint."""
         src, model_settings = config.sources, config.model
+        if config.data.pack is not None:
+            raise TrainingError("--pack puts answer examples end to end in a language model's rows (--task audio-qa, "
+                                "instructblip with Vicuna); audio-text batches have no answer tokens: leave it out")
         if not all([src.audio_model, src.text_model, src.train_data]):
             raise TrainingError("give --audio-model, --text-model and --train-data together, "
                                 "or none of them for the offline demo")

@@ -21,7 +21,7 @@ from evaluation.answers import AnswerBatches, answer_text
 from models import load_instructblip, load_instructblip_tokenizers
 from models.loading import load_special_tokens
 from models.shard_loading import Quantize
-from tasks.answer import AnswerTask
+from tasks.answer import PACKED_KEYS, AnswerTask
 from tasks.inputs import read_data, refuse_unreadable
 
 
@@ -81,9 +81,16 @@ class InstructBlipTask(AnswerTask):
         examples, self.eval_examples = self.read_examples(problems_of, config, say)
         self.dataset = VQADataset(examples, on_bad_image=config.data.on_bad_input)
         self.image_size = self.model.config.vision.image_size
+        pack = config.data.pack
+        if pack is not None and not decoder_only:
+            raise TrainingError("--pack puts examples end to end in a decoder-only language model's rows; this "
+                                "InstructBLIP's language model is T5 (an encoder-decoder): leave --pack out")
         self.collate = functools.partial(collate_vqa, image_size=self.image_size,
                                          qformer_tokenizer=self.tokenizers[0], lm_tokenizer=self.tokenizers[1],
-                                         decoder_only=decoder_only, special_tokens=special)
+                                         decoder_only=decoder_only, special_tokens=special, pack=pack,
+                                         num_query_tokens=self.model.config.num_query_tokens)
+        if pack is not None:  # the packed rows' positions and example boundaries (data/packing.py)
+            self.batch_keys = self.batch_keys + PACKED_KEYS
 
     def inputs(self, batch: dict, device: torch.device) -> dict:
         if batch["pixel_values"] is None:  # every image skipped: zero rows keep this rank in DDP's collectives

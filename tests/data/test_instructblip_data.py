@@ -281,4 +281,5 @@ def test_dataloader_with_two_workers_carries_both_tokenizers(tmp_path):
                 assert torch.equal(batch[key], value), key
             else:
                 assert batch[key] == value, key
-    assert sum(len(b["skipped"]) for b in batches) == 3 and all(isinstance(s, Skipped) for b in batches for s in b["skipped"])
+    assert (sum(len(b["skipped"]) for b in batches) == 3
+            and all(isinstance(s, Skipped) for b in batches for s in b["skipped"]))

@@ -21,8 +21,11 @@ from models import export
 from models.audio_text import load_run
 from models.checkpoint import INDEX, SINGLE
 
-POSITIONS = 256  # conv2 frames the towers hold: a 4 s demo clip needs 201; transformers' encoders take exactly 2x as many log-mel frames
-AUDIO = dict(num_mel_bins=16, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, max_source_positions=POSITIONS)
+# conv2 frames the towers hold: a 4 s demo clip needs 201; transformers' encoders take exactly 2x as many
+# log-mel frames
+POSITIONS = 256
+AUDIO = dict(num_mel_bins=16, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+             max_source_positions=POSITIONS)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +49,9 @@ def train_audio_text(sounds, audio_model, out):
 def whisper_run(sounds, tmp_path_factory):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    config = WhisperConfig(vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, decoder_layers=1,
-                           decoder_attention_heads=4, decoder_ffn_dim=64, max_target_positions=16, **AUDIO)
+    config = WhisperConfig(vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                           decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64, max_target_positions=16,
+                           **AUDIO)
     torch.manual_seed(0)
     base = tmp_path_factory.mktemp("whisper")
     WhisperForConditionalGeneration(config).eval().save_pretrained(base)
@@ -59,8 +63,9 @@ def whisper_run(sounds, tmp_path_factory):
 def qwen2_audio_run(sounds, tmp_path_factory):
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
-    config = Qwen2AudioConfig(audio_config=AUDIO, text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                                   num_attention_heads=2, num_key_value_heads=1))
+    config = Qwen2AudioConfig(audio_config=AUDIO, text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                                                   num_hidden_layers=2, num_attention_heads=2,
+                                                                   num_key_value_heads=1))
     torch.manual_seed(1)
     base = tmp_path_factory.mktemp("qwen2_audio")
     Qwen2AudioForConditionalGeneration(config).eval().save_pretrained(base, max_shard_size="30KB")
@@ -103,7 +108,8 @@ def test_whisper_export_loads_in_transformers_and_equals_ours_with_adapter(whisp
     [report] = record["bases"]
     assert report["rewritten"] == [SINGLE] and len(report["replaced_keys"]) == 2 * 4  # q, k, v, out in 2 layers
     assert_kept(base, out, report, "model.encoder.layers.")
-    assert {"config.json", "generation_config.json", "preprocessor_config.json", "heads.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
+    assert ({"config.json", "generation_config.json", "preprocessor_config.json", "heads.safetensors", "README.md"}
+            <= {p.name for p in out.iterdir()})
     exported = WhisperForConditionalGeneration.from_pretrained(out).eval()
     encoder = exported.get_encoder()
     norm, encoder.layer_norm = encoder.layer_norm, torch.nn.Identity()
@@ -113,7 +119,8 @@ def test_whisper_export_loads_in_transformers_and_equals_ours_with_adapter(whisp
         theirs = norm(torch.nn.functional.avg_pool1d(pre_norm.transpose(1, 2), 2, 2).transpose(1, 2))
     ours = ours_with_adapter(run, x)
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
-    assert (ours - ours_with_adapter(run, x, with_adapter=False)).abs().max() > 1e-2  # the adapter matters at this tolerance
+    # the adapter matters at this tolerance
+    assert (ours - ours_with_adapter(run, x, with_adapter=False)).abs().max() > 1e-2
 
 
 def test_sharded_qwen2_audio_export_rewrites_only_the_merged_shards(qwen2_audio_run, tmp_path):
@@ -127,7 +134,8 @@ def test_sharded_qwen2_audio_export_rewrites_only_the_merged_shards(qwen2_audio_
     prefix = "audio_tower." if "audio_tower.conv1.weight" in weight_map else "model.audio_tower."
     assert sorted(report["rewritten"]) == sorted({weight_map[key] for key in report["replaced_keys"]})
     assert len(report["linked"]) > 2 and len(report["rewritten"]) >= 2  # several shards of each kind
-    assert any(all(not key.startswith(prefix) for key, s in weight_map.items() if s == shard) for shard in report["linked"])
+    assert any(all(not key.startswith(prefix) for key, s in weight_map.items() if s == shard)
+               for shard in report["linked"])
     assert_kept(base, out, report, prefix + "layers.")
     assert filecmp.cmp(base / INDEX, out / INDEX, shallow=False)
     assert all((out / shard).stat().st_ino == (base / shard).stat().st_ino for shard in report["linked"])
@@ -137,10 +145,12 @@ def test_sharded_qwen2_audio_export_rewrites_only_the_merged_shards(qwen2_audio_
     with torch.no_grad():
         theirs = tower(x).last_hidden_state
     torch.testing.assert_close(theirs, ours_with_adapter(run, x), atol=1e-4, rtol=1e-4)
-    assert torch.equal(load_file(str(out / "heads.safetensors"))["audio_proj.weight"], load_file(str(run / "heads.safetensors"))["audio_proj.weight"])
+    assert torch.equal(load_file(str(out / "heads.safetensors"))["audio_proj.weight"],
+                       load_file(str(run / "heads.safetensors"))["audio_proj.weight"])
     text = (out / "README.md").read_text()
     assert "rank 16, alpha 32" in text and "audio_tower.layers.{0..1}.self_attn.{k,out,q,v}_proj" in text
-    assert record["heads_beside"] == ["audio_proj.bias", "audio_proj.weight", "logit_scale", "text_proj.bias", "text_proj.weight"]
+    assert record["heads_beside"] == ["audio_proj.bias", "audio_proj.weight", "logit_scale", "text_proj.bias",
+                                      "text_proj.weight"]
 
 
 def test_export_into_a_copy_without_links_and_refusals(qwen2_audio_run, tmp_path, capsys):
@@ -180,14 +190,15 @@ def test_instructblip_export_merges_the_qformer_and_the_trained_projection(tmp_p
     base = ensure_demo_instructblip(root / "model", shapes["texts"], seed=0, verbose=False)
     run = tmp_path / "run"
     train.train(train.parse_args([
-        "--task", "instructblip", "--model", base, "--train-data", shapes["train"], "--output-dir", str(run), "--max-steps", "3",
-        "--batch-size", "8", "--lr", "1e-2", "--warmup-steps", "0", "--workers", "0", "--eval-every", "0", "--save-every", "0",
-        "--train-also", "language_projection",
+        "--task", "instructblip", "--model", base, "--train-data", shapes["train"], "--output-dir", str(run),
+        "--max-steps", "3", "--batch-size", "8", "--lr", "1e-2", "--warmup-steps", "0", "--workers", "0",
+        "--eval-every", "0", "--save-every", "0", "--train-also", "language_projection",
     ]))
     out = tmp_path / "merged"
     record = export.export_run(run, out)
     [report] = record["bases"]
-    assert record["heads_into_checkpoint"] == ["language_projection.bias", "language_projection.weight"] and record["heads_beside"] == []
+    assert (record["heads_into_checkpoint"] == ["language_projection.bias", "language_projection.weight"]
+            and record["heads_beside"] == [])
     assert len(record["merged_layers"]) == 12 and all(p.startswith("qformer.") for p in record["merged_layers"])
     assert_kept(Path(base), out, report, "")
     assert all(key.startswith(("qformer.", "language_projection.")) for key in report["replaced_keys"])
@@ -201,6 +212,8 @@ def test_instructblip_export_merges_the_qformer_and_the_trained_projection(tmp_p
     qformer_mask = torch.ones(2, 6, dtype=torch.long)
     qformer_mask[1, 4:] = 0
     with torch.no_grad():
-        features = exported.get_image_features(pixel_values=pixel_values, qformer_input_ids=qformer_ids, qformer_attention_mask=qformer_mask)
+        features = exported.get_image_features(pixel_values=pixel_values, qformer_input_ids=qformer_ids,
+                                               qformer_attention_mask=qformer_mask)
         theirs = features.pooler_output if hasattr(features, "pooler_output") else features[0]
-        torch.testing.assert_close(theirs, ours.query_embeddings(pixel_values, qformer_ids, qformer_mask), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(theirs, ours.query_embeddings(pixel_values, qformer_ids, qformer_mask),
+                                   atol=1e-4, rtol=1e-4)

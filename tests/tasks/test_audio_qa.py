@@ -51,7 +51,8 @@ def test_collate_writes_what_transformers_processor_writes():
     rng = np.random.default_rng(0)
     waves = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in (16000 + 123, 9000)]
     for wave in waves:
-        expected = processor(text=[chat_prompt("what do you hear")], audio=[wave], return_tensors="pt", sampling_rate=16000)
+        expected = processor(text=[chat_prompt("what do you hear")], audio=[wave], return_tensors="pt",
+                             sampling_rate=16000)
         batch = collate_audio_qa([item(wave)], tokenizer, pad_to_30s=True)
         assert batch["prompt_input_ids"].tolist() == expected["input_ids"].tolist()
         # the processor's STFT of the 30 s waveform, ours of the clip alone: the mel matmul runs at another
@@ -72,7 +73,8 @@ def test_collate_scores_the_answer_only_and_pads_prompts_on_the_left():
         scored = batch["labels"][row][batch["labels"][row] != -100].tolist()
         assert scored == answer  # the answer and <|im_end|>; never the prompt, the audio or the padding
         n_audio = audio_token_count(it["features"].valid_frames)
-        assert int((batch["input_ids"][row] == audio_id).sum()) == n_audio == int((batch["prompt_input_ids"][row] == audio_id).sum())
+        assert (int((batch["input_ids"][row] == audio_id).sum()) == n_audio
+                == int((batch["prompt_input_ids"][row] == audio_id).sum()))
         prompt = batch["prompt_input_ids"][row][batch["prompt_attention_mask"][row].bool()].tolist()
         assert batch["input_ids"][row][: len(prompt)].tolist() == prompt  # input_ids = prompt + answer, right-padded
     assert batch["prompt_attention_mask"][:, -1].tolist() == [1, 1]  # left padding: every prompt ends the row
@@ -89,10 +91,12 @@ def test_manifest_errors_and_token_budgets(tmp_path):
     with pytest.raises(ManifestError, match='m.jsonl:2: "answer" must be a string, got int 2'):
         read_audio_qa_manifest(path)
     # under --on-bad-audio skip the bad lines are collected, named and left out, the good ones kept
-    path.write_text('{"audio": "a.wav", "prompt": "how many?", "answer": "two"}\nnot json\n{"audio": "b.wav", "prompt": " "}\n')
+    path.write_text('{"audio": "a.wav", "prompt": "how many?", "answer": "two"}\nnot json\n'
+                    '{"audio": "b.wav", "prompt": " "}\n')
     bad_lines = []
     assert [e.line for e in read_audio_qa_manifest(path, bad_lines=bad_lines)] == [1]
-    assert [(b.line, b.reason.split(" (")[0].split(";")[0]) for b in bad_lines] == [(2, "invalid JSON"), (3, 'missing "answer"')]
+    assert [(b.line, b.reason.split(" (")[0].split(";")[0]) for b in bad_lines] == [(2, "invalid JSON"),
+                                                                                    (3, 'missing "answer"')]
     path.write_text('{"audio": "a.wav", "prompt": "what do you hear", "answer": "loud noise"}\n'
                     '{"audio": "a.wav", "prompt": "what <|AUDIO|> do you hear", "answer": "loud"}\n'
                     '{"audio": "a.wav", "prompt": "what do you hear", "answer": "loud noise loud noise"}\n')
@@ -131,8 +135,9 @@ def test_word_errors_counts_edits_between_normalized_answers():
 @pytest.fixture(scope="module")
 def trained(demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    model, history = train.train(train.parse_args(flags(demo, out, "--max-steps", "60", "--batch-size", "16", "--lr", "5e-3",
-                                                        "--warmup-steps", "5", "--train-also", "multi_modal_projector")))
+    model, history = train.train(train.parse_args(flags(demo, out, "--max-steps", "60", "--batch-size", "16",
+                                                        "--lr", "5e-3", "--warmup-steps", "5",
+                                                        "--train-also", "multi_modal_projector")))
     return out, model, history
 
 
@@ -154,10 +159,12 @@ def test_eval_reproduces_the_final_answers_and_no_adapter_differs(trained, tmp_p
                             cwd=Path(evaluation.__file__).parent, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["exact_match"] == history["after"]["exact_match"] and metrics["wer"] == pytest.approx(history["after"]["wer"])
+    assert (metrics["exact_match"] == history["after"]["exact_match"]
+            and metrics["wer"] == pytest.approx(history["after"]["wer"]))
     assert metrics["loss"] == pytest.approx(history["after"]["loss"], abs=1e-5)
     assert f"exact match {metrics['exact_match']:.2f}%, WER" in result.stdout
-    assert evaluation.main(["--checkpoint", str(out), "--no-adapter"])["loss"] != pytest.approx(metrics["loss"], abs=1e-3)
+    assert evaluation.main(["--checkpoint", str(out), "--no-adapter"])["loss"] != pytest.approx(metrics["loss"],
+                                                                                                abs=1e-3)
 
 
 def test_export_of_an_audio_qa_run_loads_in_transformers_and_equals_ours_with_the_adapter(trained, demo, tmp_path):
@@ -184,8 +191,8 @@ def test_export_of_an_audio_qa_run_loads_in_transformers_and_equals_ours_with_th
 
 
 def run_of(demo, out, *extra):
-    train.train(train.parse_args(flags(demo, out, "--batch-size", "8", "--max-steps", "3", "--dropout", "0", "--lr", "3e-3",
-                                       "--warmup-steps", "1", "--eval-data", "", *extra)))
+    train.train(train.parse_args(flags(demo, out, "--batch-size", "8", "--max-steps", "3", "--dropout", "0",
+                                       "--lr", "3e-3", "--warmup-steps", "1", "--eval-data", "", *extra)))
     return out
 
 
@@ -194,8 +201,8 @@ def test_micro_batches_and_two_processes_train_the_same_run_as_the_whole_batch(d
     answer tokens, so 4 x 2 (and 2 ranks x 2 x 2 under torchrun) equal 8 at once."""
     whole = run_of(demo, tmp_path / "whole")
     assert_same_run(run_of(demo, tmp_path / "micro2", "--micro-batch-size", "2"), whole)
-    result = torchrun(flags(demo, tmp_path / "ddp", "--batch-size", "8", "--max-steps", "3", "--dropout", "0", "--lr", "3e-3",
-                            "--warmup-steps", "1", "--eval-data", "", "--micro-batch-size", "2"))
+    result = torchrun(flags(demo, tmp_path / "ddp", "--batch-size", "8", "--max-steps", "3", "--dropout", "0",
+                            "--lr", "3e-3", "--warmup-steps", "1", "--eval-data", "", "--micro-batch-size", "2"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((tmp_path / "ddp" / "run_config.json").read_text())["world_size"] == 2
     assert_same_run(tmp_path / "ddp", whole)
@@ -203,7 +210,8 @@ def test_micro_batches_and_two_processes_train_the_same_run_as_the_whole_batch(d
 
 def test_the_demo_is_deterministic_and_its_tokenizer_fits_its_model(demo, tmp_path):
     again = ensure_demo_audio_qa(tmp_path, n_train=48, n_eval=8, seed=0, verbose=False)
-    for name in ("model/model.safetensors", "model/tokenizer.json", "sounds/train.jsonl", "sounds/audio/train_0003.wav"):
+    for name in ("model/model.safetensors", "model/tokenizer.json", "sounds/train.jsonl",
+                 "sounds/audio/train_0003.wav"):
         first, second = Path(demo["model"]).parent / name, Path(again["model"]).parent / name
         assert first.read_bytes() == second.read_bytes(), name
     tokenizer = load_qwen2_audio_tokenizer(demo["model"])
