@@ -133,7 +133,8 @@ def expand_paths(spec) -> list[Path]:
             elif Path(expanded).exists():
                 paths.append(Path(expanded))
             else:
-                raise PathNotFound(f"data not found: {expanded}; check the path (--train-data, --eval-data or --data)"
+                what = "manifest" if expanded.lower().endswith(MANIFEST_SUFFIXES) else "data"
+                raise PathNotFound(f"{what} not found: {expanded}; check the path (--train-data, --eval-data or --data)"
                                    + (f" (from the pattern {pattern})" if expanded != pattern else ""))
     return paths
 

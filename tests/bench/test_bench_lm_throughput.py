@@ -1,6 +1,8 @@
-"""bench/lm_throughput.py --tiny end to end: every training and generation row is printed with finite numbers,
-all three training sides start from the same loss (the same weights, batches and labels), and every goal line
-says met or not met. The benchmark's speeds themselves are not tested."""
+"""bench/lm_throughput.py --tiny end to end on its text case and batch-1 generation (the audio case runs the
+same workers on a whole Qwen2-Audio and adds half a minute, so the suite leaves it to the benchmark's own runs):
+every training and generation row is printed with finite numbers, all three training sides start from the same
+loss (the same weights, batches and labels), and every goal line says met or not met. The speeds themselves are
+not tested."""
 
 import math
 import re
@@ -27,26 +29,28 @@ def number(cell: str) -> float:
 
 
 def test_tiny_run_prints_every_row_with_finite_numbers(tmp_path):
-    command = [sys.executable, str(ROOT / "bench" / "lm_throughput.py"), "--tiny", "--dir", str(tmp_path / "ckpt")]
+    # the text case and batch-1 generation: every kind of row and goal, in 5 worker processes instead of 8
+    command = [sys.executable, str(ROOT / "bench" / "lm_throughput.py"), "--tiny", "--dir", str(tmp_path / "ckpt"),
+               "--cases", "text", "--generation-batches", "1"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     printed = done.stdout
 
     training = table(printed, {"text", "audio"})
-    assert sorted(training) == sorted((case, side) for case in ("text", "audio") for side in TRAINING_SIDES), printed
+    assert sorted(training) == sorted(("text", side) for side in TRAINING_SIDES), printed
     for (case, side), cells in training.items():
         # tokens/s, s/step, peak GiB, rows x width, padding, first loss, LoRA layers, tokens/s / ref, peak / ref
         values = [number(c) for i, c in enumerate(cells) if i != 3]
         positive = values[:3] + values[4:]  # the padding share may be 0
         assert len(values) == 8 and all(math.isfinite(v) and v > 0 for v in positive), (case, side, cells)
         assert values[5] == 8, "LoRA on q/k/v/o of 2 layers, on every side"
-    for case in ("text", "audio"):
+    for case in ("text",):
         losses = [number(training[case, side][5]) for side in TRAINING_SIDES]
         assert max(losses) - min(losses) < 1e-3, f"{case}: the sides did not start from the same loss: {losses}"
         assert number(training[case, "transformers + PEFT"][7]) == 1.0, "ratios are against the reference's own row"
 
     generation = table(printed, {"1", "8"})
-    assert sorted(generation) == sorted((batch, side) for batch in ("1", "8") for side in ("ours", "transformers"))
+    assert sorted(generation) == sorted(("1", side) for side in ("ours", "transformers"))
     for key, cells in generation.items():
         assert all(math.isfinite(number(c)) and number(c) > 0 for c in cells[:3]), (key, cells)
         assert cells[3] in ("yes", "no"), (key, cells)

@@ -29,8 +29,8 @@ TINY_LAYER = ["--layer-dim", "32", "--layer-tokens", "1x16", "--layer-repeats", 
 
 def test_each_variant_gets_a_row_of_finite_numbers(tiny_audio_text, tmp_path):
     tiny = tiny_audio_text
-    command = [sys.executable, str(ROOT / "bench" / "lora_variants.py"), "--variants", ",".join(VARIANTS), "--steps", "2",
-               "--rounds", "1",
+    command = [sys.executable, str(ROOT / "bench" / "lora_variants.py"), "--variants", ",".join(VARIANTS),
+               "--steps", "2", "--rounds", "1",
                "--batch-size", "8",
                "--audio-model", tiny["audio_model"], "--text-model", tiny["text_model"], "--train-data", tiny["train"],
                "--eval-data", tiny["eval"], "--train-arg=--workers=0", "--keep-runs", str(tmp_path / "runs"),

@@ -93,3 +93,24 @@ def test_contract_names_exist_with_docstrings():
     assert missing == []
     for method in ("embed_audio", "embed_text"):  # the Python API of a trained run
         assert inspect.getdoc(getattr(models.audio_text.AudioTextModel, method)), method
+
+
+def python_files(entries) -> list[Path]:
+    files = []
+    for entry in entries:
+        path = ROOT / entry
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return files
+
+
+def test_lines_are_at_most_120_characters():
+    long = [f"{file.relative_to(ROOT)}:{n}" for file in python_files(RUNTIME + ["bench", "tests"])
+            for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1) if len(line) > 120]
+    assert long == []
+
+
+def test_no_code_file_is_much_over_400_lines():
+    """Short enough to read top to bottom (STYLE.md): a file that outgrows this is split by what it does."""
+    sizes = {str(file.relative_to(ROOT)): len(file.read_text(encoding="utf-8").splitlines())
+             for file in python_files(RUNTIME + ["bench"])}
+    assert {name: n for name, n in sizes.items() if n > 420} == {}
