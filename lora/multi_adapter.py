@@ -38,10 +38,10 @@ update is D = Σ wᵢ·sᵢ·BᵢAᵢ. The new adapter is plain LoRA with alpha 
             adapter; kept because it is what PEFT's "linear" means, and it is that formula exactly.
 
 A lora_bias combines exactly in every mode: b' = Σ wᵢsᵢbᵢ. All three equal PEFT's for plain LoRA,
-where PEFT is right. PEFT is wrong for rsLoRA (huggingface/peft#3761): it folds each sᵢ into the
-factors as above, but the new adapter copies use_rslora from the first one, so its scaling is
-r/√r = √r, not 1, and every combined rsLoRA update is √r times too large. It also copies lora_bias
-and use_dora from the first adapter without combining biases or magnitudes. DoRA adapters cannot be
+where PEFT is right. PEFT up to 0.21 is wrong for rsLoRA (huggingface/peft#3761, fixed in 0.22): it
+folds each sᵢ into the factors as above, but the new adapter copies use_rslora from the first one, so
+its scaling is r/√r = √r, not 1, and every combined rsLoRA update is √r times too large. It also copies
+lora_bias and use_dora from the first adapter without combining biases or magnitudes. DoRA adapters cannot be
 combined exactly: W' = m·(W + ΔW)/||W + ΔW||_c is not linear in ΔW, so no adapter's update is a sum
 of theirs; add_weighted_adapter refuses them, and says so.
 """

@@ -1,11 +1,14 @@
 """Several adapters in one model (lora/multi_adapter.py) against PEFT's multi-adapter PeftModel: loading by
-name, switching, disabling, deleting, and add_weighted_adapter, exact where PEFT is wrong (rsLoRA)."""
+name, switching, disabling, deleting, and add_weighted_adapter, exact where PEFT up to 0.21 was wrong (rsLoRA,
+lora_bias: huggingface/peft#3761, fixed in PEFT 0.22)."""
 
 import copy
 import math
 
+import peft
 import pytest
 import torch
+from packaging.version import Version
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
@@ -17,6 +20,7 @@ from tests.lora_fixtures import peft_lora_modules, randomize_lora, run, tiny_net
 
 DEFAULT_TARGETS = r".*self_attn\.(q|v)_proj"
 B_TARGETS = r".*self_attn\.(q|k)_proj|head\.0"  # k_proj and head.0: layers only "b" adapts
+PEFT_COMBINES_RIGHT = Version(peft.__version__) >= Version("0.22")  # huggingface/peft#3761: rsLoRA and lora_bias
 
 
 def x_input() -> torch.Tensor:
@@ -160,9 +164,10 @@ def test_linear_is_not_the_weighted_sum_but_is_exact_for_one_adapter(tmp_path):
 
 
 @pytest.mark.parametrize("combination_type", ["cat", "svd", "linear"])
-def test_rslora_combination_is_exact_here_and_off_by_sqrt_r_in_peft(tmp_path, combination_type):
-    """huggingface/peft#3761: PEFT folds each adapter's scaling into the factors, then gives the new adapter
-    use_rslora from the first one, so its own scaling is r/√r = √r instead of 1."""
+def test_rslora_combination_is_exact_and_equals_peft_where_peft_is_fixed(tmp_path, combination_type):
+    """huggingface/peft#3761: PEFT up to 0.21 folds each adapter's scaling into the factors, then gives the new
+    adapter use_rslora from the first one, so its own scaling is r/√r = √r instead of 1. PEFT 0.22 sets
+    use_rslora=False on the result: its update then equals ours. Either way ours is the exact weighted sum."""
     rs = dict(use_rslora=True)
     _, ours, reference = two_adapters(tmp_path, a=rs, b=rs | dict(target_modules=DEFAULT_TARGETS))
     adapters = ["default", "b"] if combination_type != "linear" else ["b"]
@@ -170,13 +175,13 @@ def test_rslora_combination_is_exact_here_and_off_by_sqrt_r_in_peft(tmp_path, co
     ma.add_weighted_adapter(ours, adapters, weights, "mix", combination_type=combination_type)
     reference.add_weighted_adapter(adapters, weights, "mix", combination_type=combination_type)
     new_rank = {"cat": 8, "svd": 4, "linear": 4}[combination_type]
+    peft_factor = 1.0 if PEFT_COMBINES_RIGHT else math.sqrt(new_rank)
     ref_layers = peft_lora_modules(reference)
     for path, layer in lora_layers(ours).items():
         ours_delta, peft_delta = layer.delta_weight("mix"), ref_layers[path].get_delta_weight("mix")
         if combination_type != "svd":  # rank-4 svd of a rank-8 sum is an approximation, in both
             torch.testing.assert_close(ours_delta, weighted_delta(layer, adapters, weights), atol=1e-6, rtol=0)
-        torch.testing.assert_close(peft_delta, math.sqrt(new_rank) * ours_delta, atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(peft_delta, ours_delta, atol=1e-3)
+        torch.testing.assert_close(peft_delta, peft_factor * ours_delta, atol=1e-5, rtol=1e-5)
 
 
 def test_svd_is_the_best_rank_k_approximation(tmp_path):
@@ -195,8 +200,8 @@ def test_cat_with_different_ranks_scalings_and_lora_bias_is_the_weighted_sum_of_
     """One Linear: the output change is linear in the update, so cat's must be Σ wᵢ·(yᵢ - y_base) exactly."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(6, 5))
-    _, ours, _ = two_adapters(tmp_path, base=base, a=dict(target_modules="0", r=3, lora_alpha=5, lora_bias=True),
-                              b=dict(target_modules="0", r=2, lora_alpha=7, use_rslora=True))
+    _, ours, reference = two_adapters(tmp_path, base=base, a=dict(target_modules="0", r=3, lora_alpha=5, lora_bias=True),
+                                      b=dict(target_modules="0", r=2, lora_alpha=7, use_rslora=True))
     x = x_input()
     y_base = base(x)
     with torch.no_grad():
@@ -209,6 +214,12 @@ def test_cat_with_different_ranks_scalings_and_lora_bias_is_the_weighted_sum_of_
         assert ours[0].lora_adapters["mix"].r == 5 and ours[0].lora_adapters["mix"].scaling == 1.0
         expected = WEIGHTS[0] * outputs[0] + WEIGHTS[1] * outputs[1]
         torch.testing.assert_close(ours(x) - y_base, expected, atol=1e-6, rtol=0)
+        reference.add_weighted_adapter(["default", "b"], WEIGHTS, "mix", combination_type="cat")
+        reference.set_adapter("mix")
+        if PEFT_COMBINES_RIGHT:  # PEFT 0.22 combines the biases and gives the result scaling 1, as here
+            torch.testing.assert_close(reference(x) - y_base, expected, atol=1e-5, rtol=1e-5)
+        else:  # PEFT up to 0.21 drops the bias part of the update
+            assert not torch.allclose(reference(x) - y_base, expected, atol=1e-3)
 
 
 def test_combination_errors_are_named(tmp_path):
