@@ -10,6 +10,7 @@ import time
 import torch
 
 from bench.lm_throughput_setup import ANSWER_TOKENS, ANSWER_WORDS, LORA, QUESTION, TARGETS
+from bench.measure import memory_status, synchronize
 
 LR = 1e-4
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv",
@@ -70,12 +71,6 @@ def audio_batch(spec: dict, directory: str, side: str) -> tuple[dict, float]:
 # ---- the workers: one side, one case, a fresh process --------------------------------------------
 
 
-def memory_status(field: str) -> int:
-    """VmRSS (now) or VmHWM (peak) of this process in bytes. Not ru_maxrss: Linux carries that over fork and exec."""
-    with open("/proc/self/status") as status:
-        return int(next(line for line in status if line.startswith(field + ":")).split()[1]) * 1024
-
-
 def memory_now(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else memory_status("VmRSS")
 
@@ -93,11 +88,6 @@ def memory_peak(device: torch.device, reset: bool = False) -> int:
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")
     return peak
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def operator_shares(profile, device: torch.device) -> dict:

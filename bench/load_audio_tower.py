@@ -44,6 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.measure import memory_status  # noqa: E402
 import models.checkpoint  # noqa: E402
 from models import load_audio_encoder  # noqa: E402
 from models.checkpoint import INDEX, load_into  # noqa: E402
@@ -149,12 +150,6 @@ def load_reference(directory: Path) -> torch.nn.Module:
                            f"{ {k: v for k, v in info.items() if v} }")
     load_reference.model = model  # the whole model stays alive, as for a user of it
     return model.model.audio_tower
-
-
-def memory_status(field: str) -> int:
-    """VmRSS (now) or VmHWM (peak) in bytes. Not ru_maxrss: Linux carries that over fork and exec,
-    so a child would report at least its parent's RSS at the fork."""
-    return int(next(line for line in open("/proc/self/status") if line.startswith(field + ":")).split()[1]) * 1024
 
 
 def child(method: str, directory: Path) -> None:

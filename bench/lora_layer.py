@@ -11,24 +11,14 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.measure import time_step  # noqa: E402
 from lora import LoRAConfig, inject_lora  # noqa: E402
-
-
-def time_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
-    """Seconds for one forward and backward, with the device synchronised on both ends."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    layer(x).backward(grad)
-    sync()
-    return time.perf_counter() - start
 
 
 def main():

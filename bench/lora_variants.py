@@ -55,6 +55,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.measure import time_step  # noqa: E402
 from common.atomic import atomic_write_text  # noqa: E402
 from lora import LoRAConfig, inject_lora  # noqa: E402
 
@@ -182,16 +183,6 @@ def format_table(runs: list[VariantRun]) -> str:
         lines.append(f"| {r.variant} | {flags} | {r.step_s:.3f} | {r.step_s / lora_step:.2f} | {r.median_step_s:.3f} "
                      f"| {r.peak_rss_mib:.0f} | {recall} | {r.wall_s:.1f} | {r.cpu_s:.1f} |")
     return "\n".join(lines)
-
-
-def time_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
-    """Seconds for one forward and backward, with the device synchronised on both ends."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    layer(x).backward(grad)
-    sync()
-    return time.perf_counter() - start
 
 
 def layer_timing(dim: int, tokens: str, rank: int, repeats: int, warmup: int, device: str) -> dict[str, dict]:

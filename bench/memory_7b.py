@@ -83,7 +83,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.memory_7b_checkpoints import PROGRESS, checkpoint_record, expected_bytes, write_main  # noqa: E402
-from bench.memory_7b_worker import CASES, LORA, memory_status, worker  # noqa: E402
+from bench.measure import memory_status  # noqa: E402
+from bench.memory_7b_worker import CASES, LORA, worker  # noqa: E402
 
 # re-exported: tests/e2e/test_bench_memory_7b.py loads this script and reaches the writer through it
 from bench.memory_7b_checkpoints import (  # noqa: E402, F401

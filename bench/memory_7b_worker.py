@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 
+from bench.measure import memory_status, synchronize
 from bench.memory_7b_checkpoints import ANSWER, CAPTIONS, PROGRESS, QA_PROMPT, VQA_PROMPT
 
 LORA = dict(r=16, alpha=32, dropout=0.1)
@@ -221,12 +222,6 @@ def reference(case: str, impl: str, dirs: dict, device: torch.device):
 # ---- the worker: one implementation, one case, a fresh process -------------------------------------
 
 
-def memory_status(field: str, pid: str = "self") -> int:
-    """VmRSS (now) or VmHWM (peak) in bytes, from /proc. Not ru_maxrss: Linux carries that over fork and exec."""
-    with open(f"/proc/{pid}/status") as status:
-        return int(next(line for line in status if line.startswith(field + ":")).split()[1]) * 1024
-
-
 host_load_peak = [0]  # the process's VmHWM before the reset after loading (VmHWM then restarts from VmRSS)
 
 
@@ -243,11 +238,6 @@ def peak_memory(device: torch.device, reset: bool = False) -> int:
             with open("/proc/self/clear_refs", "w") as clear:
                 clear.write("5")
     return peak
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def worker(spec: dict) -> dict:

@@ -20,8 +20,8 @@ never forms W'. With x_d the LoRA branch's input:
 
 Without dropout, or in eval mode, x_d = x and W x_d is the base result minus its bias: PEFT's fast
 path reuses it, so DoRA costs one B@A and one (out, in) norm per call beyond LoRA; here the sum is also
-regrouped as (m/n) ⊙ (Wx + b + s·B·A x) + (1 - m/n) ⊙ b, two element-wise passes over the output
-instead of five. With dropout in
+regrouped as (m/n) ⊙ (Wx + b) + (1 - m/n) ⊙ b + ((m/n)·s·B)·A x, the scale folded into the (out, r)
+factor B: one element-wise pass over the output instead of five. With dropout in
 training x_d = dropout(x) and W x_d is one more matmul; the magnitude then rescales the dropped copy,
 so the output is not exactly W'x: the paper's and PEFT's choice, kept.
 
@@ -83,13 +83,17 @@ def dora_forward(x: torch.Tensor, result: torch.Tensor, weight, bias, adapter, t
         base_result = linear_nf4(x, weight) if isinstance(weight, NF4Tensor) else F.linear(x, dense)
         lora_result = adapter.lora_B(adapter.lora_A(x))  # (..., out)
         return result + (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * adapter.scaling
-    # Without dropout x_d = x, and the sum regroups: b + (m/n)⊙(Wx + s·BAx) = (m/n)⊙(result + s·BAx) + (1 - m/n)⊙b.
-    # Two passes over (..., out) instead of PEFT's five (its terms differ in rounding only, ~1e-7): DoRA's step
-    # is then close to LoRA's (bench/lora_variants.py measures both).
-    inner = torch.add(result, adapter.lora_B(adapter.lora_A(x)), alpha=adapter.scaling)  # result + s·B·A x
-    if bias is None:
-        return inner * mag_norm_scale
-    return torch.addcmul((1 - mag_norm_scale) * bias.to(x.dtype), inner, mag_norm_scale)
+    # Without dropout x_d = x, and the sum regroups: b + (m/n)⊙(Wx + s·BAx) = (m/n)⊙result + (1 - m/n)⊙b + B'·Ax
+    # with B' = (m/n)·s·B, an (out, r) matrix: the scale is folded into the LoRA factor, so the LoRA product is
+    # accumulated in place into the scaled base result (addmm_ on a 2-D tensor of our own: no copy in backward).
+    # One pass over (..., out) instead of PEFT's five (its terms differ in rounding only, ~1e-7): DoRA's step is
+    # then close to LoRA's (bench/lora_variants.py measures both).
+    scale = mag_norm_scale.view(-1)  # (out,)
+    flat = result.reshape(-1, result.shape[-1])  # (tokens, out)
+    out = flat * scale if bias is None else torch.addcmul((1 - scale) * bias.to(x.dtype), flat, scale)
+    h = adapter.lora_A(x.reshape(-1, x.shape[-1]))  # (tokens, r); lora_B has no bias (lora_bias refuses DoRA)
+    out.addmm_(h, (adapter.lora_B.weight * (scale * adapter.scaling).unsqueeze(1)).t())
+    return out.view(result.shape)
 
 
 def dora_merged_weight(weight, delta, magnitude) -> tuple[torch.Tensor, torch.Tensor]:

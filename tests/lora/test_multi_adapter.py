@@ -200,8 +200,9 @@ def test_cat_with_different_ranks_scalings_and_lora_bias_is_the_weighted_sum_of_
     """One Linear: the output change is linear in the update, so cat's must be Σ wᵢ·(yᵢ - y_base) exactly."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(6, 5))
-    _, ours, reference = two_adapters(tmp_path, base=base, a=dict(target_modules="0", r=3, lora_alpha=5, lora_bias=True),
-                                      b=dict(target_modules="0", r=2, lora_alpha=7, use_rslora=True))
+    a = dict(target_modules="0", r=3, lora_alpha=5, lora_bias=True)
+    _, ours, reference = two_adapters(tmp_path, base=base, a=a, b=dict(target_modules="0", r=2, lora_alpha=7,
+                                                                       use_rslora=True))
     x = x_input()
     y_base = base(x)
     with torch.no_grad():
