@@ -41,16 +41,16 @@ def check_varlen(device: str) -> bool:
     packed = pack_examples(examples, [[-100] * len(e) for e in examples], budget=12, pad_id=0)
     inputs = dict(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
                   position_ids=packed.position_ids.to(device), segment_ids=packed.segment_ids.to(device))
-    calls, kernel = [], models.attention.varlen_attn
-    if kernel is None:
+    calls, kernel = [], models.attention.varlen_kernel
+    if kernel() is None:
         print("FAIL varlen: this torch has no variable-length attention kernel")
         return False
-    models.attention.varlen_attn = lambda *a, **k: (calls.append(1), kernel(*a, **k))[1]
+    models.attention.varlen_kernel = lambda: lambda *a, **k: (calls.append(1), kernel()(*a, **k))[1]
     with torch.no_grad():
         varlen = model(**inputs).logits.float()
-        models.attention.varlen_attn = None
+        models.attention.varlen_kernel = lambda: None
         masked = model(**inputs).logits.float()
-    models.attention.varlen_attn = kernel
+    models.attention.varlen_kernel = kernel
     real = packed.attention_mask.to(device).bool()
     difference = (varlen[real] - masked[real]).abs().max().item()
     ok = bool(calls) and difference <= 5e-2

@@ -267,7 +267,7 @@ def parse_args(argv=None):
                              "--train-arg=--no-feature-cache)")
     parser.add_argument("--layer-dim", type=int, default=1280, help="in = out features (Qwen2-Audio d_model is 1280)")
     parser.add_argument("--layer-tokens", default="2x1500", help="BxT tokens of the layer step (1500: one 30 s clip)")
-    parser.add_argument("--layer-repeats", type=int, default=10)
+    parser.add_argument("--layer-repeats", type=int, default=10, help="0 skips the layer timing")
     parser.add_argument("--layer-warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="device of the layer timing (the runs use train.py's)")
     args = parser.parse_args(argv)
@@ -277,6 +277,8 @@ def parse_args(argv=None):
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)} (or 'none')")
     if len(set(variants)) != len(variants):
         parser.error(f"--variants names a variant twice ({args.variants}); use --rounds to run each more often")
+    if args.layer_repeats < 0:
+        parser.error(f"--layer-repeats must be 0 (no layer timing) or more, got {args.layer_repeats}")
     if args.steps < 1 or args.rounds < 1:
         parser.error(f"--steps and --rounds must be at least 1, got {args.steps} and {args.rounds}")
     args.variants = variants
@@ -301,9 +303,12 @@ def main(argv=None) -> int:
               f"dropout {args.dropout:g}, seed {args.seed}; one fresh train.py process each, "
               f"{args.rounds} round(s)")
         print(format_table(runs))
-    ms = layer_timing(args.layer_dim, args.layer_tokens, args.rank, args.layer_repeats, args.layer_warmup, args.device)
-    print()
-    print(format_layer_timing(ms, args))
+    ms = {}
+    if args.layer_repeats > 0:
+        ms = layer_timing(args.layer_dim, args.layer_tokens, args.rank, args.layer_repeats, args.layer_warmup,
+                          args.device)
+        print()
+        print(format_layer_timing(ms, args))
     if args.json:
         # NaN (a failed run's numbers) as null: JSON has no NaN
         rows = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(r).items()} for r in runs]

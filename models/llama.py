@@ -48,11 +48,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import BlockCausal, attend, attention_mask_and_positions, segment_positions
+from models.attention import BlockCausal, SharedMask, attend, attention_mask_and_positions, segment_positions
 from models.checkpoint import Checkpoint, CheckpointError, resolve_dtype
 from models.generation import KVCache, greedy_generate
 from models.lm_loss import CHUNK_POSITIONS, next_token_loss
 from models.shard_loading import STREAM_GROUP_BYTES, Quantize, load_streaming
+from models.swiglu import silu_mul
 
 ROPE_TYPES = ("default", "linear", "llama3")
 MODEL_TYPES = ("llama", "qwen2")
@@ -235,7 +236,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)), the product keeping two activations for backward,
+    not autograd's three (models/swiglu.py)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -244,7 +246,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -288,7 +290,8 @@ class LlamaModel(nn.Module):
             mask = BlockCausal(segment_ids)
             positions = segment_positions(segment_ids) if position_ids is None else position_ids
         else:
-            mask, positions = attention_mask_and_positions(attention_mask, B, start, T, inputs_embeds.device)
+            allowed, positions = attention_mask_and_positions(attention_mask, B, start, T, inputs_embeds.device)
+            mask = SharedMask(allowed)
             positions = positions if position_ids is None else position_ids
         cos, sin = self.rope.lookup(positions, inputs_embeds.dtype)  # (B, T, d) each
         x = inputs_embeds

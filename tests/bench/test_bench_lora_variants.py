@@ -56,13 +56,15 @@ def test_each_variant_gets_a_row_of_finite_numbers(tiny_audio_text, tmp_path):
 
 def test_a_failed_run_is_a_failed_row_and_a_failed_bench(tmp_path):
     command = [sys.executable, str(ROOT / "bench" / "lora_variants.py"), "--variants", "dora", "--rounds", "1",
-               "--no-warmup",
-               "--train-arg=--no-such-flag", "--json", str(tmp_path / "results.json"), *TINY_LAYER]
+               "--no-warmup", "--layer-repeats", "0",  # no layer timing: the failed row is what is tested
+               "--train-arg=--no-such-flag", "--json", str(tmp_path / "results.json")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert table_rows(done.stdout)["dora"][:2] == ["--dora", "failed"]
     assert "[dora] failed: train.py exited with 2" in done.stderr and "--no-such-flag" in done.stderr
-    assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["step_s"] is None
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["runs"][0]["step_s"] is None and results["layer_ms"] == {}
+    assert "layer step" not in done.stdout
 
 
 def test_rounds_combine_to_the_lowest_times_and_a_failure_wins():

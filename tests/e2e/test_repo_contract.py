@@ -3,6 +3,8 @@ runtime code never imports the test-only references."""
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,3 +116,12 @@ def test_no_code_file_is_much_over_400_lines():
     sizes = {str(file.relative_to(ROOT)): len(file.read_text(encoding="utf-8").splitlines())
              for file in python_files(RUNTIME + ["bench"])}
     assert {name: n for name, n in sizes.items() if n > 420} == {}
+
+
+def test_starting_train_or_eval_leaves_torch_dynamo_unimported():
+    """torch._dynamo costs about a second at every process start (each train.py, each torchrun rank): only a
+    compile or the CUDA variable-length attention may import it, on first use (models/attention.varlen_kernel)."""
+    done = subprocess.run([sys.executable, "-c", "import sys, train, eval, models.export; "
+                           "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
