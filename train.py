@@ -310,7 +310,8 @@ def list_targets(args) -> int:
 def run_diagnosis(args) -> int:
     """--diagnose: the gradient-flow checks on one real batch, in this process alone, on the model as training
     holds it (LoRA, frozen weights in the precision's dtype, gradient checkpointing)."""
-    recipe = Recipe(config_from_args(args), options_from_args(args), Distributed(device=torch.device(args.device)))
+    options = options_from_args(args)
+    recipe = Recipe(config_from_args(args), options, Distributed(device=torch.device(options.device)))
     recipe.setup_task()
     # check 7 names it, and what it never runs
     strategy = recipe.task.forward_strategy(list(recipe.config.lora.targets))
@@ -324,14 +325,15 @@ def train(args) -> tuple[nn.Module, dict]:
     """The whole run; returns (model, history) so tests can inspect what training changed.
     Errors the user can fix are raised as UserError (TrainingError, ManifestError, ...); a SIGINT or
     SIGTERM during training saves a checkpoint and raises Stopped (engine/graceful_stop.py)."""
-    if torch.device(args.device).type == "cuda":  # fp32 matmuls on tensor cores (TF32): ~8x the fp32 rate
+    options = options_from_args(args)
+    if torch.device(options.device).type == "cuda":  # fp32 matmuls on tensor cores (TF32): ~8x the fp32 rate
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    env = init_distributed(args.device)
+    env = init_distributed(options.device)
     recipe = None
     try:
         with StopRequests() as stop:
-            recipe = Recipe(config_from_args(args), options_from_args(args), env, stop)
+            recipe = Recipe(config_from_args(args), options, env, stop)
             recipe.setup()
             history = recipe.train()
         return recipe.model, history

@@ -5,7 +5,7 @@ A benchmark, not a test. Every measurement is a fresh worker process, so its pea
 sides alternate in one run (ours, ours packed, reference, then the reverse order on the next repeat), so drift
 of a shared machine falls on all alike, and every ratio is taken against the reference of the same run.
 
-    python bench/lm_throughput.py                     # CPU defaults: 4 layers, sequences up to 256: ~15 min, 2 cores
+    python bench/lm_throughput.py                     # CPU defaults: 4 layers, sequences up to 256: ~5 min, 2 cores
     python bench/lm_throughput.py --tiny              # tiny widths, one step: a smoke test
     python bench/lm_throughput.py --seq-len 2048 --layers 24 --batch-size 8            # the goals' shapes
     python bench/lm_throughput.py --device cuda --precision bf16 --seq-len 2048 --layers 24 --batch-size 8 \\

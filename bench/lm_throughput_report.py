@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from bench.measure import device_name
 from bench.lm_throughput_setup import ANSWER_TOKENS, GENERATION_SIDES, LORA, SIDES, text_config
 
 
@@ -46,9 +47,7 @@ def report(args, training: dict, generation: dict, seconds: float) -> None:
 
     gib = 2**30
     command = "python bench/lm_throughput.py" + "".join(f" {a}" for a in sys.argv[1:])
-    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-    cpu = names[0] if names else platform.machine()
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
+    device = device_name(args.device)
     print(f"\n$ {command}\n{device}; {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads); torch "
           f"{torch.__version__}, transformers {version('transformers')}, peft {version('peft')}, "
           f"python {platform.python_version()}")

@@ -55,8 +55,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.measure import time_step  # noqa: E402
+from bench.measure import device_name, time_step  # noqa: E402
 from common.atomic import atomic_write_text  # noqa: E402
+from common.run_files import read_run_config  # noqa: E402
 from lora import LoRAConfig, inject_lora  # noqa: E402
 
 # name: the train.py flags that make the variant, on top of the settings every variant shares
@@ -154,7 +155,7 @@ def log_tail(path: Path) -> str:
 def read_run(out_dir: Path) -> tuple[float, dict]:
     """(seconds of the fastest and of the median optimizer step, the last evaluation) from a train.py output
     directory."""
-    batch = json.loads((out_dir / "run_config.json").read_text(encoding="utf-8"))["batch_size"]
+    batch = read_run_config(out_dir).optim.batch_size
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
                if line.strip()]
     steps = [r for r in records if "examples_per_s" in r]
@@ -234,12 +235,7 @@ def format_layer_timing(ms: dict[str, dict], args) -> str:
 
 def machine() -> str:
     """The CPU model, core count and torch threads: what the figures were measured on."""
-    try:
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-    except OSError:
-        names = []
-    return (f"{names[0] if names else 'unknown CPU'}; {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; "
-            f"torch {torch.__version__}")
+    return f"{device_name()}; {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; torch {torch.__version__}"
 
 
 def parse_args(argv=None):

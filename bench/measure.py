@@ -1,6 +1,7 @@
 """What the benchmarks measure with, in one place: a process's memory from /proc, a device barrier, one
-timed training step of a layer."""
+timed training step of a layer, and the name of the device the figures come from."""
 
+import platform
 import time
 
 import torch
@@ -27,3 +28,16 @@ def time_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
     layer(x).backward(grad)
     synchronize(x.device)
     return time.perf_counter() - start
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """The GPU's name, or the CPU's model as /proc/cpuinfo gives it (what `lscpu` prints as "Model name")."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.machine()

@@ -37,7 +37,7 @@ A measurement that fails is a row of the table, never a crash of the benchmark: 
 the kernel's OOM kill, or the parent's memory watchdog, which kills a worker whose RSS passes
 --memory-budget-gib (by default 90% of the memory available at the start, so a shared machine keeps room).
 On CPU, glibc's malloc keeps freed blocks in its heaps once its adaptive mmap threshold has grown, so VmHWM
-also counts memory no tensor holds: at 7B, case (a) peaked at 4.2 GiB plain and 2.1 GiB with --trim-malloc,
+also counts memory no tensor holds: at 7B, case (a) ours bf16 peaked at 4.24 GiB plain and 2.10 with --trim-malloc,
 which runs every worker (both sides alike) with fixed thresholds (MALLOC_ENV); CUDA's count is unaffected.
 
 Choices that favour the reference, on purpose: for (a) it loads the whole Qwen2-Audio (transformers has no
@@ -99,8 +99,8 @@ REFERENCE = "hf-bf16"  # the ratios' denominator
 FOLDERS = {"qwen2-audio": "Qwen2-Audio-7B-Instruct", "instructblip": "instructblip-vicuna-7b", "bert": "text-tower"}
 NEEDS = {"a": ("qwen2-audio", "bert"), "b": ("qwen2-audio",), "c": ("instructblip",)}
 # --trim-malloc: glibc's malloc raises its mmap threshold as large blocks are freed, then serves them from heaps
-# it keeps; so on CPU VmHWM counts memory no tensor holds (the 7B tower's forward + backward: 3.5 GiB, 2.0 GiB
-# with these). Fixed thresholds return freed blocks at once, for every worker alike, at some speed.
+# it keeps; so on CPU VmHWM counts memory no tensor holds (see the module docstring for case (a) at 7B).
+# Fixed thresholds return freed blocks at once, for every worker alike, at some speed.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 

@@ -7,14 +7,13 @@ bench/memory_7b.py's docstring.
 
 import gc
 import math
-import platform
 import sys
 import time
 
 import numpy as np
 import torch
 
-from bench.measure import memory_status, synchronize
+from bench.measure import device_name, memory_status, synchronize
 from bench.memory_7b_checkpoints import ANSWER, CAPTIONS, PROGRESS, QA_PROMPT, VQA_PROMPT
 
 LORA = dict(r=16, alpha=32, dropout=0.1)
@@ -295,10 +294,4 @@ def four_bit_layers(model: torch.nn.Module, impl: str) -> int:
         count += sum(isinstance(m, bitsandbytes.nn.Linear4bit) for m in model.modules())
     return count
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-    return names[0] if names else platform.machine()
 

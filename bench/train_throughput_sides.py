@@ -5,23 +5,17 @@ WhisperFeatureExtractor + soxr loop). Each returns its per-step times, data wait
 
 import json
 import math
-import platform
 import time
 from pathlib import Path
 
 import soundfile as sf
 import torch
 
+from bench.measure import device_name, memory_status, synchronize
 from bench.train_throughput_setup import EMBED_DIM, GRAD_CLIP, LORA, LR, TARGETS, WEIGHT_DECAY, read_manifest
 
 
 # ---- the children: one side, one run, in a fresh process --------------------------------------
-
-
-def memory_peak() -> int:
-    """This process's peak RSS (VmHWM) in bytes. Not ru_maxrss: Linux carries that over fork and
-    exec, so a child would report at least its parent's RSS at the fork."""
-    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1]) * 1024
 
 
 def child_ours(spec: dict) -> dict:
@@ -53,14 +47,12 @@ def child_ours(spec: dict) -> dict:
     # train.py logs examples_per_s = examples / (wall seconds since the previous step, data wait included)
     steps = [dict(epoch=r["epoch"], seconds=spec["batch_size"] / r["examples_per_s"], data_wait=r["data_wait_s"],
                   padding=r.get("padding", 0.0), loss=r["loss"]) for r in records if "loss" in r]
-    return dict(steps=steps, peak_rss=memory_peak(), **device_report(device))
+    return dict(steps=steps, peak_rss=memory_status("VmHWM"), **device_report(device))
 
 
 def device_report(device: torch.device) -> dict:
-    if device.type != "cuda":
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        return dict(device_name=names[0] if names else platform.machine(), cuda_peak=None)
-    return dict(device_name=torch.cuda.get_device_name(device), cuda_peak=torch.cuda.max_memory_allocated(device))
+    cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return dict(device_name=device_name(device), cuda_peak=cuda_peak)
 
 
 class ReferenceClips(torch.utils.data.Dataset):
@@ -183,12 +175,11 @@ def child_reference(spec: dict) -> dict:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         now = time.perf_counter()
         steps.append(dict(epoch=0, seconds=now - tick, data_wait=ready - tick, loss=loss_value,
                           padding=1 - feature_mask.float().mean().item()))
         tick = now
         if len(steps) == total:
             break
-    return dict(steps=steps, peak_rss=memory_peak(), **device_report(device))
+    return dict(steps=steps, peak_rss=memory_status("VmHWM"), **device_report(device))

@@ -210,10 +210,7 @@ def collate_audio_qa(items: list, tokenizer, pad_to_30s: bool = False, max_promp
     else:
         packed = pack_examples(token_rows, label_rows, pack, pad_id, names=[item["where"] for item in kept])
         kept, prompt_rows = [kept[i] for i in packed.order], [prompt_rows[i] for i in packed.order]  # reading order
-        text = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask, "labels": packed.labels,
-                "position_ids": packed.position_ids, "segment_ids": packed.segment_ids, "order": packed.order,
-                "padding_tokens": packed.padding_tokens, "lm_tokens": packed.lm_tokens,
-                "padding_share": packed.padding_share}
+        text = packed.batch_fields()
     features, frame_mask = pad_clip_features([item["features"] for item in kept], pad_to_30s)  # (B, n_mels, T), (B, T)
     prompt_ids, prompt_mask = pad_rows(prompt_rows, pad_id, left=True)
     return {

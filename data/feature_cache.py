@@ -51,7 +51,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data.refs import MediaRef
+from data.refs import MediaRef, file_identity
 from models.audio import FRONTEND_VERSION, N_FRAMES, ClipFeatures
 
 CACHE_STATUSES = ("hit", "miss", "recomputed")
@@ -64,12 +64,8 @@ class DamagedEntry(Exception):
 def file_key(path, n_mels: int) -> dict:
     """What an entry's features depend on: the file's identity and the front-end setting. `path` is
     a file's path or a RowRef / MemberRef (its container's identity, and the row or member)."""
-    if isinstance(path, MediaRef):
-        return {**path.identity(), "n_mels": n_mels, "frontend": FRONTEND_VERSION}
-    resolved = os.path.realpath(path)
-    stat = os.stat(resolved)
-    return {"path": resolved, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "n_mels": n_mels, "frontend": FRONTEND_VERSION}
+    identity = path.identity() if isinstance(path, MediaRef) else file_identity(path)
+    return {**identity, "n_mels": n_mels, "frontend": FRONTEND_VERSION}
 
 
 def checksum(features: torch.Tensor, fill: torch.Tensor, valid_frames: int) -> str:

@@ -293,11 +293,7 @@ def packed_decoder_only_tensors(prompt_rows: list[list[int]], answer_rows: list[
                            [[-100] * (Q + len(p)) + a for p, a in zip(prompt_rows, answer_rows)], pack, pad_id,
                            names=[item["where"] for item in items])
     prompt_ids, prompt_mask = _pad([prompt_rows[i] for i in packed.order], pad_id, left=True)
-    return {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask, "labels": packed.labels,
-            "position_ids": packed.position_ids, "segment_ids": packed.segment_ids,
-            "prompt_input_ids": prompt_ids, "prompt_attention_mask": prompt_mask, "order": packed.order,
-            "padding_tokens": packed.padding_tokens, "lm_tokens": packed.lm_tokens,
-            "padding_share": packed.padding_share}
+    return packed.batch_fields() | {"prompt_input_ids": prompt_ids, "prompt_attention_mask": prompt_mask}
 
 
 def collate_vqa(items: list, image_size: int, qformer_tokenizer, lm_tokenizer,

@@ -51,7 +51,7 @@ from data.records import BadLine, BadRow, Clip, ManifestError, refuse_or_collect
 
 # re-exported: these were defined here first, and the data sources, tasks and tests import them from here
 from data.input_checks import audio_header, readable_file_problem  # noqa: F401
-from data.records import SHARD_SUFFIXES, TABLE_SUFFIXES, Media, entry_name, media_where, where_of  # noqa: F401
+from data.records import Media, entry_name, media_where  # noqa: F401  (the data modules import them from here)
 
 CLOTHO_HEADER = ["file_name", "caption_1", "caption_2", "caption_3", "caption_4", "caption_5"]
 AUDIOCAPS_HEADER = ["audiocap_id", "youtube_id", "start_time", "caption"]
@@ -65,6 +65,7 @@ AUDIOCAPS_NAMES = (
 )
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")  # all decoded by soundfile (libsndfile >= 1.1)
 JSON_SUFFIXES = (".jsonl", ".json")
+MANIFEST_SUFFIXES = JSON_SUFFIXES + (".csv",)
 CLIP_SECONDS = 10  # every AudioCaps clip is the 10 s from start_time on
 FLAG_HINT = "the audio folder option (--train-audio-dir / --eval-audio-dir of train.py, --audio-dir of eval.py)"
 
@@ -96,7 +97,7 @@ def load_manifest(path, audio_dir=None, flag: str = FLAG_HINT,
     if not path.is_file():
         raise PathNotFound(f"manifest not found: {path}; check the path (--train-data, --eval-data or --data)")
     suffix = path.suffix.lower()
-    if suffix not in JSON_SUFFIXES + (".csv",):
+    if suffix not in MANIFEST_SUFFIXES:
         raise ManifestError(f"{path}: unknown manifest suffix {path.suffix!r}; use .jsonl (or .json) "
                             "with one JSON object a line, or a Clotho / AudioCaps .csv")
     text = read_utf8(path)

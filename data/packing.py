@@ -49,6 +49,13 @@ class PackedRows:
     def padding_share(self) -> float:
         return self.padding_tokens / self.lm_tokens if self.lm_tokens else 0.0
 
+    def batch_fields(self) -> dict:
+        """The fields a collate returns for packed rows: the five (R, W) tensors, `order` and the padding counts."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels,
+                "position_ids": self.position_ids, "segment_ids": self.segment_ids, "order": self.order,
+                "padding_tokens": self.padding_tokens, "lm_tokens": self.lm_tokens,
+                "padding_share": self.padding_share}
+
 
 def padding_counts(attention_mask: torch.Tensor, real_prefix: int = 0) -> dict:
     """A padded batch's {"padding_tokens", "lm_tokens", "padding_share"}: attention_mask (B, L), 1 on real tokens,

@@ -28,13 +28,11 @@ from pathlib import Path
 from common.errors import PathNotFound
 from data.audio_qa import read_audio_qa_manifest
 from data.instructblip import read_vqa_manifest
-from data.manifest import FLAG_HINT, JSON_SUFFIXES, BadLine, ManifestError, load_manifest
+from data.manifest import FLAG_HINT, MANIFEST_SUFFIXES, BadLine, ManifestError, load_manifest
+from data.records import SHARD_SUFFIXES, TABLE_SUFFIXES
 from data.shards import SHUFFLE_BUFFER, ShardOrder, read_shard_examples
 from data.tables import KINDS, dataset_files, read_table_examples
 
-MANIFEST_SUFFIXES = JSON_SUFFIXES + (".csv",)
-TABLE_SUFFIXES = (".parquet", ".arrow")
-SHARD_SUFFIXES = (".tar",)
 COMPRESSED_SHARDS = (".tar.gz", ".tgz", ".tar.zst", ".tar.xz", ".tar.bz2")
 BRACE = re.compile(r"\{([^{}]*)\}")
 GLOB_CHARACTERS = re.compile(r"[*?\[]")

@@ -11,13 +11,13 @@ from common.state_file import load_state, save_state
 from engine.training import TrainingError
 from lora import save_adapter
 from lora.config import LoRAConfig
-from lora.inject import LORA_PARAMS
+from lora.inject import adapter_parameter_ids
 
 
 def trained_heads(model) -> dict:
     """Every trainable tensor that is not LoRA (projections, logit_scale, --train-also modules)."""
-    return {name: param for name, param in model.named_parameters()
-            if param.requires_grad and not name.endswith(LORA_PARAMS)}  # LoRA (and DoRA's magnitude) go in the adapter
+    lora = adapter_parameter_ids(model, adapter=None)  # every adapter's parts (DoRA's magnitude too) go in one
+    return {name: param for name, param in model.named_parameters() if param.requires_grad and id(param) not in lora}
 
 
 def save_outputs(run: RunDirectory, model, lora_config: LoRAConfig, config: RunConfig, state: dict,

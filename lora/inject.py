@@ -23,8 +23,6 @@ LORA_BASES = (nn.Linear, NF4Linear)  # the layers LoRA wraps: a 16-bit Linear or
 
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
 ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND
-# what trains in a LoRA layer: A, B, lora_B's bias (lora_bias), DoRA's magnitude
-LORA_PARAMS = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector")
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
@@ -130,6 +128,23 @@ def adapter_layers(model: nn.Module) -> dict[str, LinearWithAdapters]:
     return {path: m for path, m in model.named_modules() if isinstance(m, LinearWithAdapters)}
 
 
+def adapter_names(model: nn.Module) -> list[str]:
+    """The adapters of the model, the default one first, then in the order they were added."""
+    names = []
+    for layer in adapter_layers(model).values():
+        names += [name for name in layer.adapter_names() if name not in names]
+    return sorted(names, key=lambda name: name != DEFAULT_ADAPTER)
+
+
+def adapter_parameter_ids(model: nn.Module, adapter: str | None = DEFAULT_ADAPTER) -> set[int]:
+    """ids of the parameters one adapter trains (None: every adapter), over every layer: lora_A, lora_B, its
+    bias, DoRA's magnitude. The layers say which are theirs, so no name pattern can mistake one adapter's
+    lora_A for another's."""
+    layers = adapter_layers(model).values()
+    names = [adapter] if adapter is not None else {name for layer in layers for name in layer.adapter_names()}
+    return {id(param) for layer in layers for name in names for param in layer.adapter_parameters(name)}
+
+
 def mark_only_lora_trainable(model: nn.Module, also=(), adapter: str = DEFAULT_ADAPTER) -> int:
     """Freeze everything but one adapter's parameters (lora_A, lora_B, lora_B's bias, DoRA's magnitude),
     plus the parameters under the names in `also`.
@@ -140,14 +155,11 @@ def mark_only_lora_trainable(model: nn.Module, also=(), adapter: str = DEFAULT_A
     `also` holds module paths or parameter names (e.g. ``("audio_proj", "logit_scale")``); each
     must name something, or the call raises. Returns the number of trainable parameters.
     """
-    layers = adapter_layers(model)
     if adapter == DEFAULT_ADAPTER and not lora_layers(model):
         raise ValueError("the model has no LoRA layers: call inject_lora (or load_adapter) first")
-    trained = {id(param) for layer in layers.values() for param in layer.adapter_parameters(adapter)}
+    trained = adapter_parameter_ids(model, adapter)
     if not trained:
-        names = sorted({name for layer in layers.values() for name in layer.adapter_names()},
-                       key=lambda name: name != DEFAULT_ADAPTER)
-        raise ValueError(f"the model has no adapter {adapter!r} to train; it has {names}")
+        raise ValueError(f"the model has no adapter {adapter!r} to train; it has {adapter_names(model)}")
     names = [n for n, _ in model.named_parameters()]
     for prefix in also:
         if not any(n == prefix or n.startswith(prefix + ".") for n in names):
@@ -270,7 +282,7 @@ def freeze_as_trained(model: nn.Module, heads, dtype: torch.dtype | None = None)
     """A reloaded run's parameters held as training held them: LoRA's and the named `heads` (the fully trained
     tensors) trainable, everything else frozen and, with `dtype` (a bf16 run's), cast to it, so the reloaded
     model computes what training evaluated. Returns how many parameters were cast."""
-    heads = set(heads)
+    heads, lora = set(heads), adapter_parameter_ids(model)
     for name, param in model.named_parameters():
-        param.requires_grad_(name in heads or name.endswith(LORA_PARAMS))
+        param.requires_grad_(name in heads or id(param) in lora)
     return cast_frozen(model, dtype) if dtype is not None else 0

@@ -58,19 +58,11 @@ from torch import nn
 from lora.adapter import load_adapter as load_default_adapter, read_adapter_config, read_adapter_tensors, write_adapter
 from lora.config import LoRAConfig
 from lora.init import modifies_base
-from lora.inject import LORA_BASES, adapter_layers
+from lora.inject import LORA_BASES, adapter_layers, adapter_names
 from lora.layer import DEFAULT_ADAPTER, LinearWithAdapters, LinearWithLoRA, LoRAAdapter
 from lora.quant import NF4Linear, NF4Tensor
 
 COMBINATIONS = ("svd", "linear", "cat")
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """The adapters of the model, the default one first, then in the order they were added."""
-    names = []
-    for layer in adapter_layers(model).values():
-        names += [name for name in layer.adapter_names() if name not in names]
-    return sorted(names, key=lambda name: name != DEFAULT_ADAPTER)
 
 
 def active_adapter(model: nn.Module) -> str | None:

@@ -50,14 +50,19 @@ def attention_mask_and_positions(attention_mask: torch.Tensor | None, batch: int
     return allowed[:, None], positions  # (B, 1, T, S)
 
 
+def segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: True where an example (or a row's padding run) begins; the first token of a row always."""
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return starts
+
+
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     """segment_ids (B, T) of packed rows -> (B, T) positions restarting at 0 where each example starts (0 on
     padding): what `position_ids` of data/packing.py hold, for a caller that passes only the segments."""
     B, T = segment_ids.shape
     index = torch.arange(T, device=segment_ids.device).expand(B, T)  # (B, T)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]  # an example (or the padding) begins here
-    first = torch.where(starts, index, 0).cummax(dim=-1).values  # (B, T) index of the run's first token
+    first = torch.where(segment_starts(segment_ids), index, 0).cummax(dim=-1).values  # (B, T) its run's first index
     return (index - first).masked_fill(segment_ids == 0, 0)
 
 
@@ -116,9 +121,8 @@ class BlockCausal(SharedMask):
         """q (B, H, T, d), k and v (B, H_kv, T, d) -> (B, T, H*d), each example attending causally to itself."""
         B, H, T, d = q.shape
         if self._varlen is None:
-            starts = torch.ones_like(self.segment_ids, dtype=torch.bool)
-            starts[:, 1:] = self.segment_ids[:, 1:] != self.segment_ids[:, :-1]  # a row starts a sequence too
-            begins = starts.flatten().nonzero().flatten()  # (n,) first token of each sequence in (B * T)
+            # (n,) first token of each sequence in (B * T): a row's start begins one too
+            begins = segment_starts(self.segment_ids).flatten().nonzero().flatten()
             ends = torch.cat([begins[1:], begins.new_tensor([B * T])])
             cumulative = torch.cat([begins, begins.new_tensor([B * T])]).to(torch.int32)  # (n + 1,)
             self._varlen = cumulative, int((ends - begins).max())

@@ -62,6 +62,20 @@ CONVERT_HINT = ("only safetensors is supported; convert once with python -c \"fr
 HUB_PROBE_TIMEOUT_S = 2.0  # name lookup + TCP connect to the hub; a reachable hub answers in milliseconds
 
 
+
+def read_json_object(path: Path) -> dict:
+    """A checkpoint's JSON file (config.json, tokenizer_config.json, ...) as a dict; {} when it does not exist,
+    CheckpointError when it is not a JSON object."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); download it again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object; download it again")
+    return data
+
 class CheckpointNotFound(UserError, FileNotFoundError):
     """A checkpoint, or a file it needs, is not there: no such directory, no config.json, a missing
     shard or tokenizer, a hub id that is not on the hub."""
@@ -223,13 +237,7 @@ class Checkpoint:
             hint = f"; did you mean {', '.join(inside[:3])}?" if inside else ""
             raise CheckpointNotFound(f"{self._where} has no {CONFIG}: a checkpoint is the directory that "
                                      f"save_pretrained writes, with config.json beside the weights{hint}")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"{path} is not valid JSON ({error}); re-download the checkpoint") from None
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object of config fields")
-        return config
+        return read_json_object(path)
 
     def _read_weight_map(self) -> dict[str, str]:
         # A hub model with model.safetensors cached and no index is a single-file one: no index is asked for.

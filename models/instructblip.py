@@ -46,7 +46,8 @@ from torch import nn
 
 from models.blip_vision import BlipVisionConfig, BlipVisionModel
 from models.checkpoint import Checkpoint, load_into, resolve_dtype
-from models.llama import CausalLMOutput, LlamaForCausalLM, load_llama, segment_positions
+from models.attention import segment_positions
+from models.llama import CausalLMOutput, LlamaForCausalLM, load_llama
 from models.qformer import QFormerConfig, QFormerModel
 from models.shard_loading import Quantize, load_weights, quantize_linears
 from models.t5 import Seq2SeqLMOutput, T5ForConditionalGeneration, load_t5

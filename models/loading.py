@@ -13,6 +13,7 @@ is never downloaded, let alone materialised. A checkpoint of the wrong kind, or 
 tokenizer, is a CheckpointError / CheckpointNotFound (a UserError), named with its source.
 """
 
+import functools
 from pathlib import Path
 
 import torch
@@ -153,6 +154,7 @@ def decoder_tokenizer_files(checkpoint: Checkpoint) -> Path | None:
     return tokenizer_json
 
 
+@functools.lru_cache(maxsize=8)  # read once per process: every evaluation of a run asks again
 def load_special_tokens(path_or_hub_id: str | Path, revision: str | None = None) -> SpecialTokens:
     """bos/eos/pad ids and chat template of a decoder-only language model's checkpoint (LLaMA, Qwen2, SmolLM2,
     InstructBLIP-Vicuna, Qwen2-Audio), read from its tokenizer.json, tokenizer_config.json, special_tokens_map.json

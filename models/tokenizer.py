@@ -24,7 +24,6 @@ A tokenizer file that is missing or unusable is the checkpoint's fault, not ours
 or CheckpointError (UserErrors, models/checkpoint.py), naming the file.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-from models.checkpoint import CheckpointError, CheckpointNotFound
+from models.checkpoint import CheckpointError, CheckpointNotFound, read_json_object
 
 UNK, CLS, SEP, PAD, MASK = "[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"
 T5_PAD, T5_EOS = "<pad>", "</s>"
@@ -115,25 +114,12 @@ class SpecialTokens:
         return self.eos_ids[0]
 
 
-def _read_json(path: Path) -> dict:
-    """A checkpoint's optional JSON file as a dict; {} when it does not exist."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}); download it again") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object; download it again")
-    return data
-
-
 def tokenizer_settings(directory: Path) -> dict:
     """tokenizer_config.json with special_tokens_map.json read into it as transformers reads them: a config saved
     before `added_tokens_decoder` existed takes the map's values over its own; a newer one keeps its own (the map
     then only fills a field it lacks, where transformers would use its tokenizer class's default)."""
-    config = _read_json(directory / "tokenizer_config.json")
-    mapping = _read_json(directory / "special_tokens_map.json")
+    config = read_json_object(directory / "tokenizer_config.json")
+    mapping = read_json_object(directory / "special_tokens_map.json")
     return {**mapping, **config} if "added_tokens_decoder" in config else {**config, **mapping}
 
 
@@ -181,7 +167,7 @@ def read_special_tokens(tok: Tokenizer, directory: Path | None = None,
 
     directory None: from the tokenizer alone (its post-processor's BOS, `</s>`), which is InstructBLIP-Vicuna's."""
     settings = tokenizer_settings(Path(directory)) if directory is not None else {}
-    generation = _read_json(Path(directory) / "generation_config.json") if directory is not None else {}
+    generation = read_json_object(Path(directory) / "generation_config.json") if directory is not None else {}
     model_config = model_config or {}
     where = str(directory) if directory is not None else "the tokenizer"
     config_file = Path(directory) / "tokenizer_config.json" if directory is not None else "tokenizer_config.json"
@@ -274,11 +260,7 @@ def load_llama_tokenizer(tokenizer_json: Path | None, max_length: int = 2048,
 
 def wordpiece_from_vocab(vocab_txt: Path) -> Tokenizer:
     """transformers' BertTokenizer pipeline, built from vocab.txt and tokenizer_config.json."""
-    config_path = vocab_txt.parent / "tokenizer_config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{config_path} is not valid JSON ({error}); download it again") from None
+    config = read_json_object(vocab_txt.parent / "tokenizer_config.json")
     lowercase = config.get("do_lower_case", True)
 
     tok = Tokenizer(WordPiece.from_file(str(vocab_txt), unk_token=UNK, continuing_subword_prefix="##"))

@@ -97,6 +97,16 @@ def randomize_lora(model, seed: int = 0, scale: float = 0.2):
                 param.copy_(torch.randn(param.shape, generator=gen) * scale)
 
 
+def give_lora_B_values(model, std: float):
+    """lora_B starts at zero, so lora_A gets no gradient: draw every lora_B from N(0, std²) (the global RNG),
+    so a comparison of gradients covers A too."""
+    from lora import lora_layers
+
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, std)
+
+
 def peft_lora_modules(peft_model) -> dict:
     """PEFT's LoRA layers by the dotted path they have in the base model."""
     from peft.tuners.lora import LoraLayer

@@ -9,8 +9,10 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
+import torch
 from PIL import Image
 
+from data.sources import read_source
 from models.audio import SAMPLE_RATE
 from tests.conftest import tone
 
@@ -100,3 +102,22 @@ def png_bytes(colour, size=(12, 9)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def clips_and_manifest_examples(folder) -> tuple[list, list]:
+    """(the clip files written in `folder`, the examples a JSONL manifest of them gives): the reference every
+    other layout of the same data is compared with."""
+    paths = write_clips(folder)
+    return paths, read_source(write_manifest(folder, paths), "audio-text").examples
+
+
+def assert_same_items(dataset, reference):
+    """Two datasets of the same clips give the same captions and log-mel, bit for bit: each item goes through
+    the same per-clip code on the same bytes."""
+    assert len(dataset) == len(reference)
+    for k in range(len(reference)):
+        item, expected = dataset[k], reference[k]
+        assert item["caption"] == expected["caption"]
+        assert torch.equal(item["features"].features, expected["features"].features)
+        assert (item["features"].valid_frames, item["features"].fill) == (expected["features"].valid_frames,
+                                                                          expected["features"].fill)

@@ -22,26 +22,16 @@ from data.manifest import BadLine, ManifestError
 from data.refs import RowRef, SourceChanged, _open_files
 from data.sources import read_source
 from models.audio import load_audio
-from tests.data.source_fixtures import (AUDIO_TYPE, CAPTIONS, COLOURS, audio_text_columns, png_bytes, write_clips,
-                                        write_manifest, write_parquet, write_save_to_disk)
+from tests.data.source_fixtures import (AUDIO_TYPE, CAPTIONS, COLOURS, assert_same_items, audio_text_columns,
+                                        clips_and_manifest_examples, png_bytes, write_clips, write_parquet,
+                                        write_save_to_disk)
 
 N_MELS = 80
 
 
 @pytest.fixture
 def clips_and_manifest(tmp_path):
-    paths = write_clips(tmp_path)
-    return paths, read_source(write_manifest(tmp_path, paths), "audio-text").examples
-
-
-def assert_same_items(dataset, reference):
-    assert len(dataset) == len(reference)
-    for k in range(len(reference)):
-        item, expected = dataset[k], reference[k]
-        assert item["caption"] == expected["caption"]
-        assert torch.equal(item["features"].features, expected["features"].features)
-        assert (item["features"].valid_frames, item["features"].fill) == (expected["features"].valid_frames,
-                                                                          expected["features"].fill)
+    return clips_and_manifest_examples(tmp_path)
 
 
 @pytest.mark.parametrize("layout", ["parquet", "parquet folder", "save_to_disk"])

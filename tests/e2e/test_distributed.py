@@ -20,12 +20,13 @@ from safetensors.torch import load_file
 
 import train
 from tests.conftest import build_task, train_flags
+from tests.lora_fixtures import give_lora_B_values
 from common.state_file import StateFileError, load_state
 from data.demo_models import ensure_demo_instructblip, ensure_demo_models
 from data.demo_shapes import ensure_shapes_set
 from data.demo_sounds import ensure_demo_set
 from engine.training import StepEnv
-from lora import LoRAConfig, inject_lora, lora_layers, mark_only_lora_trainable
+from lora import LoRAConfig, inject_lora, mark_only_lora_trainable
 from models.contrastive import caption_keys, contrastive_loss, contrastive_targets, pad_columns
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,7 +104,7 @@ def kill_after_a_checkpoint(args, out: Path, log_path: Path, at_step: int = 2) -
     saved state reaches `at_step`; returns the step it was killed at (None: the run ended or timed out first)."""
     log = open(log_path, "w")
     process = torchrun(args, log=log)
-    state_file, deadline, killed_at = out / "training_state.safetensors", time.monotonic() + TIMEOUT, None
+    state_file, deadline, killed_at = out / train.STATE_FILE, time.monotonic() + TIMEOUT, None
     try:
         while killed_at is None and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -176,9 +177,7 @@ def lora_model(tiny, dropout: str):
     task, targets = build_task(args)
     inject_lora(task.model, LoRAConfig(targets, r=4, alpha=8, dropout=float(dropout)))
     mark_only_lora_trainable(task.model, also=task.heads)
-    with torch.no_grad():  # a non-zero B, so LoRA and its dropout change the embeddings
-        for layer in lora_layers(task.model).values():
-            layer.lora_B.weight.normal_(0, 0.1)
+    give_lora_B_values(task.model, 0.1)  # a non-zero B, so LoRA and its dropout change the embeddings
     train.set_train_mode(task.model)
     return task
 

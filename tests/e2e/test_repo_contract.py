@@ -49,10 +49,7 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_runtime_code_never_imports_test_only_references():
-    files = []
-    for entry in RUNTIME:
-        path = ROOT / entry
-        files += sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.exists() else []
+    files = python_files(RUNTIME)
     assert any(f.parent.name == "lora" for f in files), "the scan must see the lora package"
     offenders = {str(f.relative_to(ROOT)): sorted(imported_modules(f) & FORBIDDEN) for f in files}
     assert {f: names for f, names in offenders.items() if names} == {}
@@ -63,13 +60,11 @@ def test_imports_only_go_down_the_floors():
     data module imports the training engine."""
     floor_of = {name: level for level, names in enumerate(FLOORS) for name in names}
     upward = []
-    for entry in RUNTIME:
-        path = ROOT / entry
-        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            own = floor_of[file.relative_to(ROOT).parts[0].removesuffix(".py")]
-            for name in imported_modules(file):
-                if name in floor_of and floor_of[name] > own:
-                    upward.append(f"{file.relative_to(ROOT)} imports {name}")
+    for file in python_files(RUNTIME):
+        own = floor_of[file.relative_to(ROOT).parts[0].removesuffix(".py")]
+        for name in imported_modules(file):
+            if name in floor_of and floor_of[name] > own:
+                upward.append(f"{file.relative_to(ROOT)} imports {name}")
     assert upward == []
 
 

@@ -12,10 +12,10 @@ from tokenizers.models import WordLevel
 
 from data.demo_models import SPECIAL_TOKENS, build_wordpiece
 from data.instructblip import (VQADataset, check_texts, collate_vqa, language_model_layout, read_vqa_manifest)
-from lora import LoRAConfig, inject_lora, lora_layers, mark_only_lora_trainable
+from lora import LoRAConfig, inject_lora, mark_only_lora_trainable
 from lora.summary import lora_placement
 from models import load_instructblip, load_instructblip_tokenizers
-from tests.lora_fixtures import peft_lora_modules
+from tests.lora_fixtures import give_lora_B_values, peft_lora_modules
 from tests.data.test_instructblip_data import ROWS, SIZE, good_manifest, qformer_tokenizer, t5_tokenizer
 from tests.conftest import randomize
 
@@ -131,9 +131,7 @@ def test_training_projects_only_the_answer_positions_onto_the_vocabulary(saved):
     ours = load_instructblip(directory)
     inject_lora(ours, LoRAConfig(r"qformer.*\.(query|key|value)", r=2))
     mark_only_lora_trainable(ours)
-    with torch.no_grad():  # B starts at zero: give A a gradient to compare
-        for layer in lora_layers(ours).values():
-            layer.lora_B.weight.normal_(0, 0.1)
+    give_lora_B_values(ours, 0.1)  # B starts at zero: give A a gradient to compare
     lm = ours.language_model
     lm.loss_chunk_size = 3
     rows, head = [], lm.logits
@@ -212,9 +210,7 @@ def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(saved, tmp_pa
     targets = [r"qformer.*\.(query|key|value)", r"language_model.*self_attn\.(q|k|v|o)_proj"]
     inject_lora(model, LoRAConfig(targets, r=2))
     mark_only_lora_trainable(model, also=["language_projection"])
-    with torch.no_grad():  # B starts at zero: give A a gradient to compare
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.normal_(0, 0.1)
+    give_lora_B_values(model, 0.1)  # B starts at zero: give A a gradient to compare
     dataset = VQADataset(read_vqa_manifest(good_manifest(tmp_path)))
     items = [dataset[i] for i in (2, 3, 0, 1)]
     qformer_tok, lm_tok = load_instructblip_tokenizers(directory)
@@ -258,9 +254,7 @@ def test_bf16_language_model_trains_fp32_lora_on_the_qformer(saved):
     inject_lora(ours, LoRAConfig(r"qformer.*\.(query|key|value)", r=2))
     mark_only_lora_trainable(ours)
     lora = [p for p in ours.parameters() if p.requires_grad]
-    with torch.no_grad():  # B starts at zero: give A a gradient to receive
-        for layer in lora_layers(ours).values():
-            layer.lora_B.weight.normal_(0, 0.1)
+    give_lora_B_values(ours, 0.1)  # B starts at zero: give A a gradient to receive
     pixel_values, qformer_ids, qformer_mask = images(0, 3)
     ids, mask, labels = training_batch()
     out = ours(pixel_values=pixel_values, qformer_input_ids=qformer_ids, qformer_attention_mask=qformer_mask,

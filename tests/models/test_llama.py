@@ -343,7 +343,7 @@ def test_packed_rows_give_each_example_the_logits_transformers_gives_it_alone(tm
     """Three examples packed into two rows (data/packing.py): block-diagonal causal attention and positions
     restarting per example give each one exactly its own logits; a segment-blind model would not."""
     from data.packing import pack_examples
-    from models.llama import segment_positions
+    from models.attention import segment_positions
 
     ours, reference = pair(tmp_path, model_type, kv_heads)
     generator = torch.Generator().manual_seed(5)

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora import LoRAConfig, inject_lora, lora_layers, mark_only_lora_trainable
+from lora import LoRAConfig, inject_lora, mark_only_lora_trainable
 from models.llama import LlamaConfig, LlamaForCausalLM
 from models.lm_loss import next_token_loss
+from tests.lora_fixtures import give_lora_B_values
 
 VOCAB, WIDTH = 97, 16  # a vocabulary no other dimension shares, so a (.., V) tensor is recognisable
 TOL = dict(atol=1e-6, rtol=1e-6)
@@ -167,9 +168,7 @@ def tiny_lm(tied: bool, seed=0) -> LlamaForCausalLM:
                     + (1.0 if "norm" in name else 0.0))
     inject_lora(model, LoRAConfig([r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj"], r=2, alpha=4))
     mark_only_lora_trainable(model)
-    with torch.no_grad():  # B starts at zero: A would get no gradient to compare
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.normal_(0, 0.2)
+    give_lora_B_values(model, 0.2)  # B starts at zero: A would get no gradient to compare
     return model.train()
 
 

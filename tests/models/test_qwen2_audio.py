@@ -12,6 +12,7 @@ from models.checkpoint import Checkpoint
 from models.qwen2_audio import (audio_token_count, chat_prompt, expand_audio_placeholder, language_side_linear_paths,
                                 load_qwen2_audio_tokenizer)
 from tests.conftest import randomize
+from tests.lora_fixtures import give_lora_B_values
 
 AUDIO_TOKEN, VOCAB, N_MELS, POSITIONS = 5, 96, 16, 40  # the reference wants exactly 2 * POSITIONS = 80 frames
 VALID_FRAMES = [60, 41, 27]  # one clip per row, each masked to its own length
@@ -167,16 +168,14 @@ def test_bf16_language_model_beside_an_fp32_tower(pair):
 def test_the_label_only_training_loss_equals_the_full_logits_loss_and_gradients(pair):
     """LoRA on the tower and on the language model's q/k/v/o: the loss from the answer positions alone (in
     chunks of 2) against the cross entropy of the full (B, L, V) logits, and every LoRA gradient."""
-    from lora import LoRAConfig, inject_lora, lora_layers, mark_only_lora_trainable
+    from lora import LoRAConfig, inject_lora, mark_only_lora_trainable
 
     _, _, directory = pair
     model = load_qwen2_audio(directory)
     inject_lora(model, LoRAConfig([r"audio_tower.*self_attn\.(q|k|v|out)_proj",
                                    r"language_model.*self_attn\.(q|k|v|o)_proj"], r=2))
     mark_only_lora_trainable(model, also=["multi_modal_projector"])
-    with torch.no_grad():  # B starts at zero: give A a gradient to compare
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.normal_(0, 0.2)
+    give_lora_B_values(model, 0.2)  # B starts at zero: give A a gradient to compare
     model.language_model.loss_chunk_size = 2
     features, feature_mask = clips()
     input_ids, mask, labels = batch(left=True)
@@ -263,7 +262,7 @@ def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(tmp_path):
     placed per example): loss and every trainable gradient (LoRA on the tower and the language model, the
     projector) equal within 1e-6 in fp32."""
     from data.audio_qa import collate_audio_qa
-    from lora import LoRAConfig, inject_lora, lora_layers, mark_only_lora_trainable
+    from lora import LoRAConfig, inject_lora, mark_only_lora_trainable
     from tests.data.test_packing import audio_items
     from tests.qwen2_audio_fixtures import save_tiny_qwen2_audio, tokenizer_for
 
@@ -272,9 +271,7 @@ def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(tmp_path):
     targets = [r"audio_tower.*self_attn\.(q|k|v|out)_proj", r"language_model.*self_attn\.(q|k|v|o)_proj"]
     inject_lora(model, LoRAConfig(targets, r=2))
     mark_only_lora_trainable(model, also=["multi_modal_projector"])
-    with torch.no_grad():  # B starts at zero: give A a gradient to compare
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.normal_(0, 0.2)
+    give_lora_B_values(model, 0.2)  # B starts at zero: give A a gradient to compare
     items, tokenizer = audio_items(), tokenizer_for()
     padded = collate_audio_qa(items, tokenizer)
     lengths = padded["attention_mask"].sum(1).tolist()
