@@ -106,7 +106,7 @@ def load_checkpoint(checkpoint_dir, with_adapter: bool = True, precision: str | 
     if config.task not in TASKS:
         raise UserError(f"{Path(checkpoint_dir) / 'run_config.json'}: unknown task {config.task!r}")
     config = config.replace(precision=precision or config.precision)
-    model, tokenizers = TASKS[config.task].load_trained(checkpoint_dir, config, config.precision, device, with_adapter)
+    model, tokenizers = TASKS[config.task].load_trained(checkpoint_dir, config, device, with_adapter)
     return model, tokenizers, config
 
 
@@ -146,7 +146,7 @@ def run(parser: argparse.ArgumentParser, args) -> dict:
         parser.error("--data is required: this run recorded no eval_data")
     audio_dir = args.audio_dir or (None if args.data else config.sources.eval_audio_dir)  # where training found them
     metrics = task.evaluate_file(model, tokenizers, config, data, audio_dir, batch_size=batch_size,
-                                 workers=args.workers, precision=config.precision, device=args.device,
+                                 workers=args.workers, device=args.device,
                                  max_new_tokens=args.max_new_tokens, feature_cache=feature_cache,
                                  save_embeddings=args.save_embeddings)
     label = f"{Path(data).name}, {'no adapter' if args.no_adapter else 'with adapter'}"

@@ -130,24 +130,24 @@ class AnswerTask:
     # ---- a trained run, for eval.py ------------------------------------------------------------
 
     @classmethod
-    def load_trained(cls, run_dir, config: RunConfig, precision: str, device, with_adapter: bool = True):
+    def load_trained(cls, run_dir, config: RunConfig, device, with_adapter: bool = True):
         """(model, tokenizers) of a finished run: the base with the quantization it was trained over, its heads,
-        its adapter (unless with_adapter=False), held as `precision` holds a run's weights (common/precision.py)."""
+        its adapter (unless with_adapter=False), held as config.precision holds a run's weights
+        (common/precision.py)."""
         model = cls.load_model(config.sources.model, config.model.language_model_dtype, Quantize.of_run(config.model))
         heads = RunDirectory(run_dir).load_heads(model)
         if with_adapter:
             load_adapter(model, run_dir)
-        freeze_as_trained(model, heads, Precision(precision).frozen_dtype)
+        freeze_as_trained(model, heads, Precision(config.precision).frozen_dtype)
         return model.to(device).eval(), cls.load_tokenizers(config.sources.model)
 
     @classmethod
     def evaluate_file(cls, model, tokenizers, config: RunConfig, data: str, audio_dir=None, *, batch_size: int,
-                      workers: int, precision: str, device, max_new_tokens: int | None = None, feature_cache=None,
-                      **_) -> dict:
+                      workers: int, device, max_new_tokens: int | None = None, feature_cache=None, **_) -> dict:
         """Answers on a manifest given to eval.py; every file must be readable."""
         examples = cls.read_eval_examples(config, data, audio_dir)
         loader, spec = cls.answer_batches(model, tokenizers, examples, batch_size, workers, config, feature_cache)
-        return evaluate_answers(model, loader, spec, device=device, precision=precision,
+        return evaluate_answers(model, loader, spec, device=device, precision=config.precision,
                                 max_new_tokens=max_new_tokens or cls.max_new_tokens, wer=cls.report_wer)
 
     format = staticmethod(format_answers)

@@ -214,9 +214,10 @@ class AudioTextTask:
     # ---- a trained run, for eval.py ------------------------------------------------------------
 
     @staticmethod
-    def load_trained(run_dir, config: RunConfig, precision: str, device, with_adapter: bool = True):
-        """(model, tokenizers) of a finished run: load_run (models/audio_text.py), the text tower's tokenizer."""
-        model = load_run(run_dir, device=device, precision=precision, with_adapter=with_adapter)
+    def load_trained(run_dir, config: RunConfig, device, with_adapter: bool = True):
+        """(model, tokenizers) of a finished run: load_run (models/audio_text.py) in config.precision, the text
+        tower's tokenizer."""
+        model = load_run(run_dir, device=device, precision=config.precision, with_adapter=with_adapter)
         return model, model.tokenizer
 
     @staticmethod
